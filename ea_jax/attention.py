@@ -1,0 +1,387 @@
+"""Expressive attention (EA) and dot-product attention (DPA) as pure JAX functions.
+
+EA weights:  w_ij = f(s_ij) / (eps + sum_{l allowed} f(s_il)),  s_ij = scale * q_i . k_j,
+             f(s) = s^2 / (1 + s^2) (kernel="rational", default) or f(s) = s^2 (kernel="square").
+DPA weights: w_ij = softmax_j(s_ij) over the allowed keys.
+Masks are applied *after* the kernel; a query row with no allowed key outputs zeros.
+
+Letters used in array names:
+  B batch            T query length        S key/value length
+  N query heads      K key/value heads     G = N // K query heads per key/value head
+  H head dimension   F = H(H+1)/2 symmetric square features (q (x) q without duplicates)
+  C chunk length     L number of chunks    M padded length (a multiple of C)
+
+Public API (see DESIGN.md, "Contracts: Attention"):
+  dot_product_attention, expressive_attention, attention_weights,
+  KVCache, init_kv_cache, kv_cache_step,
+  RecurrentState, init_recurrent_state, recurrent_step.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+IMPLEMENTATIONS = (None, "naive", "chunked", "linear", "pallas")
+KERNELS = ("rational", "square")
+KINDS = ("ea", "dpa")
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation and layout helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_choice(name, value, allowed):
+  if value not in allowed:
+    raise ValueError(f"{name}={value!r} is not supported; allowed: {allowed}")
+
+
+def _check_qkv(query, key, value=None):
+  """Validates shapes; returns (B, T, S, N, K, H)."""
+  if query.ndim != 4:
+    raise ValueError(f"query must have rank 4 [B,T,N,H], got shape {query.shape}")
+  if key.ndim != 4:
+    raise ValueError(f"key must have rank 4 [B,S,K,H], got shape {key.shape}")
+  if value is not None:
+    if value.ndim != 4:
+      raise ValueError(f"value must have rank 4 [B,S,K,H], got shape {value.shape}")
+    if value.shape != key.shape:
+      raise ValueError(f"value shape {value.shape} must equal key shape {key.shape} ([B,S,K,H])")
+  B, T, N, H = query.shape
+  Bk, S, K, Hk = key.shape
+  if Bk != B:
+    raise ValueError(f"batch size of key ({Bk}, shape {key.shape}) != batch size of query "
+                     f"({B}, shape {query.shape})")
+  if Hk != H:
+    raise ValueError(f"head dim of key ({Hk}, shape {key.shape}) != head dim of query "
+                     f"({H}, shape {query.shape})")
+  if K == 0 or N % K != 0:
+    raise ValueError(f"number of query heads N={N} (query shape {query.shape}) must be a multiple "
+                     f"of the number of key/value heads K={K} (key shape {key.shape})")
+  return B, T, S, N, K, H
+
+
+def _check_mask(mask, B, N, T, S):
+  if mask is None:
+    return None
+  mask = jnp.asarray(mask)
+  if mask.dtype != jnp.bool_:
+    raise ValueError(f"mask must be boolean (True = may attend), got dtype {mask.dtype}")
+  if mask.ndim > 4:
+    raise ValueError(f"mask of shape {mask.shape} does not broadcast to [B,N,T,S]={[B, N, T, S]}")
+  shape = (1,) * (4 - mask.ndim) + tuple(mask.shape)
+  for have, want in zip(shape, (B, N, T, S)):
+    if have not in (1, want):
+      raise ValueError(f"mask of shape {mask.shape} does not broadcast to [B,N,T,S]={[B, N, T, S]}")
+  return mask.reshape(shape)
+
+
+def _check_eps(eps):
+  if isinstance(eps, (int, float)) and eps < 0:
+    raise ValueError(f"eps must be >= 0, got {eps}")
+
+
+def _compute_dtype(dtype):
+  """float32 for bf16/fp16/fp32 inputs, float64 for float64 inputs."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def _default_scale(scale, H):
+  return 1.0 / float(np.sqrt(H)) if scale is None else scale
+
+
+def _grouped_mask(mask_BNTS, K):
+  """[b,n,t,s] (each dim 1 or full) -> [b,k,g,t,s] broadcastable to [B,K,G,T,S]."""
+  b, n, t, s = mask_BNTS.shape
+  if n == 1:
+    return mask_BNTS.reshape(b, 1, 1, t, s)
+  return mask_BNTS.reshape(b, K, n // K, t, s)
+
+
+def _causal_TS(T, S, offset=None):
+  """Causal mask aligned to the end: query i sits at key position S - T + i."""
+  if offset is None:
+    offset = S - T
+  return jnp.arange(S)[None, :] <= (jnp.arange(T)[:, None] + offset)
+
+
+def _allowed_BKGTS(mask, is_causal, B, N, T, S, K):
+  """Combined boolean mask broadcastable to [B,K,G,T,S], or None when everything is allowed."""
+  allowed = None
+  if mask is not None:
+    allowed = _grouped_mask(mask, K)
+  if is_causal:
+    causal = _causal_TS(T, S)[None, None, None]
+    allowed = causal if allowed is None else jnp.logical_and(allowed, causal)
+  return allowed
+
+
+def ea_kernel(s, kernel):
+  """f(s): s^2/(1+s^2) ("rational") or s^2 ("square")."""
+  s2 = s * s
+  if kernel == "square":
+    return s2
+  return s2 / (1.0 + s2)
+
+
+def _safe_div(num, den):
+  """num / den with den == 0 treated as 1 (only reached when num is 0 too)."""
+  return num / jnp.where(den == 0, jnp.ones_like(den), den)
+
+
+# ----------------------------------------------------------------------------------------------
+# Naive (materialised) reference implementation
+# ----------------------------------------------------------------------------------------------
+
+
+def _scores_BKGTS(q_BTNH, k_BSKH, scale, K):
+  B, T, N, H = q_BTNH.shape
+  q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
+  return jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH) * scale
+
+
+def _weights_BKGTS(s_BKGTS, allowed, kind, eps, kernel):
+  if kind == "ea":
+    f = ea_kernel(s_BKGTS, kernel)
+    if allowed is not None:
+      f = jnp.where(allowed, f, 0.0)
+    z = eps + jnp.sum(f, axis=-1, keepdims=True)
+    return _safe_div(f, z)
+  # DPA: softmax over allowed keys; -inf (not a large finite number) keeps masked gradients at 0.
+  if allowed is not None:
+    s_BKGTS = jnp.where(allowed, s_BKGTS, -jnp.inf)
+  m = jnp.max(s_BKGTS, axis=-1, keepdims=True)
+  m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
+  p = jnp.exp(s_BKGTS - m)
+  return _safe_div(p, jnp.sum(p, axis=-1, keepdims=True))
+
+
+def _naive(q, k, v, allowed, kind, scale, eps, kernel):
+  B, T, N, H = q.shape
+  K = k.shape[2]
+  w = _weights_BKGTS(_scores_BKGTS(q, k, scale, K), allowed, kind, eps, kernel)
+  o_BTKGH = jnp.einsum("bkgts,bskh->btkgh", w, v)
+  return o_BTKGH.reshape(B, T, N, H)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public functions
+# ----------------------------------------------------------------------------------------------
+
+
+def attention_weights(query, key, *, kind, mask=None, is_causal=False, scale=None, eps=1e-6,
+                      kernel="rational"):
+  """Attention weights w [B,N,T,S] (float32, float64 for float64 inputs).
+
+  query [B,T,N,H], key [B,S,K,H]; kind in {"ea","dpa"}; mask boolean broadcastable to [B,N,T,S].
+  Rows with no allowed key are all zero.
+  """
+  _check_choice("kind", kind, KINDS)
+  _check_choice("kernel", kernel, KERNELS)
+  _check_eps(eps)
+  B, T, S, N, K, H = _check_qkv(query, key)
+  mask = _check_mask(mask, B, N, T, S)
+  ct = _compute_dtype(query.dtype)
+  allowed = _allowed_BKGTS(mask, is_causal, B, N, T, S, K)
+  s = _scores_BKGTS(query.astype(ct), key.astype(ct), _default_scale(scale, H), K)
+  w_BKGTS = _weights_BKGTS(s, allowed, kind, eps, kernel)
+  return w_BKGTS.reshape(B, N, T, S)
+
+
+def _attention(kind, query, key, value, mask, is_causal, scale, eps, kernel, implementation):
+  _check_choice("implementation", implementation, IMPLEMENTATIONS)
+  _check_choice("kernel", kernel, KERNELS)
+  _check_eps(eps)
+  B, T, S, N, K, H = _check_qkv(query, key, value)
+  mask = _check_mask(mask, B, N, T, S)
+  scale = _default_scale(scale, H)
+  if implementation is None:
+    implementation = choose_implementation(kind, T=T, S=S, H=H, is_causal=is_causal,
+                                           has_mask=mask is not None, kernel=kernel)
+  if implementation == "linear":
+    _check_linear(kind, is_causal, kernel, mask)
+  if implementation == "pallas":
+    if kind != "ea":
+      raise ValueError("implementation='pallas' is only available for expressive_attention; "
+                       "for dot_product_attention use None, 'naive' or 'chunked'")
+    try:
+      from ea_jax.kernels import pallas_attention  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+      raise ImportError("implementation='pallas' needs ea_jax.kernels.pallas_attention, which could "
+                        f"not be imported ({e}); use implementation=None, 'naive' or 'chunked'") from e
+    return pallas_attention.expressive_attention_pallas(
+        query, key, value, mask=mask, is_causal=is_causal, scale=scale, eps=eps, kernel=kernel)
+
+  ct = _compute_dtype(query.dtype)
+  q, k, v = query.astype(ct), key.astype(ct), value.astype(ct)
+  if implementation == "naive":
+    out = _naive(q, k, v, _allowed_BKGTS(mask, is_causal, B, N, T, S, K), kind, scale, eps, kernel)
+  elif implementation == "chunked":
+    out = _chunked(q, k, v, mask, is_causal, kind, scale, eps, kernel)
+  else:  # linear
+    out = _linear_causal(q, k, v, scale, eps)
+  return out.astype(query.dtype)
+
+
+def _check_linear(kind, is_causal, kernel, mask):
+  if kind != "ea" or kernel != "square":
+    raise ValueError("implementation='linear' needs expressive_attention with kernel='square' "
+                     f"(got {'dot_product_attention' if kind == 'dpa' else 'kernel=' + repr(kernel)}); "
+                     "use 'naive' or 'chunked' otherwise")
+  if not is_causal:
+    raise ValueError("implementation='linear' needs is_causal=True; use 'naive' or 'chunked' "
+                     "for non-causal attention")
+  if mask is not None:
+    raise ValueError("implementation='linear' allows no mask (only is_causal=True); pass mask=None "
+                     "or use 'naive' or 'chunked' for arbitrary masks")
+
+
+def dot_product_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
+                          implementation=None):
+  """Softmax attention. query [B,T,N,H], key/value [B,S,K,H] -> [B,T,N,H] (query dtype).
+
+  implementation: None (auto, see `choose_implementation`), "naive" or "chunked".
+  """
+  if implementation == "linear":
+    raise ValueError("implementation='linear' is only available for expressive_attention with "
+                     "kernel='square'; for dot_product_attention use None, 'naive' or 'chunked'")
+  return _attention("dpa", query, key, value, mask, is_causal, scale, 0.0, "rational",
+                    implementation)
+
+
+def expressive_attention(query, key, value, *, mask=None, is_causal=False, scale=None, eps=1e-6,
+                         kernel="rational", implementation=None):
+  """Expressive attention. query [B,T,N,H], key/value [B,S,K,H] -> [B,T,N,H] (query dtype).
+
+  kernel: "rational" (s^2/(1+s^2)) or "square" (s^2). implementation: None (auto, see
+  `choose_implementation`), "naive", "chunked", "linear" (square kernel, causal, no mask) or
+  "pallas" (ea_jax.kernels.pallas_attention).
+  """
+  return _attention("ea", query, key, value, mask, is_causal, scale, eps, kernel, implementation)
+
+
+def choose_implementation(kind, *, T, S, H, is_causal, has_mask, kernel="rational", backend=None):
+  """The auto rule (implementation=None). Placeholder until benchmarked: naive."""
+  del kind, T, S, H, is_causal, has_mask, kernel, backend
+  return "naive"
+
+
+def _chunked(q, k, v, mask, is_causal, kind, scale, eps, kernel):
+  B, T, N, H = q.shape
+  S, K = k.shape[1], k.shape[2]
+  return _naive(q, k, v, _allowed_BKGTS(mask, is_causal, B, N, T, S, K), kind, scale, eps, kernel)
+
+
+def _linear_causal(q, k, v, scale, eps):
+  B, T, N, H = q.shape
+  S, K = k.shape[1], k.shape[2]
+  return _naive(q, k, v, _allowed_BKGTS(None, True, B, N, T, S, K), "ea", scale, eps, "square")
+
+
+# ----------------------------------------------------------------------------------------------
+# One-step decoding
+# ----------------------------------------------------------------------------------------------
+
+
+class KVCache(NamedTuple):
+  """Keys/values of the tokens seen so far; positions >= length are unused."""
+  key: jax.Array    # [B,Smax,K,H]
+  value: jax.Array  # [B,Smax,K,H]
+  length: jax.Array  # int32 []
+
+
+def init_kv_cache(batch_size, max_len, num_kv_heads, head_dim, dtype=jnp.float32):
+  """An empty KVCache with room for max_len tokens."""
+  shape = (batch_size, max_len, num_kv_heads, head_dim)
+  return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
+
+
+def kv_cache_step(cache, query_B1NH, key_B1KH, value_B1KH, *, kind, scale=None, eps=1e-6,
+                  kernel="rational"):
+  """Appends one token at position cache.length and attends causally over positions <= length.
+
+  Returns (out [B,1,N,H] in the query dtype, new cache). When length is concrete, writing past
+  max_len raises; under jit the caller must keep length < max_len.
+  """
+  _check_choice("kind", kind, KINDS)
+  _check_choice("kernel", kernel, KERNELS)
+  _check_eps(eps)
+  B, T, S, N, K, H = _check_qkv(query_B1NH, cache.key, cache.value)
+  if T != 1 or key_B1KH.shape != (B, 1, K, H) or value_B1KH.shape != (B, 1, K, H):
+    raise ValueError(f"kv_cache_step takes one token: query [B,1,N,H], key/value [B,1,K,H] "
+                     f"matching the cache {cache.key.shape}; got query {query_B1NH.shape}, "
+                     f"key {key_B1KH.shape}, value {value_B1KH.shape}")
+  if not isinstance(cache.length, jax.core.Tracer) and int(cache.length) >= S:
+    raise ValueError(f"KVCache is full: length {int(cache.length)} >= max_len {S}")
+  pos = cache.length
+  zero = jnp.zeros((), jnp.int32)
+  new_k = jax.lax.dynamic_update_slice(cache.key, key_B1KH.astype(cache.key.dtype),
+                                       (zero, pos, zero, zero))
+  new_v = jax.lax.dynamic_update_slice(cache.value, value_B1KH.astype(cache.value.dtype),
+                                       (zero, pos, zero, zero))
+  ct = _compute_dtype(query_B1NH.dtype)
+  allowed = (jnp.arange(S) <= pos)[None, None, None, None, :]
+  out = _naive(query_B1NH.astype(ct), new_k.astype(ct), new_v.astype(ct), allowed, kind,
+               _default_scale(scale, H), eps if kind == "ea" else 0.0, kernel)
+  return out.astype(query_B1NH.dtype), KVCache(new_k, new_v, pos + 1)
+
+
+class RecurrentState(NamedTuple):
+  """Square-kernel EA state: kv = sum_j phi(k_j) v_j^T [B,K,F,H], z = sum_j phi(k_j) [B,K,F]."""
+  kv: jax.Array
+  z: jax.Array
+
+
+def num_square_features(head_dim):
+  """F = H(H+1)/2."""
+  return head_dim * (head_dim + 1) // 2
+
+
+def _feature_index(H):
+  """Indices (a, b), a <= b, of the symmetric features and their weights (1 or sqrt 2)."""
+  a, b = np.triu_indices(H)
+  w = np.where(a == b, 1.0, np.sqrt(2.0))
+  return a, b, w
+
+
+def square_features(x_XH):
+  """phi(x) [..., F] with phi(x) . phi(y) = (x . y)^2 (upper-triangle of x x^T, off-diag * sqrt 2)."""
+  a, b, w = _feature_index(x_XH.shape[-1])
+  return x_XH[..., a] * x_XH[..., b] * jnp.asarray(w, x_XH.dtype)
+
+
+def init_recurrent_state(batch_size, num_kv_heads, head_dim, dtype=jnp.float32):
+  """Zero state for square-kernel EA decoding; its size does not depend on sequence length."""
+  F = num_square_features(head_dim)
+  return RecurrentState(jnp.zeros((batch_size, num_kv_heads, F, head_dim), dtype),
+                        jnp.zeros((batch_size, num_kv_heads, F), dtype))
+
+
+def recurrent_step(state, query_B1NH, key_B1KH, value_B1KH, *, scale=None, eps=1e-6):
+  """One causal square-kernel EA step: adds the token to the state, then reads it with the query.
+
+  Returns (out [B,1,N,H] in the query dtype, new state).
+  """
+  _check_eps(eps)
+  B, T, S, N, K, H = _check_qkv(query_B1NH, key_B1KH, value_B1KH)
+  F = num_square_features(H)
+  if T != 1 or S != 1:
+    raise ValueError(f"recurrent_step takes one token: query [B,1,N,H], key/value [B,1,K,H]; got "
+                     f"query {query_B1NH.shape}, key {key_B1KH.shape}")
+  if state.kv.shape != (B, K, F, H) or state.z.shape != (B, K, F):
+    raise ValueError(f"state shapes kv {state.kv.shape}, z {state.z.shape} do not match "
+                     f"[B,K,F,H]={[B, K, F, H]} and [B,K,F]={[B, K, F]} for query {query_B1NH.shape}")
+  ct = state.kv.dtype
+  scale = _default_scale(scale, H)
+  phi_k_BKF = square_features(key_B1KH[:, 0].astype(ct))
+  kv = state.kv + phi_k_BKF[..., None] * value_B1KH[:, 0].astype(ct)[:, :, None, :]
+  z = state.z + phi_k_BKF
+  q_BKGH = query_B1NH[:, 0].astype(ct).reshape(B, K, N // K, H) * scale
+  phi_q_BKGF = square_features(q_BKGH)
+  num_BKGH = jnp.einsum("bkgf,bkfh->bkgh", phi_q_BKGF, kv)
+  den_BKG = eps + jnp.maximum(jnp.einsum("bkgf,bkf->bkg", phi_q_BKGF, z), 0.0)
+  out = _safe_div(num_BKGH, den_BKG[..., None]).reshape(B, 1, N, H)
+  return out.astype(query_B1NH.dtype), RecurrentState(kv, z)
