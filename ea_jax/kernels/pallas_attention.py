@@ -69,9 +69,8 @@ def _resolve_backend(backend, interpret):
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
     if interpret is None:
         interpret = platform != backend
-    if not interpret and platform != backend:
-        raise ValueError(f"backend={backend!r} kernels cannot be compiled on platform "
-                         f"{platform!r}; pass interpret=True to run them in interpret mode")
+    # interpret=False with another platform is left to the caller: it allows lowering ahead of
+    # time for a GPU/TPU target from a CPU host (jit(...).trace(...).lower(lowering_platforms)).
     return backend, bool(interpret)
 
 
@@ -170,7 +169,8 @@ def expressive_attention_pallas(query, key, value, *, mask=None, is_causal=False
       block_q, block_k: tile sizes (rows, columns) for all kernels; None = per-kernel defaults.
         gpu: powers of two (>= 16 unless interpreting); tpu: multiples of 128.
       backend: "gpu", "tpu" or None (default JAX backend; CPU -> gpu kernels interpreted).
-      interpret: run in Pallas interpret mode; None = only when the backend is not the platform.
+      interpret: run in Pallas interpret mode; None = only when the backend is not the platform
+        (False with another platform only lowers, e.g. ahead of time for a GPU/TPU target).
 
     Returns:
       [B, T, N, H] in the query dtype.

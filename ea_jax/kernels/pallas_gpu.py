@@ -125,8 +125,8 @@ def forward(q_BTNH, k_BSKH, v_BSKH, mask, cfg: KernelConfig):
 
     in_specs = [
         pl.BlockSpec((None, cfg.block_q, None, h), lambda i, bb, nn: (bb, qi(i), nn, 0)),
-        pl.BlockSpec((None, s, None, h), lambda i, bb, nn: (bb, 0, nn // g, 0)),
-        pl.BlockSpec((None, s, None, h), lambda i, bb, nn: (bb, 0, nn // g, 0)),
+        pl.BlockSpec((None, s, None, h), lambda i, bb, nn: (bb, 0, lax.div(nn, g), 0)),
+        pl.BlockSpec((None, s, None, h), lambda i, bb, nn: (bb, 0, lax.div(nn, g), 0)),
     ]
     if mask is None:
         in_specs.append(None)
@@ -134,8 +134,8 @@ def forward(q_BTNH, k_BSKH, v_BSKH, mask, cfg: KernelConfig):
         bm, km, gm = mask.shape[:3]
         in_specs.append(pl.BlockSpec(
             (None, None, None, cfg.block_q, s),
-            lambda i, bb, nn: (bb if bm > 1 else 0, nn // g if km > 1 else 0,
-                               nn % g if gm > 1 else 0, qi(i), 0)))
+            lambda i, bb, nn: (bb if bm > 1 else 0, lax.div(nn, g) if km > 1 else 0,
+                               lax.rem(nn, g) if gm > 1 else 0, qi(i), 0)))
     out_specs = [
         pl.BlockSpec((None, cfg.block_q, None, h), lambda i, bb, nn: (bb, qi(i), nn, 0)),
         pl.BlockSpec((None, None, cfg.block_q), lambda i, bb, nn: (bb, nn, qi(i))),
@@ -202,7 +202,7 @@ def _backward_dq(q, k, v, do, delta, r, mask, cfg: KernelConfig):
         return _q_block_index(i, nq, cfg.causal)
 
     row_spec = pl.BlockSpec((None, bq, None, h), lambda i, bb, nn: (bb, qi(i), nn, 0))
-    kv_spec = pl.BlockSpec((None, s, None, h), lambda i, bb, nn: (bb, 0, nn // g, 0))
+    kv_spec = pl.BlockSpec((None, s, None, h), lambda i, bb, nn: (bb, 0, lax.div(nn, g), 0))
     vec_spec = pl.BlockSpec((None, None, bq), lambda i, bb, nn: (bb, nn, qi(i)))
     if mask is None:
         mask_spec = None
@@ -210,8 +210,8 @@ def _backward_dq(q, k, v, do, delta, r, mask, cfg: KernelConfig):
         bm, km, gm = mask.shape[:3]
         mask_spec = pl.BlockSpec(
             (None, None, None, bq, s),
-            lambda i, bb, nn: (bb if bm > 1 else 0, nn // g if km > 1 else 0,
-                               nn % g if gm > 1 else 0, qi(i), 0))
+            lambda i, bb, nn: (bb if bm > 1 else 0, lax.div(nn, g) if km > 1 else 0,
+                               lax.rem(nn, g) if gm > 1 else 0, qi(i), 0))
     kernel = functools.partial(_dq_kernel, cfg=cfg, num_q_blocks=nq, num_k_blocks=nk)
     return pl.pallas_call(
         kernel, grid=(nq, b, n),
