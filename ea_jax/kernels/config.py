@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -16,7 +17,8 @@ class KernelConfig:
       seq_offset: S_true - T_true (unpadded lengths), column j visible to row i iff j <= i + offset.
       block_q, block_k: forward tile sizes (rows, columns).
       block_q_bwd, block_k_bwd: tile sizes of the dQ and dK/dV kernels.
-      interpret: run in Pallas interpret mode (any backend, e.g. CPU).
+      interpret: run in Pallas interpret mode (any backend, e.g. CPU); True or a hashable
+        interpreter parameter object such as pltpu.InterpretParams.
       num_warps, num_stages: Triton launch settings (GPU only; None = heuristic).
     """
 
@@ -29,6 +31,6 @@ class KernelConfig:
     block_k: int
     block_q_bwd: int
     block_k_bwd: int
-    interpret: bool
+    interpret: Any
     num_warps: int | None = None
     num_stages: int = 2

@@ -71,7 +71,8 @@ def _resolve_backend(backend, interpret):
         interpret = platform != backend
     # interpret=False with another platform is left to the caller: it allows lowering ahead of
     # time for a GPU/TPU target from a CPU host (jit(...).trace(...).lower(lowering_platforms)).
-    return backend, bool(interpret)
+    # Interpreter parameter objects (e.g. pltpu.InterpretParams) pass through unchanged.
+    return backend, bool(interpret) if isinstance(interpret, (bool, int)) else interpret
 
 
 def _gpu_blocks(t, s, block_q, block_k, interpret):
@@ -171,6 +172,7 @@ def expressive_attention_pallas(query, key, value, *, mask=None, is_causal=False
       backend: "gpu", "tpu" or None (default JAX backend; CPU -> gpu kernels interpreted).
       interpret: run in Pallas interpret mode; None = only when the backend is not the platform
         (False with another platform only lowers, e.g. ahead of time for a GPU/TPU target).
+        A `pltpu.InterpretParams()` selects the TPU-faithful interpreter (backend="tpu").
 
     Returns:
       [B, T, N, H] in the query dtype.
