@@ -12,7 +12,8 @@ float32 accumulation; output in the query dtype. `mask` is boolean, broadcastabl
 Forward and backward are both Pallas kernels (jax.custom_vjp): the GPU (Triton) kernels in
 `pallas_gpu`, the TPU (Mosaic) kernels in `pallas_tpu`. `backend=None` uses the default JAX
 backend; on CPU it runs the GPU kernels in Pallas interpret mode (slow: meant for tests).
-`interpret=True` interprets either backend's kernels on any device.
+`interpret=True` interprets either backend's kernels on any device. Under `jax.set_mesh` the
+kernels run per batch/head shard (`mesh_map`).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from ea_jax.kernels import mesh_map
 from ea_jax.kernels import pallas_gpu
 from ea_jax.kernels import scores
 from ea_jax.kernels.config import KernelConfig
@@ -155,6 +157,19 @@ def _attend_bwd(backend, cfg, residuals, do):
 _attend.defvjp(_attend_fwd, _attend_bwd)
 
 
+def _run(q_BTNH, k_BSKH, v_BSKH, mask, *, backend, cfg):
+    """Padded inputs (mask int8 [Bm, Nm, T, S] or None) -> padded o_BTNH via the backend."""
+    if backend == "gpu":
+        if mask is not None:
+            n, kh = q_BTNH.shape[2], k_BSKH.shape[2]
+            bm, nm, t, s = mask.shape
+            mask = (mask.reshape(bm, kh, n // kh, t, s) if nm == n else mask[:, :, None])
+        return _attend(q_BTNH, k_BSKH, v_BSKH, mask, backend, cfg)
+    # The TPU kernels use [B, heads, length, H] so that tiles are (rows, H) matrices.
+    q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q_BTNH, k_BSKH, v_BSKH))
+    return jnp.swapaxes(_attend(q, k, v, mask, backend, cfg), 1, 2)
+
+
 def expressive_attention_pallas(query, key, value, *, mask=None, is_causal=False, scale=None,
                                 eps=1e-6, kernel="rational", block_q=None, block_k=None,
                                 backend=None, interpret=None):
@@ -208,16 +223,7 @@ def expressive_attention_pallas(query, key, value, *, mask=None, is_causal=False
         k = jnp.pad(k, ((0, 0), (0, s_pad - s), (0, 0), (0, h_pad - h)))
         v = jnp.pad(v, ((0, 0), (0, s_pad - s), (0, 0), (0, h_pad - h)))
     m = None if mask is None else _normalise_mask(mask, b, n, t, s, t_pad, s_pad)
-
-    if backend == "gpu":
-        if m is not None:
-            g = n // kh
-            m = m.reshape(m.shape[0], kh, g, t_pad, s_pad) if m.shape[1] == n else m[:, :, None]
-        o = _attend(q, k, v, m, backend, cfg)
-    else:
-        # The TPU kernels use [B, heads, length, H] so that tiles are (rows, H) matrices.
-        q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
-        o = jnp.swapaxes(_attend(q, k, v, m, backend, cfg), 1, 2)
+    o = mesh_map.map_over_mesh(functools.partial(_run, backend=backend, cfg=cfg), q, k, v, m)
     return o[:, :t, :, :h].astype(out_dtype)
 
 
