@@ -18,6 +18,7 @@ Public API (see DESIGN.md, "Contracts: Attention"):
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -263,22 +264,305 @@ def expressive_attention(query, key, value, *, mask=None, is_causal=False, scale
   return _attention("ea", query, key, value, mask, is_causal, scale, eps, kernel, implementation)
 
 
+# ----------------------------------------------------------------------------------------------
+# Auto rule
+# ----------------------------------------------------------------------------------------------
+
+# Thresholds of the CPU auto rule, read off docs/benchmark_attention.txt (see choose_implementation).
+AUTO_NAIVE_MAX_LEN = 256      # T and S at most this: "naive" (one fused block beats the loop)
+AUTO_LINEAR_MIN_LEN = 1024    # causal mask-free square-kernel EA from this T on: "linear"
+
+
 def choose_implementation(kind, *, T, S, H, is_causal, has_mask, kernel="rational", backend=None):
-  """The auto rule (implementation=None). Placeholder until benchmarked: naive."""
-  del kind, T, S, H, is_causal, has_mask, kernel, backend
-  return "naive"
+  """The implementation=None rule.
+
+  On GPU/TPU, mask-free EA (causal or not) goes to the fused "pallas" kernel; DPA and masked EA
+  use "naive" up to AUTO_NAIVE_MAX_LEN and "chunked" beyond.
+  On CPU (never "pallas"), from the fwd+bwd table in docs/benchmark_attention.txt:
+    - T and S <= AUTO_NAIVE_MAX_LEN: "naive";
+    - EA, kernel="square", causal, no mask, T >= AUTO_LINEAR_MIN_LEN: "linear";
+    - otherwise "chunked" (several times faster than "naive" from T = 512 on, memory linear).
+  """
+  del H
+  backend = jax.default_backend() if backend is None else backend
+  small = max(T, S) <= AUTO_NAIVE_MAX_LEN
+  if backend in ("gpu", "tpu"):
+    if kind == "ea" and not has_mask:
+      return "pallas"
+    return "naive" if small else "chunked"
+  if small:
+    return "naive"
+  if (kind == "ea" and kernel == "square" and is_causal and not has_mask
+      and T >= AUTO_LINEAR_MIN_LEN):
+    return "linear"
+  return "chunked"
+
+
+# ----------------------------------------------------------------------------------------------
+# Chunked implementation: blocks of C query rows, each against its (causal) key prefix at once,
+# a custom VJP that saves only one statistic per row (EA: Z = eps + sum f; DPA: logsumexp).
+# Heads run sequentially in small groups so that a block of scores stays in cache; memory is
+# O(C * S) per step plus O(T * H) residuals.
+# ----------------------------------------------------------------------------------------------
+
+CHUNK_ROWS = 128            # query rows per block ("chunked")
+_STEP_SCORES_CPU = 1 << 18  # score elements per sequential step on CPU (~1 MiB: fits in L2)
+_STEP_SCORES_ACCEL = 1 << 26
+
+
+class _ChunkCfg(NamedTuple):
+  kind: str
+  kernel: str
+  eps: float
+  is_causal: bool
+  T: int           # unpadded query length
+  S: int
+  C: int           # rows per block (before folding in the G heads)
+  G: int
+  heads_per_step: int
+  mask_per_head: bool  # mask has a [B*K] axis mapped with the heads (else shared by all)
+
+  def prefixes(self, L):
+    """Number of keys each query block can see (static)."""
+    if not self.is_causal:
+      return [self.S] * L
+    return [int(np.clip((i + 1) * self.C + self.S - self.T, 0, self.S)) for i in range(L)]
+
+
+def _kernel_and_derivative(s, kernel):
+  s2 = s * s
+  if kernel == "square":
+    return s2, 2.0 * s
+  d = 1.0 + s2
+  return s2 / d, 2.0 * s / (d * d)
+
+
+def _block_allowed(m, i, P, cfg):
+  """Allowed [h|1, C*G, P] for query block i (rows ordered (t, g)), or None."""
+  C, G = cfg.C, cfg.G
+  allowed = None
+  if m is not None:  # [hm, mg, mt, ms]
+    hm, mg, mt, ms = m.shape
+    mb = m[:, :, i * C:(i + 1) * C] if mt > 1 else m
+    mb = mb[..., :P] if ms > 1 else mb
+    mb = jnp.broadcast_to(jnp.swapaxes(mb, 1, 2), (hm, C, G, P))
+    allowed = mb.reshape(hm, C * G, P)
+  if cfg.is_causal:
+    row_pos = i * C + jnp.arange(C * G) // G + (cfg.S - cfg.T)
+    causal = (jnp.arange(P)[None, :] <= row_pos[:, None])[None]
+    allowed = causal if allowed is None else jnp.logical_and(allowed, causal)
+  return allowed
+
+
+def _rows_fwd(q_hTGH, k_hSH, v_hSH, m, cfg):
+  """One step (h heads) of the forward: out [h,Tp,G,H] and the row statistic [h,Tp,G]."""
+  h, Tp, G, H = q_hTGH.shape
+  C = cfg.C
+  outs, stats = [], []
+  for i, P in enumerate(cfg.prefixes(Tp // C)):
+    if P == 0:
+      outs.append(jnp.zeros((h, C, G, H), q_hTGH.dtype))
+      fill = cfg.eps if cfg.kind == "ea" else jnp.inf
+      stats.append(jnp.full((h, C, G), fill, q_hTGH.dtype))
+      continue
+    q_hRH = q_hTGH[:, i * C:(i + 1) * C].reshape(h, C * G, H)
+    k_hPH, v_hPH = k_hSH[:, :P], v_hSH[:, :P]
+    s_hRP = jnp.einsum("hrd,hpd->hrp", q_hRH, k_hPH)
+    allowed = _block_allowed(m, i, P, cfg)
+    if cfg.kind == "ea":
+      f = ea_kernel(s_hRP, cfg.kernel)
+      if allowed is not None:
+        f = jnp.where(allowed, f, 0.0)
+      stat = cfg.eps + jnp.sum(f, axis=-1)
+      o = _safe_div(jnp.einsum("hrp,hpd->hrd", f, v_hPH), stat[..., None])
+    else:
+      if allowed is not None:
+        s_hRP = jnp.where(allowed, s_hRP, -jnp.inf)
+      mx = jnp.max(s_hRP, axis=-1)
+      mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
+      p = jnp.exp(s_hRP - mx[..., None])
+      l = jnp.sum(p, axis=-1)
+      o = _safe_div(jnp.einsum("hrp,hpd->hrd", p, v_hPH), l[..., None])
+      stat = jnp.where(l > 0, mx + jnp.log(jnp.where(l > 0, l, 1.0)), jnp.inf)
+    outs.append(o.reshape(h, C, G, H))
+    stats.append(stat.reshape(h, C, G))
+  return jnp.concatenate(outs, axis=1), jnp.concatenate(stats, axis=1)
+
+
+def _rows_bwd(q_hTGH, k_hSH, v_hSH, m, o_hTGH, stat_hTG, do_hTGH, cfg):
+  """One step of the backward: (dq, dk, dv) for h heads (FlashAttention-2 style, no running max
+  for EA: dS = f'(s) (dP - delta) / Z with delta = rowsum(dO * O))."""
+  h, Tp, G, H = q_hTGH.shape
+  C = cfg.C
+  delta_hTG = jnp.sum(do_hTGH * o_hTGH, axis=-1)
+  dqs = []
+  dk, dv = jnp.zeros_like(k_hSH), jnp.zeros_like(v_hSH)
+  for i, P in enumerate(cfg.prefixes(Tp // C)):
+    if P == 0:
+      dqs.append(jnp.zeros((h, C, G, H), q_hTGH.dtype))
+      continue
+    rows = slice(i * C, (i + 1) * C)
+    q_hRH = q_hTGH[:, rows].reshape(h, C * G, H)
+    do_hRH = do_hTGH[:, rows].reshape(h, C * G, H)
+    stat = stat_hTG[:, rows].reshape(h, C * G, 1)
+    delta = delta_hTG[:, rows].reshape(h, C * G, 1)
+    k_hPH, v_hPH = k_hSH[:, :P], v_hSH[:, :P]
+    s_hRP = jnp.einsum("hrd,hpd->hrp", q_hRH, k_hPH)
+    dp_hRP = jnp.einsum("hrd,hpd->hrp", do_hRH, v_hPH)
+    allowed = _block_allowed(m, i, P, cfg)
+    if cfg.kind == "ea":
+      f, df = _kernel_and_derivative(s_hRP, cfg.kernel)
+      p = _safe_div(f, stat)
+      ds = _safe_div(df * (dp_hRP - delta), stat)
+      if allowed is not None:
+        p = jnp.where(allowed, p, 0.0)
+        ds = jnp.where(allowed, ds, 0.0)
+    else:
+      p = jnp.exp(s_hRP - stat)
+      if allowed is not None:
+        p = jnp.where(allowed, p, 0.0)
+      ds = p * (dp_hRP - delta)
+    dqs.append(jnp.einsum("hrp,hpd->hrd", ds, k_hPH).reshape(h, C, G, H))
+    dk = dk.at[:, :P].add(jnp.einsum("hrp,hrd->hpd", ds, q_hRH))
+    dv = dv.at[:, :P].add(jnp.einsum("hrp,hrd->hpd", p, do_hRH))
+  return jnp.concatenate(dqs, axis=1), dk, dv
+
+
+def _map_heads(fn, per_head, shared, cfg):
+  """Runs fn(per_head_slices..., shared) over [X, ...] arrays, heads_per_step heads at a time."""
+  X = per_head[0].shape[0]
+  h = cfg.heads_per_step
+  grouped = jax.tree.map(lambda a: a.reshape((X // h, h) + a.shape[1:]), per_head)
+  out = jax.lax.map(lambda xs: fn(*xs, shared), grouped)
+  return jax.tree.map(lambda a: a.reshape((X,) + a.shape[2:]), out)
+
+
+def _split_mask(mask, cfg):
+  """(per-head mask or None, shared mask or None) as seen by one step."""
+  if mask is None:
+    return None, None
+  if cfg.mask_per_head:
+    return mask, None
+  return None, mask[None]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _chunked_core(q_XTGH, k_XSH, v_XSH, mask, cfg):
+  return _chunked_core_fwd(q_XTGH, k_XSH, v_XSH, mask, cfg)[0]
+
+
+def _chunked_core_fwd(q_XTGH, k_XSH, v_XSH, mask, cfg):
+  per_mask, shared_mask = _split_mask(mask, cfg)
+
+  def step(q, k, v, m, shared):
+    return _rows_fwd(q, k, v, m if m is not None else shared, cfg)
+
+  o, stat = _map_heads(step, (q_XTGH, k_XSH, v_XSH, per_mask), shared_mask, cfg)
+  return o, (q_XTGH, k_XSH, v_XSH, mask, o, stat)
+
+
+def _chunked_core_bwd(cfg, res, do_XTGH):
+  q_XTGH, k_XSH, v_XSH, mask, o, stat = res
+  per_mask, shared_mask = _split_mask(mask, cfg)
+
+  def step(q, k, v, m, o, stat, do, shared):
+    return _rows_bwd(q, k, v, m if m is not None else shared, o, stat, do, cfg)
+
+  dq, dk, dv = _map_heads(step, (q_XTGH, k_XSH, v_XSH, per_mask, o, stat, do_XTGH),
+                          shared_mask, cfg)
+  return dq, dk, dv, None
+
+
+_chunked_core.defvjp(_chunked_core_fwd, _chunked_core_bwd)
 
 
 def _chunked(q, k, v, mask, is_causal, kind, scale, eps, kernel):
+  """q [B,T,N,H], k/v [B,S,K,H] (compute dtype), mask [b,n,t,s] or None -> [B,T,N,H]."""
   B, T, N, H = q.shape
   S, K = k.shape[1], k.shape[2]
-  return _naive(q, k, v, _allowed_BKGTS(mask, is_causal, B, N, T, S, K), kind, scale, eps, kernel)
+  G = N // K
+  C = min(CHUNK_ROWS, T)
+  L = -(-T // C)
+  Tp = L * C
+  q = q * scale
+  q_XTGH = jnp.pad(q, ((0, 0), (0, Tp - T), (0, 0), (0, 0))).reshape(B, Tp, K, G, H)
+  q_XTGH = q_XTGH.transpose(0, 2, 1, 3, 4).reshape(B * K, Tp, G, H)
+  k_XSH = k.transpose(0, 2, 1, 3).reshape(B * K, S, H)
+  v_XSH = v.transpose(0, 2, 1, 3).reshape(B * K, S, H)
+  mask_per_head = False
+  if mask is not None:
+    m = _grouped_mask(mask, K)  # [mb, mk, mg, mt, ms]
+    mb, mk, mg, mt, ms = m.shape
+    if mt > 1 and Tp > T:
+      m = jnp.pad(m, ((0, 0), (0, 0), (0, 0), (0, Tp - T), (0, 0)))
+    if mb > 1 or mk > 1:
+      mask_per_head = True
+      mask = jnp.broadcast_to(m, (B, K) + m.shape[2:]).reshape((B * K,) + m.shape[2:])
+    else:
+      mask = m[0, 0]
+  budget = _STEP_SCORES_CPU if jax.default_backend() == "cpu" else _STEP_SCORES_ACCEL
+  h = max(1, min(B * K, budget // max(1, C * G * S)))
+  while (B * K) % h:
+    h -= 1
+  cfg = _ChunkCfg(kind, kernel, float(eps), bool(is_causal), T, S, C, G, h, mask_per_head)
+  o_XTGH = _chunked_core(q_XTGH, k_XSH, v_XSH, mask, cfg)
+  o = o_XTGH.reshape(B, K, Tp, G, H)[:, :, :T]
+  return o.transpose(0, 2, 1, 3, 4).reshape(B, T, N, H)
+
+
+# ----------------------------------------------------------------------------------------------
+# Linear implementation (square-kernel causal EA): (q.k)^2 = phi(q) . phi(k) with the F = H(H+1)/2
+# symmetric features; exact quadratic form inside a chunk of C tokens, a running state
+# (sum phi(k) v^T, sum phi(k)) across chunks; lax.scan with rematerialisation of each chunk.
+# ----------------------------------------------------------------------------------------------
+
+LINEAR_CHUNK = 64
 
 
 def _linear_causal(q, k, v, scale, eps):
+  """Causal square-kernel EA in O(T H^3): q [B,T,N,H], k/v [B,S,K,H] -> [B,T,N,H]."""
   B, T, N, H = q.shape
   S, K = k.shape[1], k.shape[2]
-  return _naive(q, k, v, _allowed_BKGTS(None, True, B, N, T, S, K), "ea", scale, eps, "square")
+  G = N // K
+  F = num_square_features(H)
+  q = q * scale
+  # Query i sits at key position S - T + i: align queries with keys, zero queries where needed.
+  if T >= S:
+    q_used = q[:, T - S:]
+  else:
+    q_used = jnp.pad(q, ((0, 0), (S - T, 0), (0, 0), (0, 0)))
+  C = min(LINEAR_CHUNK, S)
+  L = -(-S // C)
+  pad = ((0, 0), (0, L * C - S), (0, 0), (0, 0))
+  q_LBKRH = jnp.pad(q_used, pad).reshape(B, L, C, K, G, H).transpose(1, 0, 3, 2, 4, 5)
+  q_LBKRH = q_LBKRH.reshape(L, B, K, C * G, H)  # rows ordered (c, g)
+  k_LBKCH = jnp.pad(k, pad).reshape(B, L, C, K, H).transpose(1, 0, 3, 2, 4)
+  v_LBKCH = jnp.pad(v, pad).reshape(B, L, C, K, H).transpose(1, 0, 3, 2, 4)
+  causal_RC = jnp.arange(C)[None, :] <= (jnp.arange(C * G) // G)[:, None]
+
+  @jax.checkpoint
+  def step(carry, chunk):
+    kv_BKFH, z_BKF = carry
+    q_BKRH, k_BKCH, v_BKCH = chunk
+    phi_q = square_features(q_BKRH)
+    num = jnp.einsum("bkrf,bkfh->bkrh", phi_q, kv_BKFH)
+    den = jnp.maximum(jnp.einsum("bkrf,bkf->bkr", phi_q, z_BKF), 0.0)
+    s = jnp.einsum("bkrh,bkch->bkrc", q_BKRH, k_BKCH)
+    f = jnp.where(causal_RC, s * s, 0.0)
+    num = num + jnp.einsum("bkrc,bkch->bkrh", f, v_BKCH)
+    den = den + jnp.sum(f, axis=-1)
+    o = _safe_div(num, (eps + den)[..., None])
+    phi_k = square_features(k_BKCH)
+    kv_BKFH = kv_BKFH + jnp.einsum("bkcf,bkch->bkfh", phi_k, v_BKCH)
+    z_BKF = z_BKF + jnp.sum(phi_k, axis=2)
+    return (kv_BKFH, z_BKF), o
+
+  init = (jnp.zeros((B, K, F, H), q.dtype), jnp.zeros((B, K, F), q.dtype))
+  _, o_LBKRH = jax.lax.scan(step, init, (q_LBKRH, k_LBKCH, v_LBKCH))
+  o = o_LBKRH.reshape(L, B, K, C, G, H).transpose(1, 0, 3, 2, 4, 5).reshape(B, L * C, N, H)[:, :S]
+  if T >= S:
+    return jnp.pad(o, ((0, 0), (T - S, 0), (0, 0), (0, 0)))
+  return o[:, S - T:]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -340,17 +624,18 @@ def num_square_features(head_dim):
   return head_dim * (head_dim + 1) // 2
 
 
-def _feature_index(H):
-  """Indices (a, b), a <= b, of the symmetric features and their weights (1 or sqrt 2)."""
-  a, b = np.triu_indices(H)
-  w = np.where(a == b, 1.0, np.sqrt(2.0))
-  return a, b, w
-
-
 def square_features(x_XH):
-  """phi(x) [..., F] with phi(x) . phi(y) = (x . y)^2 (upper-triangle of x x^T, off-diag * sqrt 2)."""
-  a, b, w = _feature_index(x_XH.shape[-1])
-  return x_XH[..., a] * x_XH[..., b] * jnp.asarray(w, x_XH.dtype)
+  """phi(x) [..., F] with phi(x) . phi(y) = (x . y)^2: the upper triangle of x x^T, off-diagonal
+  entries times sqrt 2 (order: (0,0), (0,1), ..., (0,H-1), (1,1), ...)."""
+  H = x_XH.shape[-1]
+  root2 = jnp.asarray(np.sqrt(2.0), x_XH.dtype)
+  parts = []
+  for a in range(H):
+    x_a = x_XH[..., a:a + 1]
+    parts.append(x_a * x_a)
+    if a + 1 < H:
+      parts.append((x_a * root2) * x_XH[..., a + 1:])
+  return jnp.concatenate(parts, axis=-1)
 
 
 def init_recurrent_state(batch_size, num_kv_heads, head_dim, dtype=jnp.float32):

@@ -1,0 +1,447 @@
+"""Tests of ea_jax.attention against a float64 numpy reference written here, and invariants."""
+import functools
+import sys
+import types
+
+import hypothesis
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import test_util as jtu
+
+from ea_jax import attention as A
+
+IMPLS = ("naive", "chunked", "linear")
+VARIANTS = (("ea", "rational"), ("ea", "square"), ("dpa", None))
+CASES = ("causal", "mask", "gqa", "t_ne_s", "bf16")
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch):
+  """Small blocks so that short test sequences span several blocks (and a padded last one)."""
+  monkeypatch.setattr(A, "CHUNK_ROWS", 16)
+  monkeypatch.setattr(A, "LINEAR_CHUNK", 8)
+
+
+# ----------------------------------------------------------------------------------------------
+# Independent reference: float64 numpy, one (batch, head) at a time.
+# ----------------------------------------------------------------------------------------------
+
+
+def ref_weights(q, k, kind, mask=None, causal=False, scale=None, eps=1e-6, kernel="rational"):
+  q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
+  B, T, N, H = q.shape
+  S, K = k.shape[1], k.shape[2]
+  scale = 1.0 / np.sqrt(H) if scale is None else scale
+  allowed = np.ones((B, N, T, S), bool)
+  if mask is not None:
+    allowed &= np.broadcast_to(np.asarray(mask), (B, N, T, S))
+  if causal:
+    allowed &= np.arange(S)[None, :] <= np.arange(T)[:, None] + (S - T)
+  w = np.zeros((B, N, T, S))
+  for b in range(B):
+    for n in range(N):
+      s = scale * q[b, :, n] @ k[b, :, n // (N // K)].T
+      a = allowed[b, n]
+      if kind == "ea":
+        f = s**2 if kernel == "square" else s**2 / (1 + s**2)
+        f = np.where(a, f, 0.0)
+        z = eps + f.sum(-1, keepdims=True)
+        w[b, n] = f / np.where(z > 0, z, 1.0)
+      else:
+        for t in range(T):
+          if a[t].any():
+            e = np.exp(s[t, a[t]] - s[t, a[t]].max())
+            w[b, n, t, a[t]] = e / e.sum()
+  return w
+
+
+def ref_attention(q, k, v, kind, **kw):
+  w = ref_weights(q, k, kind, **kw)
+  v = np.asarray(v, np.float64)
+  B, T, N, H = np.shape(q)
+  K = v.shape[2]
+  out = np.zeros((B, T, N, H))
+  for n in range(N):
+    out[:, :, n] = np.einsum("bts,bsh->bth", w[:, n], v[:, :, n // (N // K)])
+  return out
+
+
+def run(impl, kind, kernel, q, k, v, **kw):
+  if kind == "ea":
+    return A.expressive_attention(q, k, v, kernel=kernel, implementation=impl, **kw)
+  return A.dot_product_attention(q, k, v, implementation=impl, **kw)
+
+
+def make(rng, B=2, T=37, S=None, N=2, K=None, H=8, dtype=jnp.float32, scale=1.0):
+  S = T if S is None else S
+  K = N if K is None else K
+  q = rng.normal(size=(B, T, N, H)) * scale
+  k = rng.normal(size=(B, S, K, H)) * scale
+  v = rng.normal(size=(B, S, K, H))
+  return tuple(jnp.asarray(x, dtype) for x in (q, k, v))
+
+
+def applicable(impl, kind, kernel, causal, mask):
+  return impl != "linear" or (kind == "ea" and kernel == "square" and causal and mask is None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Every implementation x kernel x case against the reference
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("kind,kernel", VARIANTS)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_matches_reference(impl, kind, kernel, case):
+  rng = np.random.default_rng(0)
+  dtype = jnp.bfloat16 if case == "bf16" else jnp.float32
+  shape = dict(gqa=dict(N=4, K=2), t_ne_s=dict(T=21, S=45)).get(case, {})
+  q, k, v = make(rng, dtype=dtype, **shape)
+  mask = None
+  causal = case != "mask"
+  if case == "mask":
+    mask = jnp.asarray(rng.random((2, 1, 37, 37)) > 0.4)
+  if not applicable(impl, kind, kernel, causal, mask):
+    pytest.skip("linear: square-kernel causal EA without mask only")
+  out = run(impl, kind, kernel, q, k, v, mask=mask, is_causal=causal)
+  assert out.dtype == dtype and out.shape == q.shape
+  want = ref_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
+                       kind, mask=mask, causal=causal, kernel=kernel)
+  tol = 2e-2 if case == "bf16" else 2e-5
+  np.testing.assert_allclose(np.asarray(out, np.float64), want, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("kind,kernel", VARIANTS)
+def test_attention_weights_match_reference_and_rows_sum_to_one(kind, kernel):
+  rng = np.random.default_rng(1)
+  q, k, _ = make(rng, T=19, S=23, N=4, K=2)
+  mask = rng.random((2, 4, 19, 23)) > 0.5
+  mask[0, 1, 3] = False  # a row with nothing allowed
+  w = A.attention_weights(q, k, kind=kind, mask=jnp.asarray(mask), is_causal=True, eps=0.0,
+                          kernel=kernel or "rational")
+  want = ref_weights(q, k, kind, mask=mask, causal=True, eps=0.0, kernel=kernel)
+  assert w.shape == (2, 4, 19, 23)
+  np.testing.assert_allclose(w, want, atol=1e-5, rtol=1e-5)
+  sums = np.asarray(w).sum(-1)
+  any_allowed = want.sum(-1) > 0
+  np.testing.assert_allclose(sums[any_allowed], 1.0, atol=1e-5)
+  assert np.all(sums[~any_allowed] == 0) and (~any_allowed).any()
+
+
+def test_per_head_mask_with_gqa():
+  """A mask with a full [B,N] part, so each query head of a group sees a different mask."""
+  rng = np.random.default_rng(2)
+  q, k, v = make(rng, T=40, N=4, K=2)
+  mask = jnp.asarray(rng.random((2, 4, 40, 40)) > 0.3)
+  for impl in ("naive", "chunked"):
+    for kind, kernel in VARIANTS:
+      out = run(impl, kind, kernel, q, k, v, mask=mask)
+      want = ref_attention(q, k, v, kind, mask=mask, kernel=kernel)
+      np.testing.assert_allclose(out, want, atol=2e-5, rtol=2e-5, err_msg=f"{impl} {kind}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Invariants
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("kernel", ("rational", "square"))
+def test_ea_unchanged_when_a_key_flips_sign(impl, kernel):
+  if impl == "linear" and kernel == "rational":
+    pytest.skip("linear: square kernel only")
+  rng = np.random.default_rng(3)
+  q, k, v = make(rng)
+  flip = jnp.where(jnp.arange(37)[None, :, None, None] % 3 == 1, -1.0, 1.0)
+  out = run(impl, "ea", kernel, q, k, v, is_causal=True)
+  out_flipped = run(impl, "ea", kernel, q, k * flip, v, is_causal=True)
+  np.testing.assert_allclose(out_flipped, out, atol=1e-5, rtol=1e-5)
+  # ...whereas dot-product attention does change (the invariance is not vacuous).
+  dpa = run("naive", "dpa", None, q, k, v, is_causal=True)
+  assert not np.allclose(run("naive", "dpa", None, q, k * flip, v, is_causal=True), dpa, atol=1e-3)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("kind,kernel", VARIANTS)
+def test_future_token_never_changes_past_output(impl, kind, kernel):
+  if not applicable(impl, kind, kernel, True, None):
+    pytest.skip("linear: square-kernel causal EA only")
+  rng = np.random.default_rng(4)
+  q, k, v = make(rng, N=4, K=2)
+  t = 20
+  noise = jnp.asarray(rng.normal(size=q.shape[:1] + (37 - t,) + q.shape[2:]), jnp.float32)
+  q2 = q.at[:, t:].add(noise)
+  k2 = k.at[:, t:].add(10 * noise[:, :, :2])
+  v2 = v.at[:, t:].add(noise[:, :, :2])
+  out = run(impl, kind, kernel, q, k, v, is_causal=True)
+  out2 = run(impl, kind, kernel, q2, k2, v2, is_causal=True)
+  np.testing.assert_array_equal(np.asarray(out[:, :t]), np.asarray(out2[:, :t]))
+  assert not np.allclose(out[:, t:], out2[:, t:])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("kind,kernel", VARIANTS)
+def test_empty_rows_are_zero_and_large_inputs_stay_exact(impl, kind, kernel):
+  rng = np.random.default_rng(5)
+  # T > S with causal: the first T - S queries see no key.
+  q, k, v = make(rng, T=30, S=18, scale=300.0)
+  if applicable(impl, kind, kernel, True, None):
+    out = run(impl, kind, kernel, q, k, v, is_causal=True)
+    want = ref_attention(q, k, v, kind, causal=True, kernel=kernel)
+    assert np.all(np.isfinite(out))
+    np.testing.assert_array_equal(np.asarray(out[:, :12]), 0.0)
+    np.testing.assert_allclose(out, want, atol=1e-3, rtol=1e-3)
+  if impl != "linear":
+    mask = np.ones((1, 1, 30, 18), bool)
+    mask[..., 5, :] = False
+    out = run(impl, kind, kernel, q, k, v, mask=jnp.asarray(mask))
+    assert np.all(np.isfinite(out))
+    np.testing.assert_array_equal(np.asarray(out[:, 5]), 0.0)
+
+
+def _finite_grads(impl, kind, kernel, q, k, v, **kw):
+  def loss(q, k, v):
+    return jnp.sum(run(impl, kind, kernel, q, k, v, **kw) * v[:, :1, :1, :])
+  return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("kind,kernel", VARIANTS)
+def test_gradients_finite_at_zero_query_and_empty_rows(impl, kind, kernel):
+  rng = np.random.default_rng(6)
+  q, k, v = make(rng, T=20, S=20)
+  q = q.at[:, :7].set(0.0)
+  cases = [dict(is_causal=True)]
+  if impl != "linear":
+    mask = np.ones((1, 1, 20, 20), bool)
+    mask[..., 3, :] = False
+    cases.append(dict(mask=jnp.asarray(mask)))
+  for kw in cases:
+    if not applicable(impl, kind, kernel, kw.get("is_causal", False), kw.get("mask")):
+      continue
+    for g in _finite_grads(impl, kind, kernel, q, k, v, **kw):
+      assert np.all(np.isfinite(g)), (impl, kind, kw)
+
+
+# ----------------------------------------------------------------------------------------------
+# Gradients
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("kind,kernel", VARIANTS)
+def test_check_grads_float64(impl, kind, kernel):
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(7)
+    q, k, v = make(rng, B=1, T=9, S=9, N=2, K=1, H=3, dtype=jnp.float64)
+    if applicable(impl, kind, kernel, True, None):
+      f = functools.partial(run, impl, kind, kernel, is_causal=True)
+      jtu.check_grads(f, (q, k, v), order=1, modes=("rev",), atol=1e-6, rtol=1e-6, eps=1e-6)
+    if impl != "linear":
+      mask = jnp.asarray(rng.random((1, 2, 9, 9)) > 0.3)
+      f = functools.partial(run, impl, kind, kernel, mask=mask)
+      jtu.check_grads(f, (q, k, v), order=1, modes=("rev",), atol=1e-6, rtol=1e-6, eps=1e-6)
+
+
+@pytest.mark.parametrize("impl", ("chunked", "linear"))
+@pytest.mark.parametrize("kind,kernel", VARIANTS)
+@pytest.mark.parametrize("case", ("causal", "mask", "gqa", "t_ne_s"))
+def test_gradients_match_naive(impl, kind, kernel, case):
+  rng = np.random.default_rng(8)
+  shape = dict(gqa=dict(N=4, K=2), t_ne_s=dict(T=21, S=45)).get(case, {})
+  q, k, v = make(rng, **shape)
+  kw = dict(is_causal=True)
+  if case == "mask":
+    kw = dict(mask=jnp.asarray(rng.random((2, 2, 37, 37)) > 0.4))
+  if not applicable(impl, kind, kernel, kw.get("is_causal", False), kw.get("mask")):
+    pytest.skip("linear: square-kernel causal EA without mask only")
+  ct = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+
+  def loss(impl, q, k, v):
+    return jnp.sum(run(impl, kind, kernel, q, k, v, **kw) * ct)
+
+  got = jax.grad(functools.partial(loss, impl), argnums=(0, 1, 2))(q, k, v)
+  want = jax.grad(functools.partial(loss, "naive"), argnums=(0, 1, 2))(q, k, v)
+  for g, w, name in zip(got, want, "qkv"):
+    np.testing.assert_allclose(g, w, atol=5e-5 * float(np.abs(w).max()), rtol=1e-4,
+                               err_msg=f"d{name}")
+
+
+def test_gradient_flows_to_scale():
+  rng = np.random.default_rng(9)
+  q, k, v = make(rng, T=12)
+  for impl in ("naive", "chunked"):
+    g = jax.grad(lambda s: jnp.sum(A.expressive_attention(q, k, v, scale=s, implementation=impl)
+                                   * v[:, :, :1]))(0.7)
+    h = 1e-3
+    f = lambda s: float(jnp.sum(A.expressive_attention(q, k, v, scale=s, implementation=impl)
+                                * v[:, :, :1]))
+    assert abs(float(g) - (f(0.7 + h) - f(0.7 - h)) / (2 * h)) < 1e-2 * (1 + abs(float(g)))
+
+
+# ----------------------------------------------------------------------------------------------
+# One-step decoding
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind,kernel", VARIANTS)
+def test_kv_cache_decode_equals_full_sequence(kind, kernel):
+  rng = np.random.default_rng(10)
+  B, T, N, K, H = 2, 12, 4, 2, 8
+  q, k, v = make(rng, B=B, T=T, N=N, K=K, H=H)
+  full = run("naive", kind, kernel, q, k, v, is_causal=True)
+  step = jax.jit(functools.partial(A.kv_cache_step, kind=kind, kernel=kernel or "rational"))
+  cache = A.init_kv_cache(B, T + 3, K, H)
+  outs = []
+  for t in range(T):
+    out, cache = step(cache, q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1])
+    outs.append(out)
+  assert int(cache.length) == T
+  np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_recurrent_decode_equals_full_sequence_and_state_size_is_constant():
+  rng = np.random.default_rng(11)
+  B, T, N, K, H = 2, 40, 4, 2, 6
+  q, k, v = make(rng, B=B, T=T, N=N, K=K, H=H)
+  full = ref_attention(q, k, v, "ea", causal=True, kernel="square")
+  state = A.init_recurrent_state(B, K, H)
+  assert state.kv.shape == (B, K, H * (H + 1) // 2, H) and state.z.shape == (B, K, H * (H + 1) // 2)
+  step = jax.jit(A.recurrent_step)
+  outs = []
+  for t in range(T):
+    out, new_state = step(state, q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1])
+    assert jax.tree.map(jnp.shape, new_state) == jax.tree.map(jnp.shape, state)
+    state = new_state
+    outs.append(out)
+  np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=2e-5, rtol=2e-5)
+
+
+def test_square_features_reproduce_squared_dot_product():
+  rng = np.random.default_rng(12)
+  x, y = rng.normal(size=(2, 5, 7))
+  phi = A.square_features(jnp.asarray(x)), A.square_features(jnp.asarray(y))
+  assert phi[0].shape == (5, 28)
+  np.testing.assert_allclose(jnp.sum(phi[0] * phi[1], -1), np.sum(x * y, -1) ** 2, rtol=1e-5)
+
+
+def test_kv_cache_full_raises():
+  cache = A.init_kv_cache(1, 2, 1, 4)._replace(length=jnp.asarray(2, jnp.int32))
+  x = jnp.zeros((1, 1, 1, 4))
+  with pytest.raises(ValueError, match="full"):
+    A.kv_cache_step(cache, x, x, x, kind="ea")
+
+
+# ----------------------------------------------------------------------------------------------
+# Auto rule and dispatch
+# ----------------------------------------------------------------------------------------------
+
+
+def test_auto_rule():
+  choose = A.choose_implementation
+  big = dict(T=4096, S=4096, H=32, has_mask=False)
+  for backend in ("gpu", "tpu"):
+    assert choose("ea", is_causal=True, backend=backend, **big) == "pallas"
+    assert choose("ea", is_causal=False, backend=backend, **big) == "pallas"
+    assert choose("ea", is_causal=True, backend=backend, **{**big, "has_mask": True}) != "pallas"
+    assert choose("dpa", is_causal=True, backend=backend, **big) != "pallas"
+  for kind in ("ea", "dpa"):
+    for kernel in ("rational", "square"):
+      for causal in (False, True):
+        for T in (16, 128, 1024, 8192):
+          got = choose(kind, T=T, S=T, H=32, is_causal=causal, has_mask=False, kernel=kernel,
+                       backend="cpu")
+          assert got in ("naive", "chunked", "linear")
+          assert got != "linear" or (kind == "ea" and kernel == "square" and causal)
+  assert choose("ea", kernel="square", is_causal=True, backend="cpu", **big) == "linear"
+  rng = np.random.default_rng(13)
+  q, k, v = make(rng)
+  np.testing.assert_allclose(A.expressive_attention(q, k, v, is_causal=True),
+                             ref_attention(q, k, v, "ea", causal=True), atol=2e-5)
+
+
+def test_pallas_dispatch_passes_keyword_arguments(monkeypatch):
+  calls = []
+
+  def fake(query, key, value, *, mask, is_causal, scale, eps, kernel):
+    calls.append(dict(mask=mask, is_causal=is_causal, scale=scale, eps=eps, kernel=kernel))
+    return query
+
+  module = types.ModuleType("ea_jax.kernels.pallas_attention")
+  module.expressive_attention_pallas = fake
+  monkeypatch.setitem(sys.modules, "ea_jax.kernels.pallas_attention", module)
+  import ea_jax.kernels  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(ea_jax.kernels, "pallas_attention", module, raising=False)
+  q, k, v = make(np.random.default_rng(14), H=4)
+  A.expressive_attention(q, k, v, is_causal=True, scale=0.5, eps=1e-3, kernel="square",
+                         implementation="pallas")
+  assert calls == [dict(mask=None, is_causal=True, scale=0.5, eps=1e-3, kernel="square")]
+  monkeypatch.setattr(A, "choose_implementation", lambda *a, **kw: "pallas")
+  A.expressive_attention(q, k, v)
+  assert len(calls) == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors
+# ----------------------------------------------------------------------------------------------
+
+
+def test_errors_name_the_argument():
+  x = jnp.zeros((2, 5, 4, 8))
+  kv = jnp.zeros((2, 5, 2, 8))
+  ea = A.expressive_attention
+  cases = [
+      (lambda: ea(x[0], kv, kv), "query must have rank 4"),
+      (lambda: ea(x, kv[0], kv), "key must have rank 4"),
+      (lambda: ea(x, kv, kv[:, :3]), "value shape"),
+      (lambda: ea(x, jnp.zeros((2, 5, 3, 8)), jnp.zeros((2, 5, 3, 8))), "multiple"),
+      (lambda: ea(x, jnp.zeros((2, 5, 2, 4)), jnp.zeros((2, 5, 2, 4))), "head dim"),
+      (lambda: ea(x, jnp.zeros((3, 5, 2, 8)), jnp.zeros((3, 5, 2, 8))), "batch size"),
+      (lambda: ea(x, kv, kv, implementation="flash"), "implementation"),
+      (lambda: ea(x, kv, kv, kernel="cubic"), "kernel"),
+      (lambda: ea(x, kv, kv, eps=-1.0), "eps"),
+      (lambda: ea(x, kv, kv, implementation="linear", kernel="square"), "is_causal"),
+      (lambda: ea(x, kv, kv, implementation="linear", is_causal=True), "kernel='square'"),
+      (lambda: ea(x, kv, kv, implementation="linear", is_causal=True, kernel="square",
+                  mask=jnp.ones((5, 5), bool)), "no mask"),
+      (lambda: ea(x, kv, kv, mask=jnp.ones((3, 5, 5), bool)), r"mask of shape \(3, 5, 5\)"),
+      (lambda: ea(x, kv, kv, mask=jnp.ones((5, 5))), "boolean"),
+      (lambda: A.dot_product_attention(x, kv, kv, implementation="linear"), "linear"),
+      (lambda: A.dot_product_attention(x, kv, kv, implementation="pallas"), "pallas"),
+      (lambda: A.attention_weights(x, kv, kind="softmax"), "kind"),
+      (lambda: A.kv_cache_step(A.init_kv_cache(2, 8, 2, 8), x, kv, kv, kind="ea"), "one token"),
+      (lambda: A.recurrent_step(A.init_recurrent_state(2, 2, 4), x[:, :1], kv[:, :1], kv[:, :1]),
+       "state shapes"),
+  ]
+  for fn, message in cases:
+    with pytest.raises(ValueError, match=message):
+      fn()
+
+
+# ----------------------------------------------------------------------------------------------
+# Random shapes
+# ----------------------------------------------------------------------------------------------
+
+
+@hypothesis.settings(max_examples=12, deadline=None, derandomize=True)
+@hypothesis.given(
+    B=st.integers(1, 2), T=st.integers(1, 40), S=st.integers(1, 40), K=st.integers(1, 2),
+    G=st.integers(1, 3), H=st.integers(1, 8), causal=st.booleans(), masked=st.booleans(),
+    variant=st.sampled_from(VARIANTS), seed=st.integers(0, 2**16))
+def test_random_shapes_match_reference(B, T, S, K, G, H, causal, masked, variant, seed):
+  kind, kernel = variant
+  rng = np.random.default_rng(seed)
+  q, k, v = make(rng, B=B, T=T, S=S, N=K * G, K=K, H=H)
+  mask = jnp.asarray(rng.random((B, 1, T, S)) > 0.3) if masked else None
+  want = ref_attention(q, k, v, kind, mask=mask, causal=causal, kernel=kernel)
+  impls = ["chunked"] + (["linear"] if applicable("linear", kind, kernel, causal, mask) else [])
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(A, "CHUNK_ROWS", 8)
+    mp.setattr(A, "LINEAR_CHUNK", 4)
+    for impl in impls:
+      out = run(impl, kind, kernel, q, k, v, mask=mask, is_causal=causal)
+      np.testing.assert_allclose(out, want, atol=3e-5, rtol=3e-5, err_msg=impl)
