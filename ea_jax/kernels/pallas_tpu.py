@@ -3,8 +3,8 @@
 Layout: q_BNTH, k_BKSH, v_BKSH (heads before length, so that every tile is a (rows, H)
 matrix), N = K * G query heads grouped over K kv heads (query head n uses kv head n // G).
 T, S are already zero-padded to multiples of the tiles (multiples of 128); `seq_offset` =
-S_true - T_true aligns causal attention to the end. Row vectors (Z, delta, 1/(eps+Z)) are
-stored as [B, N, T, 1] float32 so a tile reads as a (rows, 1) column.
+S_true - T_true aligns causal attention to the end. Per-row vectors (Z, delta, 1/(eps+Z)) are
+stored lane-dense as [B, N, 1, T] float32 and turned into (rows, 1) columns inside the kernels.
 
 The math is that of `pallas_gpu` (see its docstring): forward accumulates f(s) V and
 Z = sum f(s) in float32 VMEM scratch with no running max and saves Z; backward uses
@@ -30,6 +30,8 @@ from jax.experimental.pallas import tpu as pltpu
 
 from ea_jax.kernels import scores
 from ea_jax.kernels.config import KernelConfig
+
+_LANES = 128
 
 
 def _dot_nt(a, b):
@@ -83,6 +85,11 @@ def _mask_spec(mask, bq, bk, index_map):
     return pl.BlockSpec((None, None, bq, bk), spec_map)
 
 
+def _column(ref):
+    """(1, rows) row-vector tile -> (rows, 1) column."""
+    return jnp.expand_dims(ref[0], -1)
+
+
 def _params(semantics):
     return pltpu.CompilerParams(dimension_semantics=semantics)
 
@@ -104,7 +111,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, mask_ref, o_ref, z_ref, acc_ref, zacc_ref, 
         v = v_ref[...]
         f = scores.score(_dot_nt(q_ref[...], k_ref[...]) * cfg.scale, cfg.kernel)  # [bq, bk]
         f = _masked(f, _allowed(mask_ref, qb, kb, diagonal, cfg, bq, bk))
-        zacc_ref[...] += jnp.sum(f, axis=1, keepdims=True)
+        zacc_ref[...] += jnp.sum(f, axis=1, keepdims=True)     # [bq, 128], lanes equal
         acc_ref[...] += _dot_nn(f.astype(v.dtype), v)
 
     kw = dict(block_q=bq, block_k=bk, offset=cfg.seq_offset, num_k_blocks=num_k_blocks)
@@ -114,9 +121,10 @@ def _fwd_kernel(q_ref, k_ref, v_ref, mask_ref, o_ref, z_ref, acc_ref, zacc_ref, 
 
     @pl.when(kb == num_k_blocks - 1)
     def _finish():
-        z = zacc_ref[...]
-        o_ref[...] = (acc_ref[...] * scores.safe_reciprocal(cfg.eps + z)).astype(o_ref.dtype)
-        z_ref[...] = z
+        z_cols = zacc_ref[...]                                # [bq, 128]
+        r = scores.safe_reciprocal(cfg.eps + z_cols[:, :1])   # [bq, 1]
+        o_ref[...] = (acc_ref[...] * r).astype(o_ref.dtype)
+        z_ref[...] = jnp.transpose(z_cols)[:1, :]             # [1, bq]
 
 
 def _kv_block_for_rows(qb, kb, cfg: KernelConfig, bq: int, bk: int, num_k_blocks: int):
@@ -130,7 +138,7 @@ def _kv_block_for_rows(qb, kb, cfg: KernelConfig, bq: int, bk: int, num_k_blocks
 
 
 def forward(q_BNTH, k_BKSH, v_BKSH, mask, cfg: KernelConfig):
-    """Returns (o_BNTH in q's dtype, z_BNT1 float32)."""
+    """Returns (o_BNTH in q's dtype, z_BN1T float32)."""
     b, n, t, h = q_BNTH.shape
     _, kh, s, _ = k_BKSH.shape
     g = n // kh
@@ -144,7 +152,7 @@ def forward(q_BNTH, k_BKSH, v_BKSH, mask, cfg: KernelConfig):
         return (bb, nn, qb, _kv_block_for_rows(qb, kb, cfg, bq, bk, nk))
 
     row_spec = pl.BlockSpec((None, None, bq, h), lambda bb, nn, qb, kb: (bb, nn, qb, 0))
-    vec_spec = pl.BlockSpec((None, None, bq, 1), lambda bb, nn, qb, kb: (bb, nn, qb, 0))
+    vec_spec = pl.BlockSpec((None, None, 1, bq), lambda bb, nn, qb, kb: (bb, nn, 0, qb))
     kv_spec = pl.BlockSpec((None, None, bk, h), kv_map)
     kernel = functools.partial(_fwd_kernel, cfg=cfg, num_k_blocks=nk)
     return pl.pallas_call(
@@ -153,8 +161,9 @@ def forward(q_BNTH, k_BKSH, v_BKSH, mask, cfg: KernelConfig):
         in_specs=[row_spec, kv_spec, kv_spec, _mask_spec(mask, bq, bk, mask_map)],
         out_specs=[row_spec, vec_spec],
         out_shape=[jax.ShapeDtypeStruct(q_BNTH.shape, q_BNTH.dtype),
-                   jax.ShapeDtypeStruct((b, n, t, 1), jnp.float32)],
-        scratch_shapes=[pltpu.VMEM((bq, h), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32)],
+                   jax.ShapeDtypeStruct((b, n, 1, t), jnp.float32)],
+        scratch_shapes=[pltpu.VMEM((bq, h), jnp.float32),
+                        pltpu.VMEM((bq, _LANES), jnp.float32)],
         compiler_params=_params(("parallel", "parallel", "parallel", "arbitrary")),
         interpret=cfg.interpret, name="ea_forward_tpu",
     )(q_BNTH, k_BKSH, v_BKSH, mask)
@@ -176,7 +185,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, delta_ref, r_ref, mask_ref, dq_ref, 
         k = k_ref[...]
         s = _dot_nt(q_ref[...], k) * cfg.scale                # [bq, bk]
         dp = _dot_nt(do_ref[...], v_ref[...])                  # [bq, bk]
-        ds = scores.score_grad(s, cfg.kernel) * ((dp - delta_ref[...]) * r_ref[...])
+        ds = scores.score_grad(s, cfg.kernel) * ((dp - _column(delta_ref)) * _column(r_ref))
         ds = _masked(ds, _allowed(mask_ref, qb, kb, diagonal, cfg, bq, bk))
         dq_acc_ref[...] += _dot_nn(ds.astype(k.dtype), k)
 
@@ -204,7 +213,7 @@ def _backward_dq(q, k, v, do, delta, r, mask, cfg: KernelConfig):
         return (bb, nn, qb, _kv_block_for_rows(qb, kb, cfg, bq, bk, nk))
 
     row_spec = pl.BlockSpec((None, None, bq, h), lambda bb, nn, qb, kb: (bb, nn, qb, 0))
-    vec_spec = pl.BlockSpec((None, None, bq, 1), lambda bb, nn, qb, kb: (bb, nn, qb, 0))
+    vec_spec = pl.BlockSpec((None, None, 1, bq), lambda bb, nn, qb, kb: (bb, nn, 0, qb))
     kv_spec = pl.BlockSpec((None, None, bk, h), kv_map)
     kernel = functools.partial(_dq_kernel, cfg=cfg, num_k_blocks=nk)
     return pl.pallas_call(
@@ -236,12 +245,12 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, delta_ref, r_ref, mask_ref, dk_ref,
 
     def step(diagonal: bool):
         q, do = q_ref[...], do_ref[...]
-        r = r_ref[...]                                        # [bq, 1]
+        r = _column(r_ref)                                    # [bq, 1]
         s = _dot_nt(q, k_ref[...]) * cfg.scale                # [bq, bk]
         dp = _dot_nt(do, v_ref[...])                          # [bq, bk]
         allowed = _allowed(mask_ref, qb, kb, diagonal, cfg, bq, bk)
         p = _masked(scores.score(s, cfg.kernel) * r, allowed)
-        ds = _masked(scores.score_grad(s, cfg.kernel) * ((dp - delta_ref[...]) * r), allowed)
+        ds = _masked(scores.score_grad(s, cfg.kernel) * ((dp - _column(delta_ref)) * r), allowed)
         dv_acc_ref[...] += _dot_nn(p.T.astype(do.dtype), do)
         dk_acc_ref[...] += _dot_nn(ds.T.astype(q.dtype), q)
 
@@ -280,8 +289,11 @@ def _backward_dkv(q, k, v, do, delta, r, mask, cfg: KernelConfig):
     def mask_map(bb, kk, kb, grp, qb):
         return (bb, kk * g + grp, q_block(kb, qb), kb)
 
+    def vec_map(bb, kk, kb, grp, qb):
+        return (bb, kk * g + grp, 0, q_block(kb, qb))
+
     row_spec = pl.BlockSpec((None, None, bq, h), row_map)
-    vec_spec = pl.BlockSpec((None, None, bq, 1), row_map)
+    vec_spec = pl.BlockSpec((None, None, 1, bq), vec_map)
     kv_spec = pl.BlockSpec((None, None, bk, h), lambda bb, kk, kb, grp, qb: (bb, kk, kb, 0))
     kernel = functools.partial(_dkv_kernel, cfg=cfg, num_groups=g, num_q_blocks=nq)
     return pl.pallas_call(
@@ -297,12 +309,12 @@ def _backward_dkv(q, k, v, do, delta, r, mask, cfg: KernelConfig):
     )(q, k, v, do, delta, r, mask)
 
 
-def backward(q_BNTH, k_BKSH, v_BKSH, mask, o_BNTH, z_BNT1, do_BNTH, cfg: KernelConfig):
+def backward(q_BNTH, k_BKSH, v_BKSH, mask, o_BNTH, z_BN1T, do_BNTH, cfg: KernelConfig):
     """Returns (dq, dk, dv) in the dtypes of q, k, v."""
     # delta_i = dO_i . O_i and r_i = 1/(eps + Z_i): elementwise O(B N T H) work, left to XLA.
-    delta_BNT1 = jnp.sum(do_BNTH.astype(jnp.float32) * o_BNTH.astype(jnp.float32), axis=-1,
-                         keepdims=True)
-    r_BNT1 = scores.safe_reciprocal(cfg.eps + z_BNT1)
-    dq = _backward_dq(q_BNTH, k_BKSH, v_BKSH, do_BNTH, delta_BNT1, r_BNT1, mask, cfg)
-    dk, dv = _backward_dkv(q_BNTH, k_BKSH, v_BKSH, do_BNTH, delta_BNT1, r_BNT1, mask, cfg)
+    delta_BN1T = jnp.einsum("bnth,bnth->bnt", do_BNTH.astype(jnp.float32),
+                            o_BNTH.astype(jnp.float32))[:, :, None, :]
+    r_BN1T = scores.safe_reciprocal(cfg.eps + z_BN1T)
+    dq = _backward_dq(q_BNTH, k_BKSH, v_BKSH, do_BNTH, delta_BN1T, r_BN1T, mask, cfg)
+    dk, dv = _backward_dkv(q_BNTH, k_BKSH, v_BKSH, do_BNTH, delta_BN1T, r_BN1T, mask, cfg)
     return dq, dk, dv
