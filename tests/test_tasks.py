@@ -4,6 +4,7 @@ Every ladder level is sampled and checked by an independent, plain-Python checke
 re-derives each scored target from the input sequence and decides by its own route which positions
 are determined; the sampler's weights must agree with it.
 """
+import functools
 import math
 
 import jax
@@ -15,6 +16,16 @@ from ea_jax import tasks
 from ea_jax.tasks import recurrence
 
 CHECK_BATCH = 64  # rows re-derived in plain Python per level
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _quick_compilation():
+  """Compiles this module's many small sampling programs with XLA optimisations off (results are
+  identical; compilation dominates the runtime otherwise)."""
+  previous = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", previous)
 
 
 def _all_levels():
@@ -55,8 +66,116 @@ def check_recurrence(task, x_BT):
   return expected, rules_seen
 
 
-CHECKERS = {"recurrence": lambda task, x: check_recurrence(task, x)[0]}
-MIN_SCORED_FRACTION = {"recurrence": 0.6}
+def check_recall(task, x_BT):
+  """Parses each row into associations and queries; scored = the value tokens after SEP."""
+  w, p, k = task.key_width, task.num_pairs, task.num_keys
+  sep = p * (w + 1)
+  expected = np.zeros((x_BT.shape[0], x_BT.shape[1] - 1))
+  for b, row in enumerate(x_BT.tolist()):
+    assert row[sep] == task.sep_id and row.count(task.sep_id) == 1
+    items = [tuple(row[i:i + w + 1]) for i in range(0, sep, w + 1)]
+    table = {item[:w]: item[w] for item in items}
+    assert len(table) == p, "keys must be distinct"
+    assert len(set(table.values())) == p, "values must be distinct"
+    assert all(0 <= t < k for key in table for t in key)
+    assert all(k <= v < k + task.num_values for v in table.values())
+    if task.conjunctive:  # neither token alone fixes the value
+      for pos in range(2):
+        by_token = {}
+        for key, v in table.items():
+          by_token.setdefault(key[pos], set()).add(v)
+        assert all(len(vs) >= 2 for vs in by_token.values()), (pos, by_token)
+    queries = row[sep + 1:]
+    assert len(queries) == task.num_queries * (w + 1)
+    for i in range(0, len(queries), w + 1):
+      key, value = tuple(queries[i:i + w]), queries[i + w]
+      assert table[key] == value
+    for t in range(sep + 1, len(row) - 1):  # target x_{t+1} is a value token in the query part
+      if row[t + 1] >= k:
+        expected[b, t] = 1.0
+  return expected
+
+
+def check_induction(task, x_BT):
+  """Brute force over every start of the context: which starts match the copy so far."""
+  n, m = task.context_len, task.copy_len
+  expected = np.zeros((x_BT.shape[0], x_BT.shape[1] - 1))
+  for b, row in enumerate(x_BT.tolist()):
+    c, copy = row[:n], row[n + 1:]
+    assert row[n] == task.sep_id and task.sep_id not in c + copy and len(copy) == m
+    assert any(c[k:k + m] == copy for k in range(n - m + 1))
+    for j in range(m):
+      candidates = [k for k in range(n - m + 1) if c[k:k + j] == copy[:j]]
+      predictions = {c[k + j] for k in candidates}
+      if len(predictions) == 1:
+        assert predictions == {copy[j]}
+        expected[b, n + j] = 1.0  # target index of x_{n+1+j}
+  return expected
+
+
+def check_selective_copy(task, x_BT):
+  """The tokens after MARK must be the non-blank region tokens in order; all of them scored."""
+  expected = np.zeros((x_BT.shape[0], x_BT.shape[1] - 1))
+  for b, row in enumerate(x_BT.tolist()):
+    mark = row.index(task.mark_id)
+    assert mark == task.region_len and row.count(task.mark_id) == 1
+    data = [t for t in row[:mark] if t != task.blank_id]
+    assert len(data) == task.num_data and row[mark + 1:] == data
+    expected[b, mark:] = 1.0
+  return expected
+
+
+def check_modular(task, x_BT):
+  """Walks each row keeping the running sum; every token after EQ must equal it."""
+  expected = np.zeros((x_BT.shape[0], x_BT.shape[1] - 1))
+  for b, row in enumerate(x_BT.tolist()):
+    total, since_eq, t = 0, 0, 0
+    while t < len(row):
+      if row[t] == task.eq_id:
+        assert since_eq == task.block_len
+        assert row[t + 1] == total % task.num_symbols
+        expected[b, t] = 1.0
+        since_eq, t = 0, t + 2
+      else:
+        total, since_eq, t = total + row[t], since_eq + 1, t + 1
+    assert since_eq == 0
+  return expected
+
+
+def check_dyck(task, x_BT):
+  """Stack simulation; a target is determined iff no opening bracket would be admissible there
+  (depth limit, or too few positions left to close everything) and so the top must close."""
+  k, big_d = task.num_types, task.max_depth
+  big_t = x_BT.shape[1]
+  expected = np.zeros((x_BT.shape[0], big_t - 1))
+  for b, row in enumerate(x_BT.tolist()):
+    stack = []
+    for s, tok in enumerate(row):
+      remaining_after = big_t - s - 1
+      can_open = len(stack) < big_d and len(stack) + 1 <= remaining_after
+      if stack and not can_open and s > 0:
+        expected[b, s - 1] = 1.0
+        assert tok == k + stack[-1]
+      if tok < k:
+        stack.append(tok)
+        assert len(stack) <= big_d
+      else:
+        assert stack and stack[-1] == tok - k, (b, s)
+        stack.pop()
+    assert not stack or big_t % 2
+  return expected
+
+
+CHECKERS = {
+    "recurrence": lambda task, x: check_recurrence(task, x)[0],
+    "recall": check_recall,
+    "induction": check_induction,
+    "selective_copy": check_selective_copy,
+    "modular": check_modular,
+    "dyck": check_dyck,
+}
+MIN_SCORED_FRACTION = {"recurrence": 0.6, "recall": 0.08, "induction": 0.08,
+                       "selective_copy": 0.15, "modular": 0.1, "dyck": 0.07}
 
 
 def _sequences(batch):
@@ -72,7 +191,8 @@ def _sequences(batch):
 
 def test_ladders_are_ordered_and_described():
   names = tasks.ladder_names()
-  for required in ("recurrence", "recurrence_rules"):
+  for required in ("recurrence", "recurrence_rules", "recall", "recall_conjunctive", "induction",
+                   "selective_copy", "modular", "dyck"):
     assert required in names
   for name in names:
     levels = tasks.ladder(name)
@@ -92,17 +212,28 @@ def test_default_task_is_a_recurrence_ladder_level():
   assert cfg.to_dict() in [lvl.to_dict() for lvl in tasks.ladder("recurrence")]
 
 
+@functools.cache
+def _ladder_samples(name):
+  """(tasks, batches at key 17, again at key 17, at key 18) for every level of ladder `name`.
+
+  All levels are sampled inside one jit per ladder (one compilation per ladder).
+  """
+  level_tasks = [tasks.make_task(cfg) for cfg in tasks.ladder(name)]
+  sample_all = jax.jit(lambda key: [t.sample(key, CHECK_BATCH) for t in level_tasks])
+  first = jax.device_get(sample_all(jax.random.key(17)))
+  again = jax.device_get(sample_all(jax.random.key(17)))
+  other = jax.device_get(sample_all(jax.random.key(18)))
+  return level_tasks, first, again, other
+
+
 @pytest.mark.parametrize("name,index,cfg", LEVELS, ids=LEVEL_IDS)
 def test_level_sampling_and_scoring(name, index, cfg):
-  del name, index
-  task = tasks.make_task(cfg)
-  key = jax.random.key(17)
-  batch = task.sample(key, CHECK_BATCH)
-  again = task.sample(key, CHECK_BATCH)
-  other = task.sample(jax.random.key(18), CHECK_BATCH)
-  for a, b in zip(batch, again):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  assert not np.array_equal(np.asarray(batch.inputs), np.asarray(other.inputs))
+  level_tasks, first, again, other = _ladder_samples(name)
+  task, batch = level_tasks[index], first[index]
+  assert task == tasks.make_task(cfg)
+  for a, b in zip(batch, again[index]):
+    np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(batch.inputs, other[index].inputs)
 
   assert isinstance(batch, tasks.Batch)
   for arr, dtype in zip(batch, (np.int32, np.int32, np.float32)):
@@ -115,6 +246,25 @@ def test_level_sampling_and_scoring(name, index, cfg):
 
   expected = CHECKERS[cfg.name](task, _sequences(batch))
   np.testing.assert_array_equal(weights, expected)
+
+
+@pytest.mark.parametrize("name", tasks.ladder_names())
+def test_checkers_reject_a_corrupted_scored_target(name):
+  """The checkers can fail: changing one scored target of a valid row is caught."""
+  level_tasks, first, _, _ = _ladder_samples(name)
+  task, batch = level_tasks[0], first[0]
+  x_BT = _sequences(batch)[:4].copy()
+  t = int(np.argmax(batch.weights[0]))  # first scored target of row 0 is x[0, t + 1]
+  x_BT[0, t + 1] = (x_BT[0, t + 1] + 1) % task.vocab_size
+  with pytest.raises((AssertionError, KeyError, ValueError)):
+    CHECKERS[task.family](task, x_BT)
+
+
+def test_sampling_inside_a_larger_jit_matches_direct_sampling():
+  level_tasks, first, _, _ = _ladder_samples("recurrence")
+  direct = level_tasks[0].sample(jax.random.key(17), CHECK_BATCH)
+  for a, b in zip(direct, first[0]):
+    np.testing.assert_array_equal(np.asarray(a), b)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -207,3 +357,38 @@ def test_make_task_requires_name_and_ignores_descriptions():
   described = tasks.make_task(_recurrence_cfg(complexity=3.0, label="x"))
   assert plain == described
   assert tasks.make_task(dict(_recurrence_cfg())) == plain
+
+
+@pytest.mark.parametrize("cfg,match", [
+    (dict(name="recall", num_pairs=5, conjunctive=True), r"recall.num_pairs=5.*even"),
+    (dict(name="recall", num_pairs=8, num_values=4), r"recall.num_values=4.*>= 8"),
+    (dict(name="recall", num_pairs=8, num_keys=4), r"recall.num_keys=4.*>= 8"),
+    (dict(name="recall", conjunctive=1), r"recall.conjunctive=1.*True or False"),
+    (dict(name="induction", context_len=4, copy_len=8), r"induction.context_len=4.*>= 8"),
+    (dict(name="induction", num_symbols=1), r"induction.num_symbols=1"),
+    (dict(name="selective_copy", region_len=3, num_data=4), r"selective_copy.region_len=3"),
+    (dict(name="modular", block_len=0), r"modular.block_len=0.*>= 1"),
+    (dict(name="dyck", max_depth=30, seq_len=47), r"dyck.max_depth=30.*\[1, 24\]"),
+    (dict(name="dyck", num_type=2), r"unknown field\(s\) \['num_type'\].*'num_types'"),
+])
+def test_other_families_bad_config(cfg, match):
+  with pytest.raises(ValueError, match=match):
+    tasks.make_task(ml_collections.ConfigDict(cfg))
+
+
+@pytest.mark.parametrize("family,cfg,x,weights", [
+    ("recall", dict(num_keys=4, num_values=4, num_pairs=2, num_queries=2),
+     [2, 5, 0, 7, 8, 0, 7, 2, 5], [0, 0, 0, 0, 0, 1, 0, 1]),
+    ("induction", dict(num_symbols=3, context_len=6, copy_len=3),
+     [1, 2, 1, 0, 2, 1, 3, 1, 0, 2], [0, 0, 0, 0, 0, 0, 0, 0, 1]),
+    ("selective_copy", dict(num_symbols=4, region_len=5, num_data=2),
+     [4, 2, 4, 4, 0, 5, 2, 0], [0, 0, 0, 0, 0, 1, 1]),
+    ("modular", dict(num_symbols=5, block_len=2, num_blocks=2),
+     [3, 4, 5, 2, 1, 1, 5, 4], [0, 0, 1, 0, 0, 0, 1]),
+    ("dyck", dict(num_types=2, max_depth=2, seq_len=5), [0, 1, 3, 1, 3, 2], [0, 1, 0, 1, 1]),
+])
+def test_worked_examples_of_module_docstrings(family, cfg, x, weights):
+  """The docstring examples, checked by the independent checkers (layout and weights)."""
+  task = tasks.make_task(dict(name=family, **cfg))
+  assert len(x) == task.seq_len + 1 and max(x) < task.vocab_size
+  np.testing.assert_array_equal(CHECKERS[family](task, np.asarray([x])), [weights])

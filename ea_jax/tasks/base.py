@@ -84,3 +84,9 @@ def build(cls, family: str, fields: Mapping[str, Any]):
     raise ValueError(f"unknown field(s) {unknown} for task family {family!r}; allowed fields: "
                      f"{known} (plus 'name', 'complexity', 'label')")
   return cls(**fields)
+
+
+def distinct_indices(rng: jax.Array, batch_size: int, n: int, m: int) -> jax.Array:
+  """int32 [B, m]: per row, m distinct values from 0..n-1 in random order."""
+  u_BN = jax.random.uniform(rng, (batch_size, n))
+  return jnp.argsort(u_BN, axis=1)[:, :m].astype(jnp.int32)

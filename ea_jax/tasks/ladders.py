@@ -10,6 +10,16 @@ Ladders:
   recurrence        N symbols and R hidden rules raised together (the paper's axis);
                     complexity = log2(N * R).
   recurrence_rules  N = 8 fixed, R raised (the multi-task axis); complexity = log2(N * R).
+  recall            plain associative recall, P pairs raised (V = 32 values);
+                    complexity = log2(P * V).
+  recall_conjunctive  two-token keys, neither token alone fixes the value, P raised;
+                    complexity = log2(P * V) + 1.
+  induction         copy a segment of a 6-symbol context, context length n raised (copy m = 10);
+                    complexity = log2(n - m + 1) (candidate starts of the segment).
+  selective_copy    M symbols among n blanks, both raised; complexity = log2(C(n, M)).
+  modular           running sums mod N after blocks of k symbols, N and k raised;
+                    complexity = (k + 1) * log2(N).
+  dyck              k bracket types and max depth D raised; complexity = D * log2(k).
 """
 from __future__ import annotations
 
@@ -45,9 +55,51 @@ def recurrence_rules_ladder():
   return [_recurrence_level(8, r) for r in (1, 2, 3, 4, 6, 8, 12)]
 
 
+def recall_ladder():
+  return [_level("recall", math.log2(p * 32), f"P={p} Q={q}", num_keys=32, num_values=32,
+                 num_pairs=p, num_queries=q, conjunctive=False)
+          for p, q in ((4, 8), (6, 8), (8, 10), (12, 12), (16, 12), (20, 12))]
+
+
+def recall_conjunctive_ladder():
+  return [_level("recall", math.log2(p * 32) + 1, f"P={p} pair keys", num_keys=16,
+                 num_values=32, num_pairs=p, num_queries=6, conjunctive=True)
+          for p in (4, 6, 8, 10, 12, 14)]
+
+
+def induction_ladder():
+  return [_level("induction", math.log2(n - 10 + 1), f"n={n} m=10", num_symbols=6,
+                 context_len=n, copy_len=10)
+          for n in (12, 16, 24, 32, 40, 48, 54)]
+
+
+def selective_copy_ladder():
+  return [_level("selective_copy", math.log2(math.comb(n, m)), f"n={n} M={m}", num_symbols=8,
+                 region_len=n, num_data=m)
+          for n, m in ((16, 4), (24, 6), (32, 8), (36, 12), (44, 14), (48, 16))]
+
+
+def modular_ladder():
+  return [_level("modular", (k + 1) * math.log2(n), f"N={n} k={k}", num_symbols=n, block_len=k,
+                 num_blocks=j)
+          for n, k, j in ((3, 1, 16), (3, 2, 12), (5, 2, 12), (5, 3, 10), (7, 3, 10), (7, 4, 8),
+                          (10, 5, 8))]
+
+
+def dyck_ladder():
+  return [_level("dyck", d * math.log2(k), f"k={k} D={d}", num_types=k, max_depth=d, seq_len=63)
+          for k, d in ((2, 2), (2, 3), (3, 4), (4, 6), (6, 8), (8, 12))]
+
+
 LADDERS = {
     "recurrence": recurrence_ladder,
     "recurrence_rules": recurrence_rules_ladder,
+    "recall": recall_ladder,
+    "recall_conjunctive": recall_conjunctive_ladder,
+    "induction": induction_ladder,
+    "selective_copy": selective_copy_ladder,
+    "modular": modular_ladder,
+    "dyck": dyck_ladder,
 }
 
 

@@ -4,11 +4,21 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from ea_jax.tasks import base
+from ea_jax.tasks import dyck
+from ea_jax.tasks import induction
+from ea_jax.tasks import modular
+from ea_jax.tasks import recall
 from ea_jax.tasks import recurrence
+from ea_jax.tasks import selective_copy
 
 # Family name -> task dataclass. Each family module documents its layout and dials.
 FAMILIES = {
     recurrence.FAMILY: recurrence.RecurrenceTask,
+    recall.FAMILY: recall.RecallTask,
+    induction.FAMILY: induction.InductionTask,
+    selective_copy.FAMILY: selective_copy.SelectiveCopyTask,
+    modular.FAMILY: modular.ModularTask,
+    dyck.FAMILY: dyck.DyckTask,
 }
 # Fields every task config may carry that describe the config rather than the task.
 DESCRIPTIVE_FIELDS = ("complexity", "label")
