@@ -392,3 +392,53 @@ def test_worked_examples_of_module_docstrings(family, cfg, x, weights):
   task = tasks.make_task(dict(name=family, **cfg))
   assert len(x) == task.seq_len + 1 and max(x) < task.vocab_size
   np.testing.assert_array_equal(CHECKERS[family](task, np.asarray([x])), [weights])
+
+
+# ------------------------------------------------------------------------------------------------
+# TFDS: frozen splits written as ArrayRecord and read back through tfds.data_source
+# ------------------------------------------------------------------------------------------------
+
+
+def test_tfds_config_names():
+  from ea_jax.tasks import tfds_builder
+  assert tfds_builder.builder_config_name("recurrence", 2) == "recurrence-2"
+  names = [c.name for c in tfds_builder.EaLadder.BUILDER_CONFIGS]
+  expected = [tfds_builder.builder_config_name(name, i) for name, i, _ in LEVELS]
+  assert names == expected and len(set(names)) == len(names)
+  with pytest.raises(ValueError, match=r"level_index=7.*\[0, 6\]"):
+    tfds_builder.builder_config_name("recurrence", 7)
+  with pytest.raises(ValueError, match="ladder name='nope'"):
+    tfds_builder.builder_config_name("nope", 0)
+  with pytest.raises(ValueError, match="TFDS config 'recurrence-99' is not known"):
+    tfds_builder.load_split("recurrence-99", "test", "/nonexistent")
+  with pytest.raises(ValueError, match=r"split='dev'.*'validation'"):
+    tfds_builder.load_split("recurrence-0", "dev", "/nonexistent")
+  with pytest.raises(ValueError, match="split_sizes"):
+    tfds_builder.make_config("recurrence", 0, split_sizes={"train": 4})
+
+
+def test_tfds_round_trip(tmp_path, monkeypatch):
+  from ea_jax.tasks import tfds_builder
+  sizes = {"train": 24, "validation": 8, "test": 8}
+  config = tfds_builder.make_config("dyck", 1, split_sizes=sizes, seed=3)
+  assert config.name == "dyck-1-n24.8.8-s3"
+  task = tasks.make_task(config.task)
+  loaded = {}
+  for split, n in sizes.items():
+    arrays = tfds_builder.load_split(config, split, tmp_path)
+    fresh = tfds_builder.generate_split(config.task, split, n, seed=3)
+    assert sorted(arrays) == ["inputs", "targets", "weights"]
+    for field, dtype in (("inputs", np.int32), ("targets", np.int32), ("weights", np.float32)):
+      assert arrays[field].dtype == dtype and arrays[field].shape == (n, task.seq_len)
+      np.testing.assert_array_equal(arrays[field], fresh[field])
+    x_BT = np.concatenate([arrays["inputs"], arrays["targets"][:, -1:]], axis=1)
+    np.testing.assert_array_equal(arrays["weights"], check_dyck(task, x_BT))
+    loaded[split] = arrays
+  assert not np.array_equal(loaded["validation"]["inputs"], loaded["test"]["inputs"])
+  assert list((tmp_path / "ea_ladder" / config.name / "1.0.0").glob("*array_record*"))
+
+  def no_generation(*args, **kwargs):
+    raise AssertionError("the prepared dataset should be read, not generated again")
+  monkeypatch.setattr(tfds_builder, "generate_split", no_generation)
+  again = tfds_builder.load_split(config, "test", tmp_path)
+  np.testing.assert_array_equal(again["inputs"], loaded["test"]["inputs"])
