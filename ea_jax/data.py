@@ -1,0 +1,309 @@
+"""Input pipeline: task generator | TFDS splits | .npz files -> global, sharded [B, L] batches.
+
+Every batch is a pure function of (seed, step): the generator samples from
+`fold_in(stream_key(seed, "train"), step)` inside a jit whose `out_shardings` is the batch
+sharding; array sources (npz, TFDS) pick rows from a permutation seeded by (seed, epoch). A
+resumed run therefore sees exactly the batches an uninterrupted one would, with no iterator state.
+
+Evaluation sets are fixed: generator splits use different keys ("validation", "test", both
+different from "train"); padded rows of the last eval batch carry zero weights.
+
+Letters: B batch, L sequence length, N number of examples in a file.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import Callable, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ea_jax import sharding as sharding_lib
+
+SOURCES = ("generator", "tfds", "npz")
+EVAL_SPLITS = ("validation", "test")
+# Independent random streams derived from one seed.
+STREAMS = {"train": 0, "validation": 1, "test": 2, "init": 3}
+
+
+class Batch(NamedTuple):
+  inputs: jax.Array   # int32 [B, L]
+  targets: jax.Array  # int32 [B, L]
+  weights: jax.Array  # float32 [B, L], 1.0 where a position is scored
+
+
+def stream_key(seed: int, stream: str) -> jax.Array:
+  """The PRNG key of one named stream ("train", "validation", "test", "init") of `seed`."""
+  if stream not in STREAMS:
+    raise ValueError(f"stream={stream!r}; allowed: {tuple(STREAMS)}")
+  return jax.random.fold_in(jax.random.key(seed), STREAMS[stream])
+
+
+# ------------------------------------------------------------------------------------------
+# Validation of user arrays (npz files, TFDS splits)
+# ------------------------------------------------------------------------------------------
+
+
+def validate_arrays(arrays: Mapping[str, np.ndarray], *, name: str,
+                    vocab_size: int | None = None) -> tuple[Batch, int]:
+  """Checks arrays against the DESIGN .npz contract; returns (numpy Batch, vocab size).
+
+  Args:
+    arrays: mapping with `inputs`, `targets` (integer [N, L]), `weights` ([N, L], every value 0
+      or 1) and optional scalar `vocab_size` (else max token + 1).
+    name: what the arrays are (a path or split name), used in error messages.
+    vocab_size: if given, tokens must lie below it (e.g. an eval file checked against the
+      training vocabulary); a `vocab_size` stored in the arrays must not exceed it.
+  """
+  missing = [k for k in ("inputs", "targets", "weights") if k not in arrays]
+  if missing:
+    raise ValueError(f"{name}: missing array(s) {missing}; required: inputs, targets (int [N, L]), "
+                     f"weights (float [N, L]); optional: vocab_size (scalar); "
+                     f"found: {sorted(arrays)}")
+  out = {}
+  for key in ("inputs", "targets", "weights"):
+    a = np.asarray(arrays[key])
+    if a.ndim != 2:
+      raise ValueError(f"{name}: array '{key}' must have rank 2 [N, L], got shape {a.shape}")
+    if a.shape[0] == 0 or a.shape[1] == 0:
+      raise ValueError(f"{name}: array '{key}' is empty (shape {a.shape})")
+    out[key] = a
+  shapes = {k: v.shape for k, v in out.items()}
+  if len(set(shapes.values())) != 1:
+    raise ValueError(f"{name}: inputs, targets and weights must have the same shape [N, L], got "
+                     f"{shapes}")
+  for key in ("inputs", "targets"):
+    if not np.issubdtype(out[key].dtype, np.integer):
+      raise ValueError(f"{name}: array '{key}' must have an integer dtype (int32), got "
+                       f"{out[key].dtype}")
+  w = out["weights"]
+  if not (np.issubdtype(w.dtype, np.floating) or np.issubdtype(w.dtype, np.integer)
+          or w.dtype == np.bool_):
+    raise ValueError(f"{name}: array 'weights' must be float32 (0.0 or 1.0), got dtype {w.dtype}")
+  w = w.astype(np.float64)
+  if not np.all(np.isfinite(w)):
+    raise ValueError(f"{name}: array 'weights' contains NaN or Inf")
+  bad = np.abs(w - np.round(w)) > 1e-6
+  bad |= (np.round(w) != 0) & (np.round(w) != 1)
+  if bad.any():
+    i, j = np.argwhere(bad)[0]
+    raise ValueError(f"{name}: array 'weights' must hold only 0 or 1 (scored or not); found "
+                     f"{w[i, j]!r} at [{i}, {j}] ({int(bad.sum())} bad values)")
+  if not (np.round(w) > 0).any():
+    raise ValueError(f"{name}: array 'weights' is all zero: no position is scored")
+
+  lo = min(int(out["inputs"].min()), int(out["targets"].min()))
+  hi = max(int(out["inputs"].max()), int(out["targets"].max()))
+  if lo < 0:
+    raise ValueError(f"{name}: tokens must be >= 0, found {lo}")
+  stored = arrays.get("vocab_size") if hasattr(arrays, "get") else None
+  if stored is not None:
+    stored = np.asarray(stored)
+    if stored.ndim != 0 or not np.issubdtype(stored.dtype, np.integer) or int(stored) <= 0:
+      raise ValueError(f"{name}: 'vocab_size' must be a positive integer scalar, got "
+                       f"{stored!r} (dtype {stored.dtype}, shape {stored.shape})")
+    stored = int(stored)
+    if vocab_size is not None and stored > vocab_size:
+      raise ValueError(f"{name}: vocab_size={stored} exceeds the model's vocabulary {vocab_size}")
+  vocab = vocab_size if vocab_size is not None else stored if stored is not None else hi + 1
+  limit = stored if stored is not None else vocab
+  if hi >= limit:
+    which = "inputs" if int(out["inputs"].max()) == hi else "targets"
+    raise ValueError(f"{name}: token {hi} in '{which}' is out of the vocabulary [0, {limit})")
+  if hi >= np.iinfo(np.int32).max:
+    raise ValueError(f"{name}: token {hi} does not fit int32")
+  batch = Batch(inputs=out["inputs"].astype(np.int32), targets=out["targets"].astype(np.int32),
+                weights=np.round(w).astype(np.float32))
+  return batch, int(vocab)
+
+
+def load_npz(path: str, *, field: str, vocab_size: int | None = None) -> tuple[Batch, int]:
+  """Reads and validates one .npz file (see `validate_arrays`). `field` names the config entry."""
+  if not path:
+    raise ValueError(f"{field} is empty: config.data.source='npz' needs a path to a .npz file")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{field}={path!r}: no such file")
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      arrays = {k: f[k] for k in f.files}
+  except Exception as e:  # np.load raises several types for non-npz or pickled content
+    raise ValueError(f"{field}={path!r} is not a readable .npz file of plain arrays: {e}") from e
+  return validate_arrays(arrays, name=f"{field}={path!r}", vocab_size=vocab_size)
+
+
+def array_batch_indices(seed: int, step: int, batch_size: int, num_examples: int) -> np.ndarray:
+  """Row indices of training batch `step`: consecutive slices of per-epoch permutations.
+
+  Example `c = step * batch_size + i` is row `perm(seed, c // N)[c % N]`, so the order is a
+  function of (seed, step) alone and every row is seen once per epoch.
+  """
+  c = step * batch_size + np.arange(batch_size, dtype=np.int64)
+  epochs, pos = np.divmod(c, num_examples)
+  out = np.empty(batch_size, np.int64)
+  for e in np.unique(epochs):
+    perm = _epoch_permutation(seed, int(e), num_examples)
+    sel = epochs == e
+    out[sel] = perm[pos[sel]]
+  return out
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+  return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def _pad_rows(batch: Batch, rows: int) -> Batch:
+  """Pads a numpy batch to `rows` rows by repeating row 0 with zero weights."""
+  extra = rows - batch.inputs.shape[0]
+  if extra <= 0:
+    return batch
+  pad = lambda a, fill: np.concatenate([a, np.repeat(a[:1], extra, 0) * 0 + fill], 0)
+  return Batch(pad(batch.inputs, 0), pad(batch.targets, 0), pad(batch.weights, 0.0))
+
+
+def _to_global(batch: Batch, sharding) -> Batch:
+  return Batch(*(sharding_lib.host_to_global(np.asarray(a), sharding) for a in batch))
+
+
+# ------------------------------------------------------------------------------------------
+# Sources
+# ------------------------------------------------------------------------------------------
+
+
+class GeneratorSource:
+  """Samples a task (`ea_jax.tasks.make_task`) on device; batches are f(fold_in(seed, step))."""
+
+  def __init__(self, task_config):
+    from ea_jax import tasks  # the tasks package imports lazily (keeps data.py light)
+    self.task = tasks.make_task(task_config)
+    self.vocab_size = int(self.task.vocab_size)
+    self.seq_len = int(self.task.seq_len)
+
+  def _sampler(self, seed: int, stream: str, batch_size: int, sharding
+               ) -> Callable[[int, int], Batch]:
+    """(index, num_valid) -> batch sampled from fold_in(stream_key(seed, stream), index).
+
+    Rows at or beyond `num_valid` get zero weights (padding of the last eval batch). The key is
+    derived inside the jit from plain integers, so every process computes the same batch.
+    """
+    sample = _jitted_sampler(self.task, stream, batch_size, sharding)
+    return lambda index, num_valid: sample(np.int32(seed), np.uint32(index), np.int32(num_valid))
+
+  def train_batches(self, seed: int, batch_size: int, sharding) -> Callable[[int], Batch]:
+    sample = self._sampler(seed, "train", batch_size, sharding)
+    return lambda step: sample(step, batch_size)
+
+  def eval_size(self, split: str, num_examples: int) -> int:
+    """How many examples `eval_batches(split, ..., num_examples, ...)` holds."""
+    del split
+    return num_examples
+
+  def eval_batches(self, split: str, seed: int, num_examples: int, batch_size: int,
+                   sharding) -> list[Batch]:
+    if split not in EVAL_SPLITS:
+      raise ValueError(f"config.eval.split={split!r}; allowed: {EVAL_SPLITS}")
+    sample = self._sampler(seed, split, batch_size, sharding)
+    return [sample(i, num_examples - i * batch_size)
+            for i in range(math.ceil(num_examples / batch_size))]
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_sampler(task, stream: str, batch_size: int, sharding) -> Callable:
+  """jit(seed, index, num_valid) -> Batch with `sharding`; cached per (task, stream, shape)."""
+  stream_id = STREAMS[stream]
+
+  @functools.partial(jax.jit, out_shardings=Batch(sharding, sharding, sharding))
+  def sample(seed, index, num_valid):
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), stream_id), index)
+    b = task.sample(key, batch_size)
+    keep_B1 = (jnp.arange(batch_size) < num_valid)[:, None]
+    return Batch(jnp.asarray(b.inputs, jnp.int32), jnp.asarray(b.targets, jnp.int32),
+                 jnp.where(keep_B1, jnp.asarray(b.weights, jnp.float32), 0.0))
+  return sample
+
+
+class ArraySource:
+  """In-memory arrays (npz files or TFDS splits): train rows by (seed, epoch) permutation."""
+
+  def __init__(self, train: Batch | None, evals: Mapping[str, Batch], vocab_size: int):
+    self.train = train
+    self.evals = dict(evals)
+    self.vocab_size = int(vocab_size)
+    any_batch = train if train is not None else next(iter(self.evals.values()))
+    self.seq_len = int(any_batch.inputs.shape[1])
+
+  def train_batches(self, seed: int, batch_size: int, sharding) -> Callable[[int], Batch]:
+    if self.train is None:
+      raise ValueError("no training arrays were loaded")
+    n = self.train.inputs.shape[0]
+
+    def get(step):
+      idx = array_batch_indices(seed, int(step), batch_size, n)
+      return _to_global(Batch(*(a[idx] for a in self.train)), sharding)
+    return get
+
+  def eval_size(self, split: str, num_examples: int) -> int:
+    """How many examples `eval_batches(split, ..., num_examples, ...)` holds."""
+    return min(num_examples, self.evals[split].inputs.shape[0])
+
+  def eval_batches(self, split: str, seed: int, num_examples: int, batch_size: int,
+                   sharding) -> list[Batch]:
+    del seed  # eval files are used in their stored order
+    if split not in self.evals:
+      raise ValueError(f"no evaluation arrays for split {split!r}; have {sorted(self.evals)}")
+    data = self.evals[split]
+    n = min(num_examples, data.inputs.shape[0])
+    batches = []
+    for start in range(0, n, batch_size):
+      stop = min(start + batch_size, n)
+      b = _pad_rows(Batch(*(a[start:stop] for a in data)), batch_size)
+      batches.append(_to_global(b, sharding))
+    return batches
+
+
+def make_source(config, *, splits=("train",) + EVAL_SPLITS, vocab_size: int | None = None):
+  """The data source named by `config.data.source`.
+
+  Args:
+    config: the experiment ConfigDict (uses `data`, `task`).
+    splits: which splits to load for array sources ("train", "validation", "test").
+    vocab_size: the model's vocabulary if already fixed (evaluation of a trained model); array
+      tokens are checked against it.
+  """
+  source = config.data.source
+  if source == "generator":
+    src = GeneratorSource(config.task)
+    if vocab_size is not None and src.vocab_size > vocab_size:
+      raise ValueError(f"config.task has vocab_size {src.vocab_size} but the trained model's "
+                       f"vocabulary is {vocab_size}")
+    return src
+  if source == "npz":
+    train, vocab = None, vocab_size
+    if "train" in splits:
+      train, vocab = load_npz(config.data.train_path, field="config.data.train_path",
+                              vocab_size=vocab_size)
+    evals = {}
+    if any(s in splits for s in EVAL_SPLITS):
+      ev, ev_vocab = load_npz(config.data.eval_path, field="config.data.eval_path",
+                              vocab_size=vocab)
+      vocab = vocab if vocab is not None else ev_vocab
+      evals = {s: ev for s in EVAL_SPLITS}
+    return ArraySource(train, evals, vocab)
+  if source == "tfds":
+    from ea_jax.tasks import tfds_builder
+    name = config.data.tfds_config
+    if not name:
+      raise ValueError("config.data.tfds_config is empty: name a builder config, e.g. "
+                       "tfds_builder.builder_config_name(ladder, level)")
+    raw = {s: tfds_builder.load_split(name, s, config.data.tfds_data_dir) for s in splits}
+    if vocab_size is None:  # the largest token over every split fixes the vocabulary
+      vocab_size = 1 + max(max(int(np.max(r["inputs"])), int(np.max(r["targets"])))
+                           for r in raw.values())
+    checked = {s: validate_arrays(r, name=f"tfds {name}/{s}", vocab_size=vocab_size)[0]
+               for s, r in raw.items()}
+    return ArraySource(checked.get("train"), {s: checked[s] for s in EVAL_SPLITS if s in checked},
+                       vocab_size)
+  raise ValueError(f"config.data.source={source!r}; allowed: {SOURCES}")

@@ -1,0 +1,213 @@
+"""matplotlib figures (written with the object API: no pyplot state, any backend).
+
+plot_attention_maps: one example's attention weights, a panel per layer x head.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+
+def plot_attention_maps(maps_NLL: Sequence[np.ndarray], path: str, *, tokens=None, scored=None,
+                        title: str = "") -> str:
+  """Saves a grid of attention maps (rows: layers, columns: heads) to `path` (PNG).
+
+  Args:
+    maps_NLL: one array per layer, [N heads, L queries, L keys], weights in [0, 1].
+    path: output file.
+    tokens: optional [L] input tokens, used as tick labels when L <= 64.
+    scored: optional [L] bool, scored query positions (their labels are drawn in bold).
+    title: figure title.
+  Returns:
+    `path`.
+  """
+  from matplotlib.figure import Figure
+  maps = [np.asarray(m, np.float32) for m in maps_NLL]
+  if not maps or any(m.ndim != 3 or m.shape[1] != m.shape[2] for m in maps):
+    raise ValueError(f"maps_NLL must be a non-empty list of [N, L, L] arrays, got shapes "
+                     f"{[np.shape(m) for m in maps_NLL]}")
+  layers, heads, L = len(maps), maps[0].shape[0], maps[0].shape[1]
+  fig = Figure(figsize=(2.6 * heads + 0.8, 2.6 * layers + 0.6), layout="constrained")
+  axes = np.asarray(fig.subplots(layers, heads, squeeze=False))
+  image = None
+  for li, m in enumerate(maps):
+    for h in range(heads):
+      ax = axes[li, h]
+      image = ax.imshow(m[h], cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+      ax.set_title(f"layer {li} head {h}", fontsize=8)
+      if tokens is not None and L <= 64:
+        labels = [str(int(t)) for t in np.asarray(tokens)]
+        ax.set_xticks(range(L), labels, fontsize=4)
+        ax.set_yticks(range(L), labels, fontsize=4)
+        if scored is not None:
+          for tick, s in zip(ax.get_yticklabels(), np.asarray(scored)):
+            tick.set_fontweight("bold" if s else "normal")
+      else:
+        ax.set_xticks([])
+        ax.set_yticks([])
+      if h == 0:
+        ax.set_ylabel("query")
+      if li == layers - 1:
+        ax.set_xlabel("key")
+  fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6)
+  if title:
+    fig.suptitle(title)
+  fig.savefig(path, dpi=120)
+  return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Sweep figures (ea_jax.report):
+#   plot_ladder         accuracy vs complexity, one line per variant, a panel per ladder x width.
+#   plot_frontier       the 100% frontier level vs width, one line per variant, a panel per ladder.
+#   plot_cos_histograms attention weight over cos(q, k), a panel per layer x head, a line per run.
+# ----------------------------------------------------------------------------------------------
+
+_VARIANT_STYLE = {"dpa": ("tab:blue", "o"), "ea-rational": ("tab:red", "s"),
+                  "ea-square": ("tab:green", "^")}
+_EXTRA_COLORS = ("tab:purple", "tab:orange", "tab:brown", "tab:pink", "tab:olive", "tab:cyan",
+                 "tab:gray")
+
+
+def _variant_style(variant: str, index: int) -> tuple[str, str]:
+  if variant in _VARIANT_STYLE:
+    return _VARIANT_STYLE[variant]
+  return _EXTRA_COLORS[index % len(_EXTRA_COLORS)], "D"
+
+
+def plot_ladder(cells: Sequence[dict], path: str, *, variants: Sequence[str]) -> str:
+  """Accuracy vs task complexity: rows = ladder x (sequence, token accuracy), columns = widths.
+
+  Args:
+    cells: ea_jax.report.aggregate output (task, level, label, complexity, variant, width,
+      seq_mean/min/max, tok_mean/min/max).
+    path: output PNG.
+    variants: line order (and colours).
+  Each line is the mean over seeds, the shaded area spans min..max over seeds, and the band at
+  the top marks 100%.
+  """
+  from matplotlib.figure import Figure
+  if not cells:
+    raise ValueError("plot_ladder: no cells to plot")
+  tasks = list(dict.fromkeys(c["task"] for c in cells))
+  widths = sorted({c["width"] for c in cells})
+  fig = Figure(figsize=(4.2 * len(widths) + 0.5, 2.9 * 2 * len(tasks) + 0.6),
+               layout="constrained")
+  axes = np.asarray(fig.subplots(2 * len(tasks), len(widths), squeeze=False))
+  for ti, task in enumerate(tasks):
+    for wi, width in enumerate(widths):
+      for mi, (metric, name) in enumerate((("seq", "sequence accuracy"),
+                                           ("tok", "token accuracy"))):
+        ax = axes[2 * ti + mi, wi]
+        ax.axhspan(0.995, 1.03, color="gold", alpha=0.35, lw=0)
+        ticks = {}
+        for vi, v in enumerate(variants):
+          cs = sorted((c for c in cells if c["task"] == task and c["width"] == width
+                       and c["variant"] == v), key=lambda c: c["complexity"])
+          if not cs:
+            continue
+          x = np.array([c["complexity"] for c in cs])
+          color, marker = _variant_style(v, vi)
+          ax.plot(x, [c[f"{metric}_mean"] for c in cs], color=color, marker=marker, ms=4,
+                  label=v)
+          ax.fill_between(x, [c[f"{metric}_min"] for c in cs], [c[f"{metric}_max"] for c in cs],
+                          color=color, alpha=0.15, lw=0)
+          ticks.update({c["complexity"]: c["label"] for c in cs})
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_xticks(list(ticks), list(ticks.values()), fontsize=7, rotation=30)
+        ax.set_title(f"{task}, width {width}", fontsize=9)
+        if wi == 0:
+          ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+  axes[0, 0].legend(fontsize=7, loc="lower left")
+  fig.suptitle("Climbing the ladder: mean over seeds (line), min..max (shaded), 100% (band); "
+               "x = complexity log2(N R)", fontsize=9)
+  fig.savefig(path, dpi=110)
+  return path
+
+
+def plot_frontier(cells: Sequence[dict], frontier: dict, path: str, *,
+                  variants: Sequence[str]) -> str:
+  """The 100% frontier (highest level where every seed solved) vs model width.
+
+  Args:
+    cells: ea_jax.report.aggregate output (for the level labels).
+    frontier: {(task, variant, width): cell or None}, ea_jax.report.frontiers output.
+    path: output PNG.
+    variants: line order.
+  One panel per ladder; "none" (below the lowest level run) where no level was solved.
+  """
+  from matplotlib.figure import Figure
+  tasks = list(dict.fromkeys(c["task"] for c in cells))
+  widths = sorted({c["width"] for c in cells})
+  if not tasks:
+    raise ValueError("plot_frontier: no cells to plot")
+  fig = Figure(figsize=(4.4 * len(tasks) + 0.4, 3.4), layout="constrained")
+  axes = np.asarray(fig.subplots(1, len(tasks), squeeze=False))[0]
+  for ax, task in zip(axes, tasks):
+    levels = sorted({(c["level"], c["label"]) for c in cells if c["task"] == task})
+    bottom = levels[0][0] - 1
+    for vi, v in enumerate(variants):
+      color, marker = _variant_style(v, vi)
+      ys = [frontier[(task, v, w)]["level"] if frontier.get((task, v, w)) else bottom
+            for w in widths]
+      offset = (vi - (len(variants) - 1) / 2) * 0.06
+      ax.plot(np.arange(len(widths)) + offset, np.asarray(ys, float) + offset, color=color,
+              marker=marker, label=v)
+    ax.set_xticks(range(len(widths)), [str(w) for w in widths])
+    ax.set_yticks([bottom] + [l for l, _ in levels],
+                  ["none"] + [f"{l}: {lab}" for l, lab in levels], fontsize=7)
+    ax.set_ylim(bottom - 0.5, levels[-1][0] + 0.5)
+    ax.set_xlabel("width (embed_dim)")
+    ax.set_title(task, fontsize=9)
+    ax.grid(alpha=0.3)
+  axes[0].set_ylabel("100% frontier level")
+  axes[0].legend(fontsize=7)
+  fig.suptitle("Highest level at which every seed reached 100% sequence accuracy", fontsize=9)
+  fig.savefig(path, dpi=110)
+  return path
+
+
+def plot_cos_histograms(hists: dict, path: str, *, title: str = "") -> str:
+  """Attention weight distributed over cos(q, k): a panel per layer x head, a line per run.
+
+  Args:
+    hists: {run name: (edges [Z + 1], hist_YNZ [layers, heads, Z])} with every hist_YNZ of the
+      same shape (ea_jax.analysis.attention_geometry output); each [Z] row sums to 1.
+    path: output PNG.
+  """
+  from matplotlib.figure import Figure
+  if not hists:
+    raise ValueError("plot_cos_histograms: no histograms")
+  shapes = {np.shape(h) for _, h in hists.values()}
+  if len(shapes) != 1 or len(next(iter(shapes))) != 3:
+    raise ValueError(f"plot_cos_histograms: every hist_YNZ must have the same [layers, heads, "
+                     f"bins] shape, got {sorted(shapes)}")
+  layers, heads, _ = next(iter(shapes))
+  fig = Figure(figsize=(2.6 * heads + 0.6, 2.2 * layers + 1.0), layout="constrained")
+  axes = np.asarray(fig.subplots(layers, heads, squeeze=False, sharex=True))
+  for ri, (name, (edges, hist_YNZ)) in enumerate(hists.items()):
+    edges = np.asarray(edges)
+    color = _EXTRA_COLORS[ri % len(_EXTRA_COLORS)]
+    for key, style in _VARIANT_STYLE.items():
+      if name.startswith(key + " "):
+        color = style[0]
+    for y in range(layers):
+      for n in range(heads):
+        axes[y, n].stairs(np.asarray(hist_YNZ)[y, n], edges, color=color,
+                          label=name if (y, n) == (0, 0) else None)
+  for y in range(layers):
+    for n in range(heads):
+      ax = axes[y, n]
+      ax.set_title(f"layer {y} head {n}", fontsize=8)
+      ax.set_xlim(-1, 1)
+      if y == layers - 1:
+        ax.set_xlabel("cos(q, k)")
+      if n == 0:
+        ax.set_ylabel("attention weight")
+  fig.legend(loc="outside lower center", fontsize=7, ncols=min(3, len(hists)))
+  fig.suptitle(title or "Where attention weight falls in angle: EA weighs cos near +1 and -1, "
+               "DPA near +1", fontsize=9)
+  fig.savefig(path, dpi=110)
+  return path

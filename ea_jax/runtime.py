@@ -1,0 +1,41 @@
+"""Process start-up shared by train.py and eval.py: jax.distributed and log filtering."""
+from __future__ import annotations
+
+import logging as py_logging
+
+from absl import logging
+
+
+class _DropLibraryInfo(py_logging.Filter):
+  """Drops INFO/DEBUG records from orbax (its per-save chatter), keeps warnings and errors."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    return record.levelno >= py_logging.WARNING or "orbax" not in record.pathname
+
+
+def quiet_library_logs() -> None:
+  py_logging.getLogger("absl").addFilter(_DropLibraryInfo())
+
+
+def initialize(coordinator_address: str | None, num_processes: int | None,
+               process_id: int | None) -> None:
+  """Joins a multi-process job (CPU collectives through gloo) if a coordinator is given.
+
+  Must run before any JAX computation. With no coordinator it only quiets library logs.
+  """
+  quiet_library_logs()
+  given = [coordinator_address is not None, num_processes is not None, process_id is not None]
+  if any(given) and not all(given):
+    raise ValueError("multi-process runs need all of --coordinator_address, --num_processes and "
+                     "--process_id")
+  if not coordinator_address:
+    return
+  if not 0 <= process_id < num_processes:
+    raise ValueError(f"--process_id={process_id} must be in [0, --num_processes={num_processes})")
+  import jax
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=coordinator_address,
+                             num_processes=num_processes, process_id=process_id)
+  logging.info("process %d of %d joined %s: %d local / %d global devices", jax.process_index(),
+               jax.process_count(), coordinator_address, jax.local_device_count(),
+               jax.device_count())

@@ -1,0 +1,144 @@
+"""Data sources: npz validation errors, deterministic (seed, step) batches, fixed eval sets."""
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from ea_jax import data
+from ea_jax import sharding
+from ea_jax import tasks
+import train_helpers
+
+
+def _arrays(n=6, length=5, vocab=7, seed=0):
+  rng = np.random.default_rng(seed)
+  x = rng.integers(0, vocab, (n, length + 1)).astype(np.int32)
+  w = np.ones((n, length), np.float32)
+  w[:, 0] = 0
+  return {"inputs": x[:, :-1], "targets": x[:, 1:], "weights": w}
+
+
+def _save(tmp_path, name, arrays):
+  path = str(tmp_path / name)
+  np.savez(path, **arrays)
+  return path
+
+
+def test_valid_npz_loads_and_infers_vocab(tmp_path):
+  arrays = _arrays()
+  arrays["inputs"] = arrays["inputs"].astype(np.int64)  # any integer dtype is accepted
+  batch, vocab = data.load_npz(_save(tmp_path, "ok.npz", arrays), field="f")
+  assert vocab == max(arrays["inputs"].max(), arrays["targets"].max()) + 1
+  assert batch.inputs.dtype == np.int32 and batch.weights.dtype == np.float32
+  np.testing.assert_array_equal(batch.targets, arrays["targets"])
+  _, vocab = data.load_npz(_save(tmp_path, "v.npz", {**arrays, "vocab_size": np.int32(50)}),
+                           field="f")
+  assert vocab == 50
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda a: a.pop("weights"), r"missing array\(s\) \['weights'\]"),
+    (lambda a: a.update(inputs=a["inputs"].astype(np.float32)), "'inputs' must have an integer"),
+    (lambda a: a.update(targets=a["targets"][:, :, None]), "'targets' must have rank 2"),
+    (lambda a: a.update(weights=a["weights"][:, :-1]), "must have the same shape"),
+    (lambda a: a.update(weights=a["weights"] * 0.5), "must hold only 0 or 1"),
+    (lambda a: a.update(weights=np.zeros_like(a["weights"])), "all zero"),
+    (lambda a: a.update(weights=np.full_like(a["weights"], np.nan)), "NaN or Inf"),
+    (lambda a: a.update(inputs=a["inputs"] - 10), "tokens must be >= 0"),
+    (lambda a: a.update(vocab_size=np.int32(3)), r"out of the vocabulary \[0, 3\)"),
+    (lambda a: a.update(vocab_size=np.float32(9.0)), "'vocab_size' must be a positive integer"),
+    (lambda a: a.update(inputs=a["inputs"][:0], targets=a["targets"][:0],
+                        weights=a["weights"][:0]), "is empty"),
+])
+def test_npz_rejects_malformed_arrays(tmp_path, mutate, message):
+  arrays = _arrays()
+  mutate(arrays)
+  path = _save(tmp_path, "bad.npz", arrays)
+  with pytest.raises(ValueError, match=message) as info:
+    data.load_npz(path, field="config.data.train_path")
+  assert "config.data.train_path" in str(info.value)
+
+
+def test_npz_file_errors(tmp_path):
+  with pytest.raises(FileNotFoundError, match="config.data.eval_path"):
+    data.load_npz(str(tmp_path / "nope.npz"), field="config.data.eval_path")
+  junk = tmp_path / "junk.npz"
+  junk.write_bytes(b"not a zip file")
+  with pytest.raises(ValueError, match="not a readable .npz"):
+    data.load_npz(str(junk), field="config.data.train_path")
+  pickled = _save(tmp_path, "obj.npz", {**_arrays(), "inputs": np.array([None], object)})
+  with pytest.raises(ValueError, match="not a readable .npz"):
+    data.load_npz(pickled, field="config.data.train_path")
+  with pytest.raises(ValueError, match="is empty"):
+    data.load_npz("", field="config.data.train_path")
+
+
+def test_eval_file_checked_against_training_vocab(tmp_path):
+  arrays = _arrays(vocab=7)
+  arrays["inputs"][0, 0] = 6
+  with pytest.raises(ValueError, match=r"out of the vocabulary \[0, 5\)"):
+    data.load_npz(_save(tmp_path, "e.npz", arrays), field="config.data.eval_path", vocab_size=5)
+
+
+def test_array_batch_order_is_a_function_of_seed_and_step():
+  n, bs = 10, 4
+  a = [data.array_batch_indices(3, s, bs, n) for s in range(5)]
+  b = [data.array_batch_indices(3, s, bs, n) for s in range(5)]
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x, y)
+  flat = np.concatenate(a)  # 20 examples = two epochs, each a permutation of the 10 rows
+  assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
+  assert not np.array_equal(flat, np.concatenate(
+      [data.array_batch_indices(4, s, bs, n) for s in range(5)]))
+
+
+def _one_device_sharding(batch_size):
+  mesh = sharding.create_mesh({"data": -1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+  return sharding.batch_sharding(mesh, sharding.logical_rules(), batch_size)
+
+
+def test_generator_batches_are_task_samples_at_folded_keys():
+  config = train_helpers.load_config("tiny")
+  src = data.make_source(config)
+  task = tasks.make_task(config.task)
+  sh = _one_device_sharding(4)
+  got = src.train_batches(7, 4, sh)(5)
+  want = task.sample(jax.random.fold_in(data.stream_key(7, "train"), 5), 4)
+  for g, w in zip(got, want):
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+  val = src.eval_batches("validation", 7, 6, 4, sh)
+  test = src.eval_batches("test", 7, 6, 4, sh)
+  assert len(val) == 2
+  assert not np.array_equal(val[0].inputs, test[0].inputs)
+  assert not np.array_equal(val[0].inputs, src.train_batches(7, 4, sh)(0).inputs)
+  # Padding: rows 6, 7 of the 8 drawn carry no weight; the others keep the task's weights.
+  np.testing.assert_array_equal(np.asarray(val[1].weights)[2:], 0.0)
+  want_w = task.sample(jax.random.fold_in(data.stream_key(7, "validation"), 1), 4).weights
+  np.testing.assert_array_equal(np.asarray(val[1].weights)[:2], np.asarray(want_w)[:2])
+  with pytest.raises(ValueError, match="config.eval.split='train'"):
+    src.eval_batches("train", 7, 6, 4, sh)
+
+
+def test_npz_source_train_and_padded_eval(tmp_path):
+  train = _arrays(n=6, seed=1)
+  ev = _arrays(n=5, seed=2)
+  config = train_helpers.load_config("tiny", {
+      "data.source": "npz", "data.train_path": _save(tmp_path, "t.npz", train),
+      "data.eval_path": _save(tmp_path, "e.npz", ev)})
+  src = data.make_source(config)
+  assert src.seq_len == 5
+  sh = _one_device_sharding(4)
+  b = src.train_batches(0, 4, sh)(1)
+  idx = data.array_batch_indices(0, 1, 4, 6)
+  np.testing.assert_array_equal(np.asarray(b.inputs), train["inputs"][idx])
+  batches = src.eval_batches("validation", 0, 100, 4, sh)
+  assert src.eval_size("validation", 100) == 5 and len(batches) == 2
+  np.testing.assert_array_equal(np.asarray(batches[1].inputs)[:1], ev["inputs"][4:5])
+  np.testing.assert_array_equal(np.asarray(batches[1].weights)[1:], 0.0)
+
+
+def test_unknown_source_rejected():
+  config = train_helpers.load_config("tiny", {"data.source": "csv"})
+  with pytest.raises(ValueError, match="config.data.source='csv'"):
+    data.make_source(config)

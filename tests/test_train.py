@@ -1,0 +1,281 @@
+"""Training library: exact metrics, schedule, decay mask, a loss-reducing step, exact resume after
+SIGTERM, NaN stop, checkpoint/config mismatch errors, rollout, length-generalisation eval."""
+import json
+import os
+import shutil
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from absl import flags
+from flax import traverse_util
+from ml_collections import config_flags
+
+from ea_jax import checkpointing
+from ea_jax import data as data_lib
+from ea_jax import evaluate
+from ea_jax import metrics
+from ea_jax import train_lib
+import train_helpers
+
+
+# ------------------------------------------------------------------------------------------
+# Pure pieces against numpy references
+# ------------------------------------------------------------------------------------------
+
+
+def _log_softmax(x):
+  x = x - x.max(-1, keepdims=True)
+  return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def test_metrics_match_numpy_reference():
+  rng = np.random.default_rng(0)
+  B, L, V = 5, 6, 4
+  logits = rng.normal(size=(B, L, V)).astype(np.float32)
+  targets = rng.integers(0, V, (B, L)).astype(np.int32)
+  weights = (rng.random((B, L)) < 0.6).astype(np.float32)
+  weights[3] = 0.0  # a row with nothing scored is not a sequence
+  # Make row 1 fully right at its scored positions.
+  targets[1] = np.where(weights[1] > 0, logits[1].argmax(-1), targets[1])
+  m = metrics.EvalMetrics.make(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(weights))
+  got = m.compute()
+
+  nll = -np.take_along_axis(_log_softmax(logits.astype(np.float64)), targets[..., None], -1)[..., 0]
+  right = logits.argmax(-1) == targets
+  scored = weights > 0
+  rows = scored.any(1)
+  np.testing.assert_allclose(got["loss"], (nll * weights).sum() / weights.sum(), rtol=1e-6)
+  assert float(got["token_accuracy"]) == right[scored].mean()
+  seq_right = [(right[b] | ~scored[b]).all() for b in range(B) if rows[b]]
+  assert float(got["sequence_accuracy"]) == np.mean(seq_right)
+  per_pos = got["per_position_accuracy"]
+  for t in range(L):
+    if scored[:, t].any():
+      assert per_pos[t] == right[scored[:, t], t].mean()
+    else:
+      assert np.isnan(per_pos[t])
+  # Merging two halves equals computing on the whole.
+  a = metrics.EvalMetrics.make(*(jnp.asarray(x[:2]) for x in (logits, targets, weights)))
+  b = metrics.EvalMetrics.make(*(jnp.asarray(x[2:]) for x in (logits, targets, weights)))
+  merged = a.merge(b).compute()
+  assert float(merged["sequence_accuracy"]) == float(got["sequence_accuracy"])
+  np.testing.assert_allclose(merged["loss"], got["loss"], rtol=1e-6)
+
+
+def test_schedule_warmup_then_cosine():
+  config = train_helpers.load_config("tiny", {"train.num_steps": 100, "train.warmup_steps": 10,
+                                              "train.learning_rate": 1e-2,
+                                              "train.min_lr_ratio": 0.1})
+  sched = train_lib.learning_rate_schedule(config.train)
+  np.testing.assert_allclose(sched(0), 0.0)
+  np.testing.assert_allclose(sched(5), 5e-3, rtol=1e-6)
+  np.testing.assert_allclose(sched(10), 1e-2, rtol=1e-6)
+  frac = (55 - 10) / 90
+  np.testing.assert_allclose(sched(55), 1e-3 + (1e-2 - 1e-3) * 0.5 * (1 + np.cos(np.pi * frac)),
+                             rtol=1e-5)
+  np.testing.assert_allclose(sched(100), 1e-3, rtol=1e-6)
+  with pytest.raises(ValueError, match="warmup_steps"):
+    train_lib.learning_rate_schedule(train_helpers.load_config(
+        "tiny", {"train.warmup_steps": 50}).train)
+
+
+def _setup(config):
+  src = data_lib.make_source(config, splits=("train",))
+  return src, train_lib.get_setup(config, vocab_size=src.vocab_size, max_len=src.seq_len)
+
+
+def test_decay_mask_spares_norms_biases_embeddings():
+  config = train_helpers.load_config("tiny", {"model.pos_encoding": "learned"})
+  _, setup = _setup(config)
+  with jax.set_mesh(setup.mesh):
+    state, _ = setup.init_state()
+  mask = traverse_util.flatten_dict(train_lib.decay_mask(state.params), sep="/")
+  params = traverse_util.flatten_dict(state.params, sep="/")
+  for name, decays in mask.items():
+    is_embedding = "embed" in name
+    assert decays == (params[name].ndim >= 2 and not is_embedding), name
+  assert any(mask.values()) and not all(mask.values())
+  assert any("embed" in n for n in mask)
+
+
+def test_one_step_reduces_loss_on_a_fixed_batch():
+  config = train_helpers.load_config("tiny", {"train.warmup_steps": 0,
+                                              "train.learning_rate": 3e-3})
+  src, setup = _setup(config)
+  sh = setup.batch_sharding(config.train.batch_size)
+  with jax.set_mesh(setup.mesh):
+    state, _ = setup.init_state()
+    batch = src.train_batches(0, config.train.batch_size, sh)(0)
+    eval_step = setup.eval_step(config.train.batch_size)
+    before = float(eval_step(state.params, batch).compute()["loss"])
+    step = setup.train_step(config.train.batch_size)
+    state, m = step(state, batch)
+    np.testing.assert_allclose(float(m.compute()["loss"]), before, rtol=1e-5)
+    after = float(eval_step(state.params, batch).compute()["loss"])
+  assert int(state.step) == 1
+  assert after < before - 1e-3, (before, after)
+
+
+def test_config_typos_are_rejected():
+  config = train_helpers.load_config("tiny")
+  with pytest.raises(AttributeError):
+    config.train.num_stpes = 3
+  path = os.path.join(train_helpers.REPO, "configs", "tiny.py")
+
+  def parse(*overrides):
+    argv = ["prog", f"--config={path}", *overrides]
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True,
+                                    sys_argv=argv)
+    fv(argv)
+    return fv.config
+
+  with pytest.raises(AttributeError, match="num_stpes"):
+    parse("--config.train.num_stpes=3")
+  config = parse("--config.model.attention_scale=0.5", "--config.model.attention_impl=naive",
+                 "--config.logical_axis_rules.embed=tensor", "--config.task.seq_len=20")
+  assert config.model.attention_scale == 0.5 and config.model.attention_impl == "naive"
+  assert config.logical_axis_rules.embed == "tensor" and config.task.seq_len == 20
+
+
+# ------------------------------------------------------------------------------------------
+# Full runs
+# ------------------------------------------------------------------------------------------
+
+RUN = {"train.num_steps": 8, "train.checkpoint_every": 4, "train.eval_every": 4,
+       "train.keep_checkpoints": 5}
+
+
+def _restore(workdir, config):
+  src, setup = _setup(config)
+  with jax.set_mesh(setup.mesh):
+    state, _ = setup.init_state()
+    ckpts = checkpointing.Checkpoints(os.path.join(workdir, "checkpoints"), keep=10)
+    step = ckpts.latest_step()
+    state = ckpts.restore(step, checkpointing.abstract_like(state))
+    ckpts.close()
+  return step, jax.device_get(state)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+  config = train_helpers.load_config("tiny", RUN)
+  summary = train_lib.train_and_evaluate(config, workdir)
+  return workdir, config, summary
+
+
+def test_summary_contract(trained):
+  workdir, config, summary = trained
+  with open(os.path.join(workdir, "train_summary.json")) as f:
+    assert json.load(f) == summary
+  for key in ("step", "loss", "eval_loss", "token_accuracy", "sequence_accuracy",
+              "first_step_100", "wall_seconds", "num_params"):
+    assert key in summary, key
+  assert summary["step"] == 8
+  assert sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))
+                if s.isdigit()) == [4, 8]
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
+
+
+def test_sigterm_saves_and_resume_is_exact(trained, tmp_path, monkeypatch):
+  ref_dir, config, ref_summary = trained
+  workdir = str(tmp_path / "interrupted")
+  real = data_lib.GeneratorSource.train_batches
+
+  def train_batches(self, seed, batch_size, sharding):
+    get = real(self, seed, batch_size, sharding)
+    def batch(step):
+      if step == 2:
+        os.kill(os.getpid(), signal.SIGTERM)
+      return get(step)
+    return batch
+
+  monkeypatch.setattr(data_lib.GeneratorSource, "train_batches", train_batches)
+  first = train_lib.train_and_evaluate(config, workdir)
+  assert first["stopped"] == "sigterm" and first["step"] == 3
+  monkeypatch.setattr(data_lib.GeneratorSource, "train_batches", real)
+  second = train_lib.train_and_evaluate(config, workdir)
+  assert second["step"] == 8
+  for key in ("loss", "eval_loss", "token_accuracy", "sequence_accuracy"):
+    assert second[key] == ref_summary[key], key
+  step_a, a = _restore(ref_dir, config)
+  step_b, b = _restore(workdir, config)
+  assert step_a == step_b == 8
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+
+
+def test_nan_stops_naming_the_step_and_keeps_good_checkpoint(tmp_path, monkeypatch):
+  real = train_lib.learning_rate_schedule
+
+  def poisoned(train_config):
+    sched = real(train_config)
+    return lambda step: jnp.where(step >= 3, jnp.nan, sched(step))
+
+  monkeypatch.setattr(train_lib, "learning_rate_schedule", poisoned)
+  monkeypatch.setattr(train_lib, "_SETUPS", {})  # build (and later drop) a poisoned Setup
+  config = train_helpers.load_config("tiny", {**RUN, "train.checkpoint_every": 1,
+                                              "train.keep_checkpoints": 2})
+  workdir = str(tmp_path)
+  with pytest.raises(FloatingPointError, match="at step 3.*Last good checkpoint: step 3"):
+    train_lib.train_and_evaluate(config, workdir)
+  monkeypatch.setattr(train_lib, "learning_rate_schedule", real)
+  step, state = _restore(workdir, config)
+  assert step == 3
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
+
+
+def test_checkpoint_shape_mismatch_names_the_parameter(trained, tmp_path):
+  workdir = str(tmp_path / "copy")
+  shutil.copytree(trained[0], workdir)
+  config = train_helpers.load_config("tiny", {**RUN, "model.mlp_dim": 48})
+  with pytest.raises(checkpointing.CheckpointError, match=r"mlp.*\(16, 32\) != model \(16, 48\)"):
+    train_lib.train_and_evaluate(config, workdir)
+
+
+def test_corrupt_checkpoint_is_a_clear_error(trained, tmp_path):
+  workdir = str(tmp_path / "copy")
+  shutil.copytree(trained[0], workdir)
+  item = os.path.join(workdir, "checkpoints", "8", "default")
+  for root, _, files in os.walk(item):
+    for name in files:
+      with open(os.path.join(root, name), "wb") as f:
+        f.write(b"garbage")
+  with pytest.raises(checkpointing.CheckpointError, match="checkpoints/8"):
+    train_lib.train_and_evaluate(trained[1], workdir)
+
+
+def test_eval_at_a_longer_length_uses_the_training_max_len(trained, tmp_path):
+  workdir = str(tmp_path / "copy")
+  shutil.copytree(trained[0], workdir)
+  config = train_helpers.load_config("tiny", {"task.seq_len": 56})
+  result = evaluate.evaluate(config, workdir)
+  assert result["seq_len"] == 56 and len(result["per_position_accuracy"]) == 56
+  assert result["step"] == 8
+  with open(os.path.join(workdir, "eval.json")) as f:
+    assert json.load(f) == result
+  for key in ("rollout_token_accuracy", "rollout_sequence_accuracy"):
+    assert 0.0 <= result[key] <= 1.0
+
+
+def test_rollout_feeds_predictions_back_at_scored_positions():
+  V, L = 5, 7
+  # A "model" that predicts (token + 1) mod V at every position.
+  apply_fn = lambda params, tokens: jax.nn.one_hot((tokens + 1) % V, V)
+  inputs = np.array([[0, 3, 3, 3, 3, 3, 3], [2, 2, 0, 0, 0, 0, 0]], np.int32)
+  weights = np.array([[0, 1, 1, 0, 1, 1, 1], [0, 0, 0, 1, 1, 1, 1]], np.float32)
+  targets = np.roll(inputs, -1, axis=1)
+  batch = data_lib.Batch(jnp.asarray(inputs), jnp.asarray(targets), jnp.asarray(weights))
+  got = np.asarray(evaluate.rollout_predictions(apply_fn, None, batch))
+  # Reference: walk left to right; a scored position's prediction becomes the next input.
+  tokens = inputs.copy()
+  for t in range(L - 1):
+    for b in range(2):
+      if weights[b, t] > 0:
+        tokens[b, t + 1] = (tokens[b, t] + 1) % V
+  np.testing.assert_array_equal(got, (tokens + 1) % V)
