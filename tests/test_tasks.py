@@ -405,8 +405,9 @@ def test_tfds_config_names():
   names = [c.name for c in tfds_builder.EaLadder.BUILDER_CONFIGS]
   expected = [tfds_builder.builder_config_name(name, i) for name, i, _ in LEVELS]
   assert names == expected and len(set(names)) == len(names)
-  with pytest.raises(ValueError, match=r"level_index=7.*\[0, 6\]"):
-    tfds_builder.builder_config_name("recurrence", 7)
+  top = len(tasks.ladder("recurrence")) - 1
+  with pytest.raises(ValueError, match=rf"level_index={top + 1}.*\[0, {top}\]"):
+    tfds_builder.builder_config_name("recurrence", top + 1)
   with pytest.raises(ValueError, match="ladder name='nope'"):
     tfds_builder.builder_config_name("nope", 0)
   with pytest.raises(ValueError, match="TFDS config 'recurrence-99' is not known"):

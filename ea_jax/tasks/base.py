@@ -2,9 +2,9 @@
 field validation.
 
 Layout (all families): a task draws a token sequence `x_BT` with T = L + 1 and returns
-`inputs = x[:, :-1]`, `targets = x[:, 1:]` (so `inputs[t + 1] == targets[t]`), and `weights[t] = 1.0`
-iff `targets[t]` is determined by `inputs[: t + 1]` (and the task's fixed description), so 100%
-accuracy is reachable.
+`inputs = x[:, :-1]`, `targets = x[:, 1:]` (so `inputs[t + 1] == targets[t]`), and
+`weights[t] = 1.0` only where `targets[t]` is determined by `inputs[: t + 1]` and the task's fixed
+description, so 100% accuracy is reachable (each family documents which positions it scores).
 
 A task is a frozen, hashable dataclass (its fields are the family's dials); `task.sample(rng,
 batch_size)` is pure, a function of the key alone, and can be called inside or outside `jax.jit`.
@@ -29,7 +29,7 @@ class Batch(NamedTuple):
 
 
 def next_token_batch(x_BT: jax.Array, scored_BL: jax.Array) -> Batch:
-  """Splits drawn sequences `x_BT` into the next-token layout; `scored_BL` marks targets x[:, 1:]."""
+  """Splits sequences `x_BT` into the next-token layout; `scored_BL` marks targets x[:, 1:]."""
   x_BT = x_BT.astype(jnp.int32)
   return Batch(inputs=x_BT[:, :-1], targets=x_BT[:, 1:], weights=scored_BL.astype(jnp.float32))
 

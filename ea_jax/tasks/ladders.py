@@ -2,14 +2,16 @@
 
 Every level is an `ml_collections.ConfigDict` with the family `name`, its dials, a numeric
 `complexity` (the x-axis of ladder plots; defined per family, see each family's module docstring)
-and a human-readable `label`. Sequences are 32-64 tokens long so that a level trains in minutes
-on a CPU. The lowest recurrence levels are meant to be learnt by a 2-layer, width-64 model in a
-few hundred steps; the top levels are hard at that size.
+and a human-readable `label`. Sequences are at most 64 tokens long so that a level trains in
+minutes on a CPU. The lowest recurrence levels are learnt by a 2-layer, width-64 model in a few
+hundred steps; the top levels are hard at that size. Measured with such a model (4 heads, EA
+rational, batch 64, AdamW peak lr 3e-3, cosine): N=5 R=1 reaches 99.6% scored-token accuracy
+after 500 steps, N=5 R=2 96% after 1000, N=6 R=3 83% after 1000, N=8 R=3 88% after 2000.
 
 Ladders:
   recurrence        N symbols and R hidden rules raised together (the paper's axis);
                     complexity = log2(N * R).
-  recurrence_rules  N = 8 fixed, R raised (the multi-task axis); complexity = log2(N * R).
+  recurrence_rules  N = 5 fixed, R raised (the multi-task axis); complexity = log2(N * R).
   recall            plain associative recall, P pairs raised (V = 32 values);
                     complexity = log2(P * V).
   recall_conjunctive  two-token keys, neither token alone fixes the value, P raised;
@@ -48,11 +50,11 @@ def _recurrence_level(num_symbols: int, num_rules: int) -> ml_collections.Config
 
 def recurrence_ladder():
   return [_recurrence_level(n, r) for n, r in
-          ((5, 1), (6, 2), (8, 3), (10, 4), (12, 6), (16, 8), (20, 12))]
+          ((4, 1), (5, 1), (5, 2), (6, 2), (6, 3), (8, 3), (8, 4), (10, 6), (12, 8), (16, 12))]
 
 
 def recurrence_rules_ladder():
-  return [_recurrence_level(8, r) for r in (1, 2, 3, 4, 6, 8, 12)]
+  return [_recurrence_level(5, r) for r in (1, 2, 3, 4, 6, 8, 12)]
 
 
 def recall_ladder():
@@ -114,7 +116,7 @@ def ladder(name: str) -> list[ml_collections.ConfigDict]:
   return LADDERS[name]()
 
 
-# The task of configs/default.py: a mid-ladder recurrence level (N=8 symbols, R=3 hidden rules).
+# The task of configs/default.py: a mid-ladder recurrence level (N=5 symbols, R=2 hidden rules).
 DEFAULT_LADDER, DEFAULT_LEVEL = "recurrence", 2
 
 

@@ -103,7 +103,8 @@ class RecurrenceTask(base.TaskBase):
     max_delay = base.check_int(f, "max_delay", self.max_delay, 1)
     if max_delay >= seq_len:
       raise ValueError(f"{f}.max_delay={max_delay} must be < seq_len={seq_len} (delays >= "
-                       f"seq_len leave nothing to predict); allowed: an integer in [1, {seq_len - 1}]")
+                       "seq_len leave nothing to predict); allowed: an integer in "
+                       f"[1, {seq_len - 1}]")
     num_delays = base.check_int(f, "num_delays", self.num_delays, 1, max_delay)
     total = num_possible_rules(max_delay, num_delays)
     num_rules = base.check_int(f, "num_rules", self.num_rules, 1)
