@@ -2,7 +2,7 @@
 
   python benchmarks/attention.py                 # full table (~10 min on a 2-core CPU)
   python benchmarks/attention.py --quick         # smoke run (seconds)
-  python benchmarks/attention.py --seq_lens=512,2048 --repeats=3 --decode_contexts=
+  python benchmarks/attention.py --seq_lens=512,2048 --repeats=3 --small_seq_lens= --decode_contexts=
 
 Training table: median wall time of jit(value_and_grad(sum(out^2))) w.r.t. (q, k, v) after one
 warm-up call, causal, B x T x N x H inputs with K = N key/value heads; "temp" is XLA's temporary
@@ -61,11 +61,10 @@ def _time(fn, repeats):
   return float(np.median(times))
 
 
-def bench_train(args):
-  B, N, H = args.batch, args.heads, args.head_dim
-  print(f"## forward+backward, causal, float32, B={B} N=K={N} H={H}, median of {args.repeats}")
+def bench_train(args, B, N, H, seq_lens):
+  print(f"\n## forward+backward, causal, float32, B={B} N=K={N} H={H}, median of {args.repeats}")
   print(f"{'T':>6} {'implementation':>14} {'fwd+bwd ms':>11} {'temp GB':>8} {'vs xla':>7}")
-  for T in args.seq_lens:
+  for T in seq_lens:
     q, k, v = _inputs(B, T, N, H)
     base = None
     for name in args.impls:
@@ -134,6 +133,10 @@ def main(argv=None):
   p.add_argument("--heads", type=int, default=4)
   p.add_argument("--head_dim", type=int, default=32)
   p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--small_seq_lens", type=_ints, default=_ints("64,128"),
+                 help="a first table at training-sized shapes (--small_batch, --small_head_dim)")
+  p.add_argument("--small_batch", type=int, default=32)
+  p.add_argument("--small_head_dim", type=int, default=16)
   p.add_argument("--mem_limit_gb", type=float, default=12.0)
   p.add_argument("--decode_contexts", type=_ints, default=_ints("512,2048,8192,32768"))
   p.add_argument("--decode_steps", type=int, default=16)
@@ -142,12 +145,14 @@ def main(argv=None):
     if name not in _IMPLS:
       p.error(f"--impls: unknown {name!r}; allowed: {sorted(_IMPLS)}")
   if args.quick:
-    args.seq_lens, args.repeats = [128, 256], 2
+    args.seq_lens, args.small_seq_lens, args.repeats = [256], [64], 2
     args.decode_contexts, args.decode_steps = [256, 1024], 4
   print(f"# jax {jax.__version__}, backend {jax.default_backend()}, "
         f"load average at start {os.getloadavg()[0]:.2f}")
+  if args.small_seq_lens:
+    bench_train(args, args.small_batch, args.heads, args.small_head_dim, args.small_seq_lens)
   if args.seq_lens:
-    bench_train(args)
+    bench_train(args, args.batch, args.heads, args.head_dim, args.seq_lens)
   if args.decode_contexts:
     bench_decode(args)
   print(f"# load average at end {os.getloadavg()[0]:.2f}")
