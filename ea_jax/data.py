@@ -264,6 +264,17 @@ class ArraySource:
     return batches
 
 
+def _tfds_vocab_size(name: str, raw: Mapping[str, Mapping[str, np.ndarray]]) -> int:
+  """The frozen level's task vocabulary; else the largest token over the loaded splits + 1."""
+  from ea_jax import tasks
+  from ea_jax.tasks import tfds_builder
+  import ml_collections
+  for c in tfds_builder.EaLadder.BUILDER_CONFIGS:
+    if c.name == name and c.task:
+      return int(tasks.make_task(ml_collections.ConfigDict(dict(c.task))).vocab_size)
+  return 1 + max(max(int(np.max(r["inputs"])), int(np.max(r["targets"]))) for r in raw.values())
+
+
 def make_source(config, *, splits=("train",) + EVAL_SPLITS, vocab_size: int | None = None):
   """The data source named by `config.data.source`.
 
@@ -297,11 +308,13 @@ def make_source(config, *, splits=("train",) + EVAL_SPLITS, vocab_size: int | No
     name = config.data.tfds_config
     if not name:
       raise ValueError("config.data.tfds_config is empty: name a builder config, e.g. "
-                       "tfds_builder.builder_config_name(ladder, level)")
+                       "tfds_builder.builder_config_name('recurrence', 2) = 'recurrence-2'")
+    if not config.data.tfds_data_dir:
+      raise ValueError("config.data.tfds_data_dir is empty: give the TFDS data directory (the "
+                       "level is prepared there if missing)")
     raw = {s: tfds_builder.load_split(name, s, config.data.tfds_data_dir) for s in splits}
-    if vocab_size is None:  # the largest token over every split fixes the vocabulary
-      vocab_size = 1 + max(max(int(np.max(r["inputs"])), int(np.max(r["targets"])))
-                           for r in raw.values())
+    if vocab_size is None:
+      vocab_size = _tfds_vocab_size(name, raw)
     checked = {s: validate_arrays(r, name=f"tfds {name}/{s}", vocab_size=vocab_size)[0]
                for s, r in raw.items()}
     return ArraySource(checked.get("train"), {s: checked[s] for s in EVAL_SPLITS if s in checked},

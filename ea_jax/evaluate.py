@@ -32,9 +32,11 @@ EVAL_FILE = "eval.json"
 
 
 def training_config(config, workdir: str) -> tuple[ml_collections.ConfigDict, int, int]:
-  """(config for the model/optimizer, vocab_size, max_len) from the workdir's training config.
+  """(config to evaluate with, vocab_size, max_len), using the workdir's training config.
 
-  Model and optimizer fields come from training (the checkpoint's shapes); mesh, rules and
+  Model and optimizer fields come from training (the checkpoint's shapes), and so does the task,
+  except `task.seq_len`, which `config` may change (length generalisation); other task fields of
+  `config` that differ from training are reported and ignored. Mesh, rules, data, eval and
   `model.attention_impl` (if set) come from `config`.
   """
   info = train_lib.read_train_config(workdir)
@@ -44,6 +46,15 @@ def training_config(config, workdir: str) -> tuple[ml_collections.ConfigDict, in
   merged.train = stored.train
   if config.model.get("attention_impl") is not None:
     merged.model.attention_impl = config.model.attention_impl
+  task = ml_collections.ConfigDict(stored.task.to_dict())
+  ignored = {k: (config.task.get(k), v) for k, v in stored.task.items()
+             if k not in ("seq_len", "complexity", "label") and config.task.get(k) != v}
+  if ignored:
+    logging.warning("config.task differs from the training task of %s in %s (given, trained); "
+                    "evaluating the training task", workdir, ignored)
+  if "seq_len" in task and "seq_len" in config.task:
+    task.seq_len = config.task.seq_len
+  merged.task = task
   return merged, int(info["vocab_size"]), int(info["max_len"])
 
 
@@ -99,7 +110,7 @@ def evaluate(config, workdir: str, *, plot_attention: int = 0) -> dict:
     raise ValueError(f"config.eval.split={split!r}; allowed: {data_lib.EVAL_SPLITS}")
   model_config, vocab_size, max_len = training_config(config, workdir)
   setup = train_lib.get_setup(model_config, vocab_size=vocab_size, max_len=max_len)
-  source = data_lib.make_source(config, splits=(split,), vocab_size=vocab_size)
+  source = data_lib.make_source(model_config, splits=(split,), vocab_size=vocab_size)
   if source.seq_len != max_len:
     logging.info("evaluating at length %d; the model was trained at length %d", source.seq_len,
                  max_len)

@@ -377,7 +377,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                              every_steps=tc.log_every, every_secs=None)]
     if tc.profile_steps > 0 and jax.process_index() == 0:
       hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=tc.profile_steps,
-                                            first_profile=start + 5, every_secs=None))
+                                            profile_duration_ms=None, first_profile=start + 5,
+                                            every_secs=None))
 
     history = _read_history(workdir, upto=start)
     first_100 = next((h["step"] for h in history if h["sequence_accuracy"] == 1.0), None)

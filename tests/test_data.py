@@ -142,3 +142,22 @@ def test_unknown_source_rejected():
   config = train_helpers.load_config("tiny", {"data.source": "csv"})
   with pytest.raises(ValueError, match="config.data.source='csv'"):
     data.make_source(config)
+
+
+def test_tfds_source_reads_frozen_level(tmp_path):
+  from ea_jax.tasks import tfds_builder
+  name = tfds_builder.builder_config_name("recurrence", 0)
+  config = train_helpers.load_config("tiny", {
+      "data.source": "tfds", "data.tfds_config": name, "data.tfds_data_dir": str(tmp_path),
+      "task": tasks.ladder("recurrence")[0]})
+  src = data.make_source(config, splits=("train", "validation"))
+  assert src.vocab_size == tasks.make_task(config.task).vocab_size
+  train = tfds_builder.load_split(name, "train", str(tmp_path))
+  sh = _one_device_sharding(4)
+  b = src.train_batches(0, 4, sh)(3)
+  idx = data.array_batch_indices(0, 3, 4, train["inputs"].shape[0])
+  np.testing.assert_array_equal(np.asarray(b.targets), train["targets"][idx])
+  np.testing.assert_array_equal(np.asarray(b.weights), train["weights"][idx])
+  with pytest.raises(ValueError, match="tfds_data_dir is empty"):
+    data.make_source(train_helpers.load_config("tiny", {"data.source": "tfds",
+                                                        "data.tfds_config": name}))

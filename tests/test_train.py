@@ -253,6 +253,12 @@ def test_corrupt_checkpoint_is_a_clear_error(trained, tmp_path):
 def test_eval_at_a_longer_length_uses_the_training_max_len(trained, tmp_path):
   workdir = str(tmp_path / "copy")
   shutil.copytree(trained[0], workdir)
+  # Task dials other than seq_len come from training: this equals the run's final eval.
+  task = dict(trained[1].task)
+  other = train_helpers.load_config("tiny", {"task.num_rules": task["num_rules"] + 1})
+  same = evaluate.evaluate(other, workdir)
+  assert same["loss"] == pytest.approx(trained[2]["eval_loss"], rel=1e-6)
+  assert same["sequence_accuracy"] == trained[2]["sequence_accuracy"]
   config = train_helpers.load_config("tiny", {"task.seq_len": 56})
   result = evaluate.evaluate(config, workdir)
   assert result["seq_len"] == 56 and len(result["per_position_accuracy"]) == 56
