@@ -121,8 +121,8 @@ def plot_ladder(cells: Sequence[dict], path: str, *, variants: Sequence[str]) ->
           ax.set_ylabel(name)
         ax.grid(alpha=0.3)
   axes[0, 0].legend(fontsize=7, loc="lower left")
-  fig.suptitle("Climbing the ladder: mean over seeds (line), min..max (shaded), 100% (band); "
-               "x = complexity log2(N R)", fontsize=9)
+  fig.suptitle("Climbing the ladder: mean over seeds (line), min..max (shaded), 100% (band);\n"
+               "x = task complexity", fontsize=9)
   fig.savefig(path, dpi=110)
   return path
 
@@ -206,8 +206,8 @@ def plot_cos_histograms(hists: dict, path: str, *, title: str = "") -> str:
         ax.set_xlabel("cos(q, k)")
       if n == 0:
         ax.set_ylabel("attention weight")
-  fig.legend(loc="outside lower center", fontsize=7, ncols=min(3, len(hists)))
-  fig.suptitle(title or "Where attention weight falls in angle: EA weighs cos near +1 and -1, "
+  fig.legend(loc="outside lower center", fontsize=7, ncols=1 if heads < 3 else 2)
+  fig.suptitle(title or "Attention weight over cos(q, k):\nEA can use cos near +1 and -1, "
                "DPA near +1", fontsize=9)
   fig.savefig(path, dpi=110)
   return path
