@@ -9,7 +9,9 @@ Letters used in array names:
   B batch            T query length        S key/value length
   N query heads      K key/value heads     G = N // K query heads per key/value head
   H head dimension   F = H(H+1)/2 symmetric square features (q (x) q without duplicates)
-  C chunk length     L number of chunks    M padded length (a multiple of C)
+  C chunk length     L number of chunks    R = C * G rows of a chunk (its G heads folded in)
+  X = B * K (batch and key/value head flattened)     P keys visible to a chunk (its prefix)
+  h heads processed together in one sequential step of "chunked"
 
 Public API (see DESIGN.md, "Contracts: Attention"):
   dot_product_attention, expressive_attention, attention_weights,
@@ -103,11 +105,9 @@ def _grouped_mask(mask_BNTS, K):
   return mask_BNTS.reshape(b, K, n // K, t, s)
 
 
-def _causal_TS(T, S, offset=None):
+def _causal_TS(T, S):
   """Causal mask aligned to the end: query i sits at key position S - T + i."""
-  if offset is None:
-    offset = S - T
-  return jnp.arange(S)[None, :] <= (jnp.arange(T)[:, None] + offset)
+  return jnp.arange(S)[None, :] <= (jnp.arange(T)[:, None] + (S - T))
 
 
 def _allowed_BKGTS(mask, is_causal, B, N, T, S, K):
@@ -433,9 +433,12 @@ def _map_heads(fn, per_head, shared, cfg):
   """Runs fn(per_head_slices..., shared) over [X, ...] arrays, heads_per_step heads at a time."""
   X = per_head[0].shape[0]
   h = cfg.heads_per_step
-  grouped = jax.tree.map(lambda a: a.reshape((X // h, h) + a.shape[1:]), per_head)
+  # Step j takes heads j, j + X/h, ...: the major (batch) part of X stays in the per-step axis, so
+  # a batch sharded over devices stays sharded inside each step.
+  grouped = jax.tree.map(lambda a: jnp.swapaxes(a.reshape((h, X // h) + a.shape[1:]), 0, 1),
+                         per_head)
   out = jax.lax.map(lambda xs: fn(*xs, shared), grouped)
-  return jax.tree.map(lambda a: a.reshape((X,) + a.shape[2:]), out)
+  return jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1).reshape((X,) + a.shape[2:]), out)
 
 
 def _split_mask(mask, cfg):
@@ -503,6 +506,7 @@ def _chunked(q, k, v, mask, is_causal, kind, scale, eps, kernel):
       mask = m[0, 0]
   budget = _STEP_SCORES_CPU if jax.default_backend() == "cpu" else _STEP_SCORES_ACCEL
   h = max(1, min(B * K, budget // max(1, C * G * S)))
+  h = max(h, min(B * K, jax.device_count()))  # at least one head per device in each step
   while (B * K) % h:
     h -= 1
   cfg = _ChunkCfg(kind, kernel, float(eps), bool(is_causal), T, S, C, G, h, mask_per_head)

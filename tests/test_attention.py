@@ -126,6 +126,17 @@ def test_matches_reference(impl, kind, kernel, case):
   np.testing.assert_allclose(np.asarray(out, np.float64), want, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_float16_accumulates_in_float32(impl):
+  rng = np.random.default_rng(15)
+  q, k, v = make(rng, dtype=jnp.float16, scale=4.0)  # row sums of s^2 exceed the float16 range
+  out = run(impl, "ea", "square", q, k, v, is_causal=True)
+  assert out.dtype == jnp.float16 and np.all(np.isfinite(out))
+  want = ref_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), "ea",
+                       causal=True, kernel="square")
+  np.testing.assert_allclose(np.asarray(out, np.float64), want, atol=5e-3, rtol=5e-3)
+
+
 @pytest.mark.parametrize("kind,kernel", VARIANTS)
 def test_attention_weights_match_reference_and_rows_sum_to_one(kind, kernel):
   rng = np.random.default_rng(1)
