@@ -6,15 +6,19 @@ Launch (then evaluate the latest checkpoint):
 Variants: `--config=configs/default.py:dpa` (dot-product attention), any field from the command
 line, e.g. `--config.model.ea_kernel=square --config.train.num_steps=2000`.
 
-Expected result: see EXPECTED below (measured on a 2-core CPU).
+Expected result (deterministic; task N=5 symbols, R=2 hidden rules, 48 tokens): after 3000
+steps (4.6M tokens) validation token accuracy 0.9987, sequence accuracy 0.949 (rollout sequence
+accuracy 0.949), loss 0.0037; milestones (token / sequence accuracy) at step 1000: 0.956 / 0.19,
+2000: 0.994 / 0.77, 2500: 0.9985 / 0.94. Wall time 171 s on a shared, heavily loaded 2-core CPU
+(~40k tokens/s, of which ~115 s training); an idle machine was not available to measure. For
+comparison, dot-product attention (batch 64, same lr) reached 0.99 token accuracy by step 250
+on this task: EA needs more steps here.
 """
 import ml_collections
 from ml_collections import config_dict
 
 from ea_jax import sharding
 from ea_jax import tasks
-
-EXPECTED = "TBD"
 
 
 def get_config(arg=None):
@@ -46,9 +50,9 @@ def get_config(arg=None):
   c.model.param_dtype = "float32"     # parameter dtype
 
   c.train = ml_collections.ConfigDict()
-  c.train.num_steps = 1000            # optimizer steps
-  c.train.batch_size = 64             # global batch (sequences), split over data x fsdp
-  c.train.learning_rate = 3e-3        # peak AdamW learning rate
+  c.train.num_steps = 3000            # optimizer steps
+  c.train.batch_size = 32             # global batch (sequences), split over data x fsdp
+  c.train.learning_rate = 1e-2        # peak AdamW learning rate
   c.train.warmup_steps = 100          # linear warmup steps, then cosine decay
   c.train.min_lr_ratio = 0.1          # final learning rate = min_lr_ratio * learning_rate
   c.train.b1 = 0.9                    # AdamW beta1
@@ -56,9 +60,9 @@ def get_config(arg=None):
   c.train.weight_decay = 0.01         # AdamW decoupled weight decay (matrices only)
   c.train.grad_clip = 1.0             # global-norm gradient clipping
   c.train.seed = 0                    # seeds parameters and training data
-  c.train.log_every = 50              # steps between train-metric log lines
-  c.train.eval_every = 200            # steps between validation evals
-  c.train.checkpoint_every = 500      # steps between checkpoints (also saved at the end)
+  c.train.log_every = 100             # steps between train-metric log lines
+  c.train.eval_every = 500            # steps between validation evals
+  c.train.checkpoint_every = 1000     # steps between checkpoints (also saved at the end)
   c.train.keep_checkpoints = 2        # how many recent checkpoints to keep
   c.train.early_stop = False          # stop once validation sequence accuracy reaches 1.0
   c.train.peak_flops = 5e10           # peak FLOP/s per device, for the MFU estimate
