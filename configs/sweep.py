@@ -60,6 +60,8 @@ def _base(num_steps: int, eval_every: int, eval_examples: int):
   """The training config every run starts from (configs/default.py, sweep budget)."""
   base = _default_module().get_config()
   base.train.num_steps = num_steps            # same budget for every variant
+  base.train.batch_size = 64                  # pinned: the study does not follow default.py
+  base.train.learning_rate = 3e-3             # replaced per run by the tuned one (lr_grid)
   base.train.warmup_steps = max(1, num_steps // 10)
   base.train.eval_every = eval_every          # granularity of steps_to_100
   base.train.log_every = eval_every
