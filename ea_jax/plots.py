@@ -156,6 +156,7 @@ def plot_frontier(cells: Sequence[dict], frontier: dict, path: str, *,
       ax.plot(np.arange(len(widths)) + offset, np.asarray(ys, float) + offset, color=color,
               marker=marker, label=v)
     ax.set_xticks(range(len(widths)), [str(w) for w in widths])
+    ax.set_xlim(-0.5, len(widths) - 0.5)
     ax.set_yticks([bottom] + [l for l, _ in levels],
                   ["none"] + [f"{l}: {lab}" for l, lab in levels], fontsize=7)
     ax.set_ylim(bottom - 0.5, levels[-1][0] + 0.5)
