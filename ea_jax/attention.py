@@ -334,8 +334,8 @@ def _kernel_and_derivative(s, kernel):
   s2 = s * s
   if kernel == "square":
     return s2, 2.0 * s
-  d = 1.0 + s2
-  return s2 / d, 2.0 * s / (d * d)
+  r = 1.0 / (1.0 + s2)
+  return s2 * r, 2.0 * s * r * r
 
 
 def _block_allowed(m, i, P, cfg):
@@ -413,8 +413,9 @@ def _rows_bwd(q_hTGH, k_hSH, v_hSH, m, o_hTGH, stat_hTG, do_hTGH, cfg):
     allowed = _block_allowed(m, i, P, cfg)
     if cfg.kind == "ea":
       f, df = _kernel_and_derivative(s_hRP, cfg.kernel)
-      p = _safe_div(f, stat)
-      ds = _safe_div(df * (dp_hRP - delta), stat)
+      inv_z = _safe_div(jnp.ones_like(stat), stat)  # one division per row, not per score
+      p = f * inv_z
+      ds = df * (dp_hRP - delta) * inv_z
       if allowed is not None:
         p = jnp.where(allowed, p, 0.0)
         ds = jnp.where(allowed, ds, 0.0)
