@@ -98,8 +98,9 @@ def _steps(x) -> str:
   return "—" if x is None else f"{x:.0f}"
 
 
-def summary_markdown(config, rows, tuning_rows, *, timing=None, geometry=None) -> str:
-  """The text of summary.md (see the module docstring for the definitions)."""
+def summary_markdown(config, rows, tuning_rows, *, timing=(), geometry=None) -> str:
+  """The text of summary.md (see the module docstring for the definitions); `timing` is the
+  sweep's invocation log (ea_jax.sweep.read_invocations)."""
   cells = aggregate(rows)
   front = frontiers(cells)
   variants = list(config.variants)
@@ -114,10 +115,15 @@ def summary_markdown(config, rows, tuning_rows, *, timing=None, geometry=None) -
                f"model {config.base.model.num_layers} layers, {config.base.model.num_heads} heads, "
                f"mlp {config.mlp_ratio} x width, {config.base.model.pos_encoding} positions; "
                f"metrics on {config.base.eval.num_examples} validation sequences.")
-  lines.append(f"- Run time: {total_run / 60:.1f} min in study runs + {total_tune / 60:.1f} min "
-               "in tuning runs (sum over runs)"
-               + (f"; sweep wall time {timing['sweep_seconds'] / 60:.1f} min with "
-                  f"{timing['workers']} workers" if timing else "") + ".")
+  line = (f"- Run time: {total_run / 60:.1f} min in study runs + {total_tune / 60:.1f} min in "
+          "tuning runs (sum over runs)")
+  if timing:
+    line += (f"; sweep wall time {sum(t['seconds'] for t in timing) / 60:.1f} min over "
+             f"{len(timing)} invocation(s) (" + ", ".join(
+                 f"{t['started']}: {t['seconds'] / 60:.1f} min, {t['runs_executed']} runs, "
+                 f"{t['workers']} workers{'' if t['finished'] else ', interrupted'}"
+                 for t in timing) + ")")
+  lines.append(line + ".")
   lines.append("")
 
   lines += ["## Learning rate per variant and width", ""]
@@ -234,11 +240,7 @@ def write_report(config, workdir: str) -> list[str]:
   rows = sweep_lib.read_csv(os.path.join(workdir, sweep_lib.RESULTS_CSV))
   tpath = os.path.join(workdir, sweep_lib.TUNING_CSV)
   tuning_rows = sweep_lib.read_csv(tpath) if os.path.isfile(tpath) else []
-  timing_path = os.path.join(workdir, sweep_lib.TIMING_FILE)
-  timing = None
-  if os.path.isfile(timing_path):
-    with open(timing_path) as f:
-      timing = json.load(f)
+  timing = sweep_lib.read_invocations(workdir)
   cells = aggregate(rows)
   paths = [plots.plot_ladder(cells, os.path.join(workdir, LADDER_PNG),
                              variants=list(config.variants)),

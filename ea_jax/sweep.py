@@ -357,8 +357,9 @@ def _describe(run: Run, lr: float) -> dict:
 
 
 def execute_runs(config, workdir: str, runs: Sequence[tuple[Run, float]], executor: Executor,
-                 log=print) -> tuple[dict, list[dict]]:
-  """Runs the (run, lr) pairs that have no result yet; returns ({run id: result}, errors)."""
+                 log=print, on_result=None) -> tuple[dict, list[dict]]:
+  """Runs the (run, lr) pairs that have no result yet; returns ({run id: result}, errors).
+  `on_result()` is called after each run that this call executed."""
   results, todo = {}, []
   for run, lr in runs:
     run_dir = os.path.join(workdir, RUNS_DIR, run.key(lr))
@@ -377,6 +378,8 @@ def execute_runs(config, workdir: str, runs: Sequence[tuple[Run, float]], execut
   t0 = time.time()
   for i, result in enumerate(executor.map(todo), 1):
     name = result["run_id"]
+    if on_result is not None:
+      on_result()
     if result["status"] == "error":
       errors.append(result)
       log(f"[{i}/{len(todo)}] {name}: ERROR {result['error']}")
@@ -488,6 +491,45 @@ def _rows(results: Iterable[dict], variants) -> list[dict]:
 # ------------------------------------------------------------------------------------------
 
 
+class InvocationLog:
+  """Wall time of every invocation of the sweep on a workdir, in TIMING_FILE.
+
+  Updated after each executed run, so an invocation that is killed keeps the time up to its
+  last finished run; a resumed sweep adds an invocation. `total_seconds` sums them.
+  """
+
+  def __init__(self, workdir: str, workers: int):
+    self.path = os.path.join(workdir, TIMING_FILE)
+    self.invocations = read_invocations(workdir)
+    self.start = time.time()
+    self.entry = {"started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "seconds": 0.0,
+                  "runs_executed": 0, "workers": workers, "finished": False}
+    self.invocations.append(self.entry)
+    self._write()
+
+  def _write(self):
+    _write_json(self.path, {"invocations": self.invocations})
+
+  def run_done(self):
+    self.entry["runs_executed"] += 1
+    self.entry["seconds"] = time.time() - self.start
+    self._write()
+
+  def finish(self):
+    self.entry["seconds"] = time.time() - self.start
+    self.entry["finished"] = True
+    self._write()
+
+
+def read_invocations(workdir: str) -> list[dict]:
+  path = os.path.join(workdir, TIMING_FILE)
+  if not os.path.isfile(path):
+    return []
+  with open(path) as f:
+    return list(json.load(f).get("invocations", []))
+
+
+
 def cache_dir(config, workdir: str) -> str | None:
   if config.compilation_cache == "none":
     return None
@@ -510,8 +552,9 @@ def run_sweep(config, workdir: str, *, workers: int = 2, stage: str = "all",
     raise ValueError("a sharded sweep with a learning-rate grid runs in two steps: "
                      "--stage=tune on every shard, then --stage=main on every shard "
                      "(then --collect)")
-  t_start = time.time()
   _write_json(os.path.join(workdir, "sweep_config.json"), json.loads(config.to_json()))
+  timing = InvocationLog(workdir, workers) if not sharded else None
+  on_result = timing.run_done if timing else None
   executor = Executor(workers, cache_dir(config, workdir))
   errors, tuning_rows, result_rows_ = [], [], []
   lrs = {}
@@ -520,7 +563,7 @@ def run_sweep(config, workdir: str, *, workers: int = 2, stage: str = "all",
       mine = shard(tune, shard_index, num_shards)
       log(f"tuning stage: {len(mine)} runs (lr grid {tuple(config.lr_grid)})")
       done, errs = execute_runs(config, workdir, [(r, r.learning_rate) for r in mine],
-                                executor, log)
+                                executor, log, on_result)
       errors += errs
       tuning_rows = _rows(done.values(), config.variants)
     if stage in ("all", "main"):
@@ -539,7 +582,7 @@ def run_sweep(config, workdir: str, *, workers: int = 2, stage: str = "all",
                 lrs[(r.variant, r.width)]) for r in mine]
       log(f"main stage: {len(pairs)} runs; learning rates "
           f"{ {f'{v} w{w}': lr for (v, w), lr in sorted(lrs.items())} or config.lr_grid[0]}")
-      done, errs = execute_runs(config, workdir, pairs, executor, log)
+      done, errs = execute_runs(config, workdir, pairs, executor, log, on_result)
       errors += errs
       result_rows_ = _rows(done.values(), config.variants)
     executor.close()
@@ -558,9 +601,7 @@ def run_sweep(config, workdir: str, *, workers: int = 2, stage: str = "all",
     write_csv(os.path.join(workdir, TUNING_CSV), tuning_rows)
     if stage in ("all", "main"):
       write_csv(os.path.join(workdir, RESULTS_CSV), result_rows_)
-      _write_json(os.path.join(workdir, TIMING_FILE),
-                  {"sweep_seconds": time.time() - t_start, "workers": workers,
-                   "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
+      timing.finish()
       _report(config, workdir, log)
   for e in errors:
     log(f"ERROR in {e['run_id']}: {e['error']}\n{e['traceback']}")

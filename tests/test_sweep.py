@@ -213,6 +213,11 @@ def test_resume_skips_finished_runs(smoke):
           for d in stamps} == stamps
   assert open(os.path.join(workdir, "results.csv")).read() == before
   assert not out["errors"]
+  first, again = sweep.read_invocations(workdir)   # the wall time of both invocations is kept
+  assert first["runs_executed"] == 8 and again["runs_executed"] == 0
+  assert first["finished"] and again["finished"] and first["seconds"] > 0
+  with open(os.path.join(workdir, "summary.md")) as f:
+    assert "over 2 invocation(s)" in f.read()
 
 
 def test_shards_and_collect_give_the_unsharded_csv(smoke, tmp_path):
