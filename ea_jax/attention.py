@@ -302,11 +302,12 @@ def choose_implementation(kind, *, T, S, H, is_causal, has_mask, kernel="rationa
 # ----------------------------------------------------------------------------------------------
 # Chunked implementation: blocks of C query rows, each against its (causal) key prefix at once,
 # a custom VJP that saves only one statistic per row (EA: Z = eps + sum f; DPA: logsumexp).
-# Heads run sequentially in small groups so that a block of scores stays in cache; memory is
-# O(C * S) per step plus O(T * H) residuals.
+# Heads run sequentially in small groups so that a block of scores stays in cache, and blocks run
+# one after another (optimization barriers), so memory is O(h * C * G * S) plus O(T * H) residuals.
 # ----------------------------------------------------------------------------------------------
 
 CHUNK_ROWS = 128            # query rows per block ("chunked")
+CHUNK_MAX_BLOCKS = 128      # blocks per sequence at most (the block loop is unrolled)
 _STEP_SCORES_CPU = 1 << 18  # score elements per sequential step on CPU (~1 MiB: fits in L2)
 _STEP_SCORES_ACCEL = 1 << 26
 
@@ -338,21 +339,50 @@ def _kernel_and_derivative(s, kernel):
   return s2 * r, 2.0 * s * r * r
 
 
-def _block_allowed(m, i, P, cfg):
-  """Allowed [h|1, C*G, P] for query block i (rows ordered (t, g)), or None."""
+def _block_masker(m, i, P, cfg):
+  """For query block i (rows ordered (t, g)): a function (x [h|1, C*G, P], fill) -> x with the
+  disallowed entries set to fill, or None when everything is allowed.
+
+  The causal part of a block is a band: all keys before the block's first row are visible, and
+  the last C keys follow one [C*G, C] lower-triangular pattern shared by every block, which is
+  applied to that slice only (no [C*G, P] mask per block).
+  """
   C, G = cfg.C, cfg.G
-  allowed = None
+  full, band = None, None
   if m is not None:  # [hm, mg, mt, ms]
     hm, mg, mt, ms = m.shape
     mb = m[:, :, i * C:(i + 1) * C] if mt > 1 else m
     mb = mb[..., :P] if ms > 1 else mb
     mb = jnp.broadcast_to(jnp.swapaxes(mb, 1, 2), (hm, C, G, P))
-    allowed = mb.reshape(hm, C * G, P)
+    full = mb.reshape(hm, C * G, P)
   if cfg.is_causal:
-    row_pos = i * C + jnp.arange(C * G) // G + (cfg.S - cfg.T)
-    causal = (jnp.arange(P)[None, :] <= row_pos[:, None])[None]
-    allowed = causal if allowed is None else jnp.logical_and(allowed, causal)
-  return allowed
+    start = i * C + cfg.S - cfg.T  # key position of the block's first query row
+    row_t = jnp.arange(C * G) // G
+    if start >= 0 and start + C == P:
+      band = (start, (jnp.arange(C)[None, :] <= row_t[:, None])[None])
+    else:
+      causal = (jnp.arange(P)[None, :] <= (row_t + start)[:, None])[None]
+      full = causal if full is None else jnp.logical_and(full, causal)
+  if full is None and band is None:
+    return None
+
+  def apply(x, fill):
+    if full is not None:
+      x = jnp.where(full, x, fill)
+    if band is not None:
+      start, mask = band
+      x = x.at[..., start:].set(jnp.where(mask, x[..., start:], fill))
+    return x
+
+  return apply
+
+
+def _after(y, *xs):
+  """xs, made to depend on y (x + 0 * y[first element]; XLA does not fold 0 * y for floats), so
+  that the scheduler finishes y before it starts on xs: the blocks of the unrolled loop then run
+  one after another and only one block's scores (and key prefix copy) is alive at a time."""
+  zero = 0.0 * y.reshape(-1)[0]
+  return tuple(x + zero for x in xs)
 
 
 def _rows_fwd(q_hTGH, k_hSH, v_hSH, m, cfg):
@@ -361,24 +391,26 @@ def _rows_fwd(q_hTGH, k_hSH, v_hSH, m, cfg):
   C = cfg.C
   outs, stats = [], []
   for i, P in enumerate(cfg.prefixes(Tp // C)):
+    q_hRH = q_hTGH[:, i * C:(i + 1) * C].reshape(h, C * G, H)
+    k_hPH, v_hPH = k_hSH[:, :P], v_hSH[:, :P]
+    if outs:  # block i starts after block i-1 ends
+      q_hRH, k_hPH, v_hPH = _after(outs[-1], q_hRH, k_hPH, v_hPH)
     if P == 0:
       outs.append(jnp.zeros((h, C, G, H), q_hTGH.dtype))
       fill = cfg.eps if cfg.kind == "ea" else jnp.inf
       stats.append(jnp.full((h, C, G), fill, q_hTGH.dtype))
       continue
-    q_hRH = q_hTGH[:, i * C:(i + 1) * C].reshape(h, C * G, H)
-    k_hPH, v_hPH = k_hSH[:, :P], v_hSH[:, :P]
     s_hRP = jnp.einsum("hrd,hpd->hrp", q_hRH, k_hPH)
-    allowed = _block_allowed(m, i, P, cfg)
+    masker = _block_masker(m, i, P, cfg)
     if cfg.kind == "ea":
       f = ea_kernel(s_hRP, cfg.kernel)
-      if allowed is not None:
-        f = jnp.where(allowed, f, 0.0)
+      if masker is not None:
+        f = masker(f, 0.0)
       stat = cfg.eps + jnp.sum(f, axis=-1)
       o = _safe_div(jnp.einsum("hrp,hpd->hrd", f, v_hPH), stat[..., None])
     else:
-      if allowed is not None:
-        s_hRP = jnp.where(allowed, s_hRP, -jnp.inf)
+      if masker is not None:
+        s_hRP = masker(s_hRP, -jnp.inf)
       mx = jnp.max(s_hRP, axis=-1)
       mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
       p = jnp.exp(s_hRP - mx[..., None])
@@ -405,24 +437,26 @@ def _rows_bwd(q_hTGH, k_hSH, v_hSH, m, o_hTGH, stat_hTG, do_hTGH, cfg):
     rows = slice(i * C, (i + 1) * C)
     q_hRH = q_hTGH[:, rows].reshape(h, C * G, H)
     do_hRH = do_hTGH[:, rows].reshape(h, C * G, H)
+    k_hPH, v_hPH = k_hSH[:, :P], v_hSH[:, :P]
+    # Block i starts after block i-1 ends.
+    q_hRH, do_hRH, k_hPH, v_hPH = _after(dk.reshape(-1)[:1] + dv.reshape(-1)[:1], q_hRH, do_hRH,
+                                             k_hPH, v_hPH)
     stat = stat_hTG[:, rows].reshape(h, C * G, 1)
     delta = delta_hTG[:, rows].reshape(h, C * G, 1)
-    k_hPH, v_hPH = k_hSH[:, :P], v_hSH[:, :P]
     s_hRP = jnp.einsum("hrd,hpd->hrp", q_hRH, k_hPH)
     dp_hRP = jnp.einsum("hrd,hpd->hrp", do_hRH, v_hPH)
-    allowed = _block_allowed(m, i, P, cfg)
+    masker = _block_masker(m, i, P, cfg)
     if cfg.kind == "ea":
       f, df = _kernel_and_derivative(s_hRP, cfg.kernel)
       inv_z = _safe_div(jnp.ones_like(stat), stat)  # one division per row, not per score
       p = f * inv_z
       ds = df * (dp_hRP - delta) * inv_z
-      if allowed is not None:
-        p = jnp.where(allowed, p, 0.0)
-        ds = jnp.where(allowed, ds, 0.0)
+      if masker is not None:
+        p, ds = masker(p, 0.0), masker(ds, 0.0)
     else:
       p = jnp.exp(s_hRP - stat)
-      if allowed is not None:
-        p = jnp.where(allowed, p, 0.0)
+      if masker is not None:
+        p = masker(p, 0.0)
       ds = p * (dp_hRP - delta)
     dqs.append(jnp.einsum("hrp,hpd->hrd", ds, k_hPH).reshape(h, C, G, H))
     dk = dk.at[:, :P].add(jnp.einsum("hrp,hrd->hpd", ds, q_hRH))
@@ -486,7 +520,8 @@ def _chunked(q, k, v, mask, is_causal, kind, scale, eps, kernel):
   B, T, N, H = q.shape
   S, K = k.shape[1], k.shape[2]
   G = N // K
-  C = min(CHUNK_ROWS, T)
+  # At most CHUNK_MAX_BLOCKS blocks (they are unrolled): longer sequences get longer blocks.
+  C = min(max(CHUNK_ROWS, -(-T // CHUNK_MAX_BLOCKS)), T)
   L = -(-T // C)
   Tp = L * C
   q = q * scale
