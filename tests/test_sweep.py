@@ -147,13 +147,16 @@ def tiny_smoke_config():
   return config
 
 
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("sweep"))
+def test_smoke_sweep_end_to_end(tmp_path):
+  """One test (so that parallel test runners train the sweep once): run, resume, shard."""
+  workdir = str(tmp_path / "sweep")
   config = tiny_smoke_config()
   logs = []
   out = sweep.run_sweep(config, workdir, workers=2, log=logs.append)
-  return config, workdir, out, logs
+  smoke = (config, workdir, out, logs)
+  check_csv_figures_and_summary(smoke)
+  check_resume_skips_finished_runs(smoke)
+  check_shards_and_collect_give_the_unsharded_csv(smoke, tmp_path)
 
 
 def _read(path):
@@ -161,7 +164,7 @@ def _read(path):
     return list(csv.DictReader(f))
 
 
-def test_smoke_sweep_writes_csv_figures_and_summary(smoke):
+def check_csv_figures_and_summary(smoke):
   config, workdir, out, logs = smoke
   assert not out["errors"], out["errors"]
   rows = _read(os.path.join(workdir, "results.csv"))
@@ -200,7 +203,7 @@ def test_smoke_sweep_writes_csv_figures_and_summary(smoke):
     assert needle in text, needle
 
 
-def test_resume_skips_finished_runs(smoke):
+def check_resume_skips_finished_runs(smoke):
   config, workdir, _, _ = smoke
   stamps = {d: os.path.getmtime(os.path.join(workdir, "runs", d, "result.json"))
             for d in os.listdir(os.path.join(workdir, "runs"))}
@@ -220,7 +223,7 @@ def test_resume_skips_finished_runs(smoke):
     assert "over 2 invocation(s)" in f.read()
 
 
-def test_shards_and_collect_give_the_unsharded_csv(smoke, tmp_path):
+def check_shards_and_collect_give_the_unsharded_csv(smoke, tmp_path):
   config, workdir, _, _ = smoke
   config = config.copy_and_resolve_references()
   with config.unlocked():
