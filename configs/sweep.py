@@ -7,8 +7,9 @@ Presets through the config string:
   configs/sweep.py:smoke    2 levels, 1 width, 1 seed, a tiny model; well under 2 minutes (tests).
   configs/sweep.py:paper    the full study for a GPU/TPU: every ladder and level, 4 widths,
                             5 seeds, a 3-point learning-rate grid, 5000 steps.
-  configs/sweep.py:ablation EA's own knobs (scale 1 vs 1/sqrt(head_dim), eps, q/k norm) at
-                            two mid-ladder levels; runs on a CPU in well under an hour.
+  configs/sweep.py:ablation EA's own knobs (scale 1 vs 1/sqrt(head_dim), eps, q/k norm) and
+                            the position encoding, width 64, two mid-ladder levels, each
+                            variant tuned on the study's lr grid; results in docs/ablation/.
 Any field can be overridden: --config.widths="(32, 64, 128)" --config.base.train.num_steps=2000.
 
 Every run is an ordinary training run (`train_lib.train_and_evaluate`) of `base` with the task
@@ -42,10 +43,11 @@ PRESETS = ("", "smoke", "paper", "ablation")
 VARIANTS = ("dpa", "ea-rational", "ea-square")
 # EA's knobs for the ablation preset: `+scale=1` drops the 1/sqrt(head_dim) factor (as the
 # public re-implementation of the paper does), `+eps=...` changes the normaliser epsilon,
-# `+qknorm` RMS-normalises q and k per head.
+# `+qknorm` RMS-normalises q and k per head, `+pos=learned` swaps rope for learned absolute
+# positions (what the project's first pilot used).
 ABLATION_VARIANTS = ("dpa", "ea-rational", "ea-rational+scale=1", "ea-rational+eps=1e-3",
-                     "ea-rational+qknorm", "ea-square", "ea-square+scale=1", "ea-square+qknorm",
-                     "dpa+qknorm")
+                     "ea-rational+qknorm", "ea-rational+pos=learned", "ea-square",
+                     "ea-square+scale=1", "ea-square+qknorm", "dpa+qknorm", "dpa+pos=learned")
 
 
 def _default_module():
@@ -85,7 +87,8 @@ def get_config(arg=None):
   # task config) is trained once and reported under both.
   c.ladders = study["ladders"]
   c.levels = ml_collections.ConfigDict({k: tuple(v) for k, v in study["levels"].items()})
-  # Variants: "dpa", "ea-rational", "ea-square", optionally with "+scale=X", "+eps=X", "+qknorm".
+  # Variants: "dpa", "ea-rational", "ea-square", optionally with "+scale=X", "+eps=X", "+qknorm",
+  # "+pos=rope|learned|none".
   c.variants = VARIANTS
   c.widths = study["widths"]                  # model.embed_dim values; mlp_dim = mlp_ratio * width
   c.mlp_ratio = 4
@@ -133,7 +136,6 @@ def get_config(arg=None):
     c.ladders = ("recurrence",)
     c.levels = ml_collections.ConfigDict({"recurrence": (2, 3)})
     c.widths = (64,)
-    c.lr_grid = (3e-3,)
     c.geometry.enabled = False
   c.lock()
   return c

@@ -59,13 +59,15 @@ RESULT_COLUMNS = CONTRACT_COLUMNS + (
     "eval_loss", "status", "run_id")
 
 # Variant base names -> model fields. Modifiers: "+scale=X" (attention_scale), "+eps=X"
-# (ea_eps), "+qknorm" (qk_norm=True).
+# (ea_eps), "+qknorm" (qk_norm=True), "+pos=NAME" (pos_encoding: rope, learned or none).
 BASE_VARIANTS = {
     "dpa": {"attention": "dpa"},
     "ea-rational": {"attention": "ea", "ea_kernel": "rational"},
     "ea-square": {"attention": "ea", "ea_kernel": "square"},
 }
-MODIFIERS = {"scale": "attention_scale", "eps": "ea_eps", "qknorm": "qk_norm"}
+MODIFIERS = {"scale": "attention_scale", "eps": "ea_eps", "qknorm": "qk_norm",
+             "pos": "pos_encoding"}
+POS_ENCODINGS = ("rope", "learned", "none")
 
 
 # ------------------------------------------------------------------------------------------
@@ -78,7 +80,8 @@ def parse_variant(spec: str) -> dict:
   parts = spec.split("+")
   if parts[0] not in BASE_VARIANTS:
     raise ValueError(f"variant {spec!r}: base name {parts[0]!r} unknown; allowed: "
-                     f"{sorted(BASE_VARIANTS)} with modifiers +scale=X, +eps=X, +qknorm")
+                     f"{sorted(BASE_VARIANTS)} with modifiers +scale=X, +eps=X, +qknorm, "
+                     f"+pos={'|'.join(POS_ENCODINGS)}")
   fields = dict(BASE_VARIANTS[parts[0]])
   for part in parts[1:]:
     name, _, value = part.partition("=")
@@ -89,6 +92,11 @@ def parse_variant(spec: str) -> dict:
       if value:
         raise ValueError(f"variant {spec!r}: +qknorm takes no value")
       fields["qk_norm"] = True
+      continue
+    if name == "pos":
+      if value not in POS_ENCODINGS:
+        raise ValueError(f"variant {spec!r}: +pos= must be one of {POS_ENCODINGS}, got {value!r}")
+      fields["pos_encoding"] = value
       continue
     try:
       fields[MODIFIERS[name]] = float(value)

@@ -33,10 +33,13 @@ def test_variants_parse_to_model_fields():
   assert sweep.parse_variant("ea-square+scale=1+eps=1e-3+qknorm") == {
       "attention": "ea", "ea_kernel": "square", "attention_scale": 1.0, "ea_eps": 1e-3,
       "qk_norm": True}
+  assert sweep.parse_variant("ea-rational+pos=learned") == {
+      "attention": "ea", "ea_kernel": "rational", "pos_encoding": "learned"}
   assert [sweep.kernel_name(v) for v in ("dpa", "ea-rational", "ea-square+qknorm")] == [
       "softmax", "rational", "square"]
   for bad, match in (("ea", "base name"), ("dpa+temp=2", "modifier"), ("ea-square+eps=x",
-                                                                         "number")):
+                                                                         "number"),
+                     ("dpa+pos=alibi", "pos= must be one of")):
     with pytest.raises(ValueError, match=match):
       sweep.parse_variant(bad)
 
