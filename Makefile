@@ -30,5 +30,9 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/attention.py
 
+# The CPU study (docs/results): resumable, so the same command continues an interrupted sweep.
+sweep: $(STAMP)
+	$(PY) -m ea_jax.sweep --config=configs/sweep.py --workdir=workdirs/sweep --workers=2
+
 clean:
 	rm -rf $(VENV) workdirs .pytest_cache .hypothesis
