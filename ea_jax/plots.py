@@ -212,3 +212,59 @@ def plot_cos_histograms(hists: dict, path: str, *, title: str = "") -> str:
                "DPA near +1", fontsize=9)
   fig.savefig(path, dpi=110)
   return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Delay locking (ea_jax.delays)
+# ----------------------------------------------------------------------------------------------
+
+
+def plot_delay_profiles(profile_YRNO: np.ndarray, rules: Sequence[Sequence[int]], path: str, *,
+                        num_offsets: int | None = None, title: str = "") -> str:
+  """Mean attention weight vs key offset o = t - j: a heat map per rule (rows: layer/head,
+  columns: offsets), the offsets the rule needs (delay - 1) boxed.
+
+  Args:
+    profile_YRNO: [layers, rules, heads, offsets] (ea_jax.delays.run_delays "profile_YRNO").
+    rules: the delay tuple of each rule, in the order of the R axis.
+    path: output PNG.
+    num_offsets: how many offsets to show (default: all; the rest of each row's weight is off
+      the map).
+    title: figure title.
+  """
+  from matplotlib.figure import Figure
+  from matplotlib.patches import Rectangle
+  prof = np.asarray(profile_YRNO, np.float64)
+  if prof.ndim != 4 or prof.shape[1] != len(rules):
+    raise ValueError(f"profile_YRNO {np.shape(profile_YRNO)} must be [layers, rules, heads, "
+                     f"offsets] with rules = len(rules) = {len(rules)}")
+  layers, num_rules, heads, offsets = prof.shape
+  shown = offsets if num_offsets is None else int(min(num_offsets, offsets))
+  if shown < 1:
+    raise ValueError(f"num_offsets={num_offsets!r}: must be >= 1")
+  rows_RXO = prof[:, :, :, :shown].transpose(1, 0, 2, 3).reshape(num_rules, layers * heads, shown)
+  vmax = max(float(rows_RXO.max()), 1e-9)
+  fig = Figure(figsize=(0.32 * shown * num_rules + 1.8, 0.32 * layers * heads + 1.4),
+               layout="constrained")
+  axes = np.asarray(fig.subplots(1, num_rules, squeeze=False, sharey=True))[0]
+  image = None
+  labels = [f"L{y} H{n}" for y in range(layers) for n in range(heads)]
+  for r, ax in enumerate(axes):
+    image = ax.imshow(rows_RXO[r], cmap="magma", vmin=0.0, vmax=vmax, aspect="auto",
+                      interpolation="nearest")
+    for d in rules[r]:
+      if d - 1 < shown:
+        ax.add_patch(Rectangle((d - 1.5, -0.5), 1.0, layers * heads, fill=False,
+                               edgecolor="tab:cyan", linewidth=1.5))
+    for y in range(1, layers):
+      ax.axhline(y * heads - 0.5, color="white", linewidth=0.8)
+    ax.set_title(f"rule {tuple(rules[r])}: needs offsets "
+                 f"{tuple(int(d) - 1 for d in sorted(rules[r]))}", fontsize=8)
+    ax.set_xticks(range(shown), [str(o) for o in range(shown)], fontsize=6)
+    ax.set_xlabel("offset t - j (query t, key j)", fontsize=8)
+    ax.set_yticks(range(layers * heads), labels, fontsize=6)
+  fig.colorbar(image, ax=axes.tolist(), shrink=0.8, label="mean attention weight")
+  if title:
+    fig.suptitle(title, fontsize=9)
+  fig.savefig(path, dpi=100)
+  return path

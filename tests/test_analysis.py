@@ -108,3 +108,142 @@ def test_captured_qk_reproduce_the_models_attention(attention, kernel, qk_norm):
   assert geo["hist_YNZ"].shape == (2, 4, 6)
   np.testing.assert_allclose(geo["hist_YNZ"].sum(axis=-1), 1.0, atol=1e-6)
   np.testing.assert_allclose(geo["hist_Z"].sum(), 1.0, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# Delay locking (ea_jax.delays)
+# ------------------------------------------------------------------------------------------------
+
+from ea_jax import delays  # noqa: E402
+from ea_jax import tasks  # noqa: E402
+
+
+def _recurrence(num_rules=2, seq_len=20, num_symbols=5):
+  import ml_collections
+  return tasks.make_task(ml_collections.ConfigDict(dict(
+      name="recurrence", num_symbols=num_symbols, num_rules=num_rules, max_delay=6,
+      num_delays=2, rule_seed=0, seq_len=seq_len)))
+
+
+def test_delay_mass_of_a_hand_built_profile():
+  # Rules (1, 4) and (3, 6) need offsets {0, 3} and {2, 5}. Head 0 follows the rule in use
+  # (0.5 / 0.5 on its offsets), head 1 always looks at offsets 0 and 3 (0.4 / 0.4, 0.2 at
+  # offset 7, needed by no rule).
+  prof_RNO = np.zeros((2, 2, 8))
+  prof_RNO[0, 0, [0, 3]] = 0.5
+  prof_RNO[1, 0, [2, 5]] = 0.5
+  prof_RNO[:, 1, [0, 3, 7]] = [0.4, 0.4, 0.2]
+  own_RN, other_RN = delays.delay_mass(prof_RNO, [(1, 4), (3, 6)])
+  np.testing.assert_allclose(own_RN, [[1.0, 0.8], [1.0, 0.0]])
+  np.testing.assert_allclose(other_RN, [[0.0, 0.0], [0.0, 0.8]])
+  # Rules sharing a delay: (1, 4) and (1, 5) -> offsets {0, 3} and {0, 4}; offset 0 is never
+  # "other".
+  own_RN, other_RN = delays.delay_mass(prof_RNO, [(1, 4), (1, 5)])
+  np.testing.assert_allclose(own_RN[:, 1], [0.8, 0.4])
+  np.testing.assert_allclose(other_RN[:, 1], [0.0, 0.4])
+  with pytest.raises(ValueError, match="profile_RNO"):
+    delays.delay_mass(prof_RNO, [(1, 4)])
+  with pytest.raises(ValueError, match="offset 8"):     # 8 offsets: 0..7
+    delays.delay_mass(prof_RNO, [(1, 9), (3, 6)])
+
+
+def test_needed_offsets_match_the_tasks_own_targets():
+  # Re-derive the index arithmetic from the sampler: for every scored target, the sum of the
+  # inputs at offsets needed_offsets(rule) from the query reproduces it.
+  task = _recurrence()
+  batch = task.sample(jax.random.key(3), 64)
+  inputs, targets = np.asarray(batch.inputs), np.asarray(batch.targets)
+  x_BT1 = delays.symbols_BT1(inputs, targets)
+  rule_B = delays.identify_rules_B(x_BT1, task.coefficients_RD(), task.num_symbols)
+  scored = np.asarray(batch.weights) > 0
+  checked = 0
+  for b in np.nonzero(rule_B >= 0)[0]:
+    offs = delays.needed_offsets(task.rule_delays[rule_B[b]])
+    for t in np.nonzero(scored[b])[0]:
+      assert sum(inputs[b, t - o] for o in offs) % task.num_symbols == targets[b, t]
+      checked += 1
+  assert checked > 500
+
+
+def test_rule_identification_against_the_tasks_sampler():
+  task = _recurrence(num_rules=3)              # rules (1, 4), (3, 6), (1, 5)
+  transfer_RTD = task.transfer_RTD()           # the task's own generator of whole sequences
+  rng = np.random.default_rng(0)
+  prefix_BD = rng.integers(1, task.num_symbols, size=(40, task.max_delay))
+  coef_RD = task.coefficients_RD()
+  for r in range(task.num_rules):
+    x_BT1 = np.einsum("td,bd->bt", transfer_RTD[r], prefix_BD) % task.num_symbols
+    rule_B = delays.identify_rules_B(x_BT1, coef_RD, task.num_symbols)
+    # A nonzero random prefix of length 6 continued for 15 steps fits only its own rule here;
+    # whatever the identification says must also be what an explicit check says.
+    assert np.all((rule_B == r) | (rule_B == delays.AMBIGUOUS)) and np.mean(rule_B == r) > 0.9
+  # The all-zero sequence fits every rule: ambiguous (skipped).
+  zero = np.zeros((1, task.seq_len + 1), np.int64)
+  assert delays.identify_rules_B(zero, coef_RD, task.num_symbols)[0] == delays.AMBIGUOUS
+  # A sequence that fits no rule.
+  noise = zero.copy()
+  noise[0, -1] = 1
+  assert delays.identify_rules_B(noise, coef_RD, task.num_symbols)[0] == delays.NO_RULE
+  # Samples of the task itself: every identified rule reproduces the sequence by plain loops.
+  batch = task.sample(jax.random.key(5), 128)
+  x_BT1 = delays.symbols_BT1(batch.inputs, batch.targets)
+  rule_B = delays.identify_rules_B(x_BT1, coef_RD, task.num_symbols)
+  assert np.all(rule_B != delays.NO_RULE)
+  for b in range(len(rule_B)):
+    fits = [r for r, dl in enumerate(task.rule_delays)
+            if all(x_BT1[b, s] == sum(x_BT1[b, s - d] for d in dl) % task.num_symbols
+                   for s in range(task.max_delay, x_BT1.shape[1]))]
+    assert rule_B[b] == (fits[0] if len(fits) == 1 else delays.AMBIGUOUS)
+
+
+def test_offset_profile_against_plain_loops():
+  rng = np.random.default_rng(1)
+  B, N, T, O, R = 5, 3, 7, 4, 2
+  logits = rng.normal(size=(B, N, T, T))
+  causal = np.tril(np.ones((T, T), bool))
+  w = np.where(causal, np.exp(logits), 0.0)
+  w_BNTS = w / w.sum(axis=-1, keepdims=True)
+  mask_BT = rng.random((B, T)) < 0.6
+  rule_B = np.array([0, 1, -1, 1, 0])           # sequence 2 is skipped
+  prof_RNO, queries_R = delays.offset_profile_RNO(w_BNTS, mask_BT, rule_B, R, O)
+  expected = np.zeros((R, N, O))
+  count = np.zeros(R)
+  for b in range(B):
+    if rule_B[b] < 0:
+      continue
+    for t in range(T):
+      if not mask_BT[b, t]:
+        continue
+      count[rule_B[b]] += 1
+      for n in range(N):
+        for o in range(O):
+          if t - o >= 0:
+            expected[rule_B[b], n, o] += w_BNTS[b, n, t, t - o]
+  expected /= count[:, None, None]
+  np.testing.assert_allclose(prof_RNO, expected, atol=1e-12)
+  np.testing.assert_array_equal(queries_R, count)
+  # With every offset the profile of each (rule, head) sums to 1 (rows of w sum to 1).
+  full_RNO, _ = delays.offset_profile_RNO(w_BNTS, mask_BT, rule_B, R, T)
+  np.testing.assert_allclose(full_RNO.sum(axis=-1), 1.0, atol=1e-12)
+  # Focus: uniform causal attention has normalised entropy 1 and peak 1 / (t + 1).
+  uni_BNTS = delays.uniform_causal_BNTS(B, N, T)
+  peak_RN, ent_RN = delays.focus_RN(uni_BNTS, mask_BT, rule_B, R)
+  np.testing.assert_allclose(ent_RN, 1.0, atol=1e-12)
+  t_BT = np.broadcast_to(np.arange(T), (B, T))
+  for r in range(R):
+    sel = mask_BT & (rule_B[:, None] == r)
+    np.testing.assert_allclose(peak_RN[r], np.mean(1.0 / (t_BT[sel] + 1)), atol=1e-12)
+  with pytest.raises(ValueError, match="rule_B"):
+    delays.offset_profile_RNO(w_BNTS, mask_BT, np.array([0, 1, 2, 1, 0]), R, O)
+  with pytest.raises(ValueError, match="query_mask_BT"):
+    delays.offset_profile_RNO(w_BNTS, mask_BT[:, :3], rule_B, R, O)
+
+
+def test_delay_figure(tmp_path):
+  from ea_jax import plots
+  prof_YRNO = np.random.default_rng(0).random((2, 2, 4, 10))
+  path = plots.plot_delay_profiles(prof_YRNO, [(1, 4), (3, 6)], str(tmp_path / "d.png"),
+                                   num_offsets=8, title="t")
+  assert (tmp_path / "d.png").stat().st_size > 1000 and path.endswith("d.png")
+  with pytest.raises(ValueError, match="profile_YRNO"):
+    plots.plot_delay_profiles(prof_YRNO, [(1, 4)], str(tmp_path / "e.png"))
