@@ -158,3 +158,14 @@ def run_geometry(workdir: str, *, num_examples: int = 32, num_bins: int = 20,
   out["attention"] = config.model.attention
   out["kernel"] = config.model.ea_kernel if config.model.attention == "ea" else "softmax"
   return out
+
+
+def main(argv=None) -> None:
+  """`python -m ea_jax.analysis --sweep_dir=SWEEP --out=docs/analysis`: delay locking and length
+  generalisation of a finished sweep (ea_jax.analysis_report; `--help` lists the options)."""
+  from ea_jax import analysis_report
+  analysis_report.main(argv)
+
+
+if __name__ == "__main__":
+  main()

@@ -247,3 +247,29 @@ def test_delay_figure(tmp_path):
   assert (tmp_path / "d.png").stat().st_size > 1000 and path.endswith("d.png")
   with pytest.raises(ValueError, match="profile_YRNO"):
     plots.plot_delay_profiles(prof_YRNO, [(1, 4)], str(tmp_path / "e.png"))
+
+
+def test_report_reductions():
+  from ea_jax import analysis_report
+  from ea_jax import lengthgen
+  rows = [{"task": "a", "variant": "dpa", "token_accuracy": t, "sequence_accuracy": s}
+          for t, s in ((1.0, 0.5), (0.8, 0.7), (0.9, 0.0))]
+  rows.append({"task": "b", "variant": "dpa", "token_accuracy": 0.1, "sequence_accuracy": 0.2})
+  out = lengthgen.summarize(rows, ("task", "variant"), ("token_accuracy", "sequence_accuracy"))
+  assert [(o["task"], o["n"]) for o in out] == [("a", 3), ("b", 1)]
+  assert out[0]["token_accuracy_mean"] == pytest.approx(0.9)
+  assert out[0]["sequence_accuracy_min"] == 0.0 and out[1]["token_accuracy_min"] == 0.1
+  with pytest.raises(ValueError, match="lacks"):
+    lengthgen.summarize([{"task": "a"}], ("task",), ("token_accuracy",))
+  # Layer summary: head 0 follows the rule (own 1, other 0), head 1 is fixed on rule 0's offsets.
+  own_YRN = np.array([[[1.0, 0.8], [1.0, 0.0]]])
+  other_YRN = np.array([[[0.0, 0.0], [0.0, 0.8]]])
+  res = {"own_YRN": own_YRN, "other_YRN": other_YRN, "peak_YRN": np.full((1, 2, 2), 0.5),
+         "entropy_YRN": np.full((1, 2, 2), 0.25), "chance_own_R": np.array([0.1, 0.1]),
+         "chance_other_R": np.array([0.1, 0.1])}
+  (row,) = analysis_report.layer_summary(res)
+  assert row["best_head"] == 0 and row["best_own"] == 1.0 and row["best_own_other"] == 0.0
+  assert row["best_switch"] == 1.0 and row["best_union"] == 1.0
+  assert row["chance_union"] == pytest.approx(0.2)
+  with pytest.raises(SystemExit):
+    analysis_report.parse_args(["--sweep_dir=x", "--length_factors=2,1"])

@@ -1,0 +1,400 @@
+"""The analysis of a finished sweep in one command: delay locking and length generalisation.
+
+  python -m ea_jax.analysis --sweep_dir=/tmp/exp/final_sweep --out=docs/analysis
+
+For each selected study run of the sweep (`<sweep_dir>/runs/*/result.json`, stage "main"; by
+default the tasks "N=5 R=1" and "N=5 R=2" at width 64, every variant and seed):
+  - delay locking (ea_jax.delays.run_delays) at the training length and at every other length of
+    `--length_factors`: per-head CSV `delay_heads.csv`, per-layer summary `delay_models.csv`, a
+    heat map per run at the training length `delays_<task>_<variant>_w<width>_s<seed>.png`;
+  - length generalisation (ea_jax.lengthgen) at training length x each factor: `lengthgen.csv`;
+  - `README.md`: command, date, machine, wall time, the tables, the figures and the findings
+    (sentences computed from the numbers, so a rerun restates them as found).
+Evaluation writes into copies of the runs under `--scratch`; the sweep folder is only read.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import glob
+import json
+import os
+import platform
+import re
+import shlex
+import sys
+import time
+
+import numpy as np
+
+DEFAULT_TASKS = "N=5 R=1,N=5 R=2"
+LOCK_MASS = 0.5     # "locks onto delays": a head puts at least this much weight on needed offsets
+SWITCH_GAP = 0.3    # "switches with the rule": own minus other mass at least this much
+
+
+# ------------------------------------------------------------------------------------------------
+# Selecting runs
+# ------------------------------------------------------------------------------------------------
+
+
+def find_runs(sweep_dir: str, *, tasks: list[str], widths: list[int], stage: str = "main"
+              ) -> list[dict]:
+  """The finished runs of `sweep_dir` with the given task labels and widths, sorted by (task,
+  variant, width, seed); each {run, dir, task, variant, width, seed, seq_len, result}."""
+  paths = sorted(glob.glob(os.path.join(sweep_dir, "runs", "*", "result.json")))
+  if not paths:
+    raise FileNotFoundError(f"no {sweep_dir}/runs/*/result.json: is --sweep_dir a sweep workdir?")
+  runs = []
+  for path in paths:
+    with open(path) as f:
+      res = json.load(f)
+    if (res.get("stage") != stage or res.get("status") != "ok" or res.get("label") not in tasks
+        or int(res.get("width", -1)) not in widths):
+      continue
+    runs.append({"run": res["run_id"], "dir": os.path.dirname(path), "task": res["label"],
+                 "variant": res["variant"], "width": int(res["width"]), "seed": int(res["seed"]),
+                 "seq_len": int(res["task"]["seq_len"]), "result": res})
+  if not runs:
+    raise ValueError(f"no finished '{stage}' run in {sweep_dir} with task in {tasks} and width in "
+                     f"{widths}")
+  order = {t: i for i, t in enumerate(tasks)}
+  return sorted(runs, key=lambda r: (order[r["task"]], r["variant"], r["width"], r["seed"]))
+
+
+def _slug(text: str) -> str:
+  return re.sub(r"[^A-Za-z0-9]+", "", text)
+
+
+# ------------------------------------------------------------------------------------------------
+# Delay locking
+# ------------------------------------------------------------------------------------------------
+
+
+def layer_summary(out: dict) -> list[dict]:
+  """Per layer of a run_delays result: the heads' masses averaged over rules.
+
+  best_union: the largest weight a head puts on the offsets some rule needs (rule-agnostic
+  locking); best_own / best_own_other: the head with the largest mass on the current rule's
+  offsets and its mass on the other rules' offsets; best_switch: the largest own - other over
+  heads (None for one rule); peak / entropy: head means (delays.focus_RN); chance_*: uniform
+  causal attention.
+  """
+  own_YRN, other_YRN = out["own_YRN"], out["other_YRN"]
+  num_rules = own_YRN.shape[1]
+  rows = []
+  for y in range(own_YRN.shape[0]):
+    own_N, other_N = own_YRN[y].mean(axis=0), other_YRN[y].mean(axis=0)
+    best = int(np.argmax(own_N))
+    rows.append({
+        "layer": y, "best_head": best, "best_own": float(own_N[best]),
+        "best_own_other": float(other_N[best]) if num_rules > 1 else None,
+        "best_union": float(np.max(own_N + other_N)),
+        "best_switch": float(np.max(own_N - other_N)) if num_rules > 1 else None,
+        "peak": float(out["peak_YRN"][y].mean()), "entropy": float(out["entropy_YRN"][y].mean()),
+        "chance_own": float(out["chance_own_R"].mean()),
+        "chance_union": float((out["chance_own_R"] + out["chance_other_R"]).mean())})
+  return rows
+
+
+def head_rows(out: dict) -> list[dict]:
+  """One row per (layer, rule, head) of a run_delays result."""
+  rows = []
+  Y, R, N = out["own_YRN"].shape
+  for y in range(Y):
+    for r in range(R):
+      for n in range(N):
+        rows.append({"layer": y, "rule": "-".join(map(str, out["rules"][r])), "head": n,
+                     "own": out["own_YRN"][y, r, n], "other": out["other_YRN"][y, r, n],
+                     "peak": out["peak_YRN"][y, r, n], "entropy": out["entropy_YRN"][y, r, n],
+                     "chance_own": out["chance_own_R"][r], "queries": int(out["queries_R"][r])})
+  return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# Output helpers
+# ------------------------------------------------------------------------------------------------
+
+
+def write_csv(path: str, rows: list[dict]) -> None:
+  if not rows:
+    raise ValueError(f"write_csv({path!r}): no rows")
+  fields = list(rows[0])
+  with open(path, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=fields)
+    writer.writeheader()
+    for row in rows:
+      writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+
+def _f(x, digits: int = 3) -> str:
+  return "—" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.{digits}f}"
+
+
+def _spread(values) -> str:
+  vals = [v for v in values if v is not None]
+  if not vals:
+    return "—"
+  return f"{np.mean(vals):.2f} [{np.min(vals):.2f}, {np.max(vals):.2f}]"
+
+
+def machine() -> str:
+  model = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    model = names[0] if names else model
+  except OSError:
+    pass
+  import jax
+  devices = ", ".join(sorted({d.platform for d in jax.devices()}))
+  return f"{model}, {os.cpu_count()} cores, JAX devices: {devices}"
+
+
+# ------------------------------------------------------------------------------------------------
+# The report
+# ------------------------------------------------------------------------------------------------
+
+
+def _delay_table(summaries: list[dict], tasks: list[str], factors: list[int]) -> list[str]:
+  lines = ["| task | variant | width | layer | best head: own | its other | best own − other | "
+           "best any-rule | " + " | ".join(f"any-rule at {k}L" for k in factors[1:])
+           + (" | " if factors[1:] else "") + "peak | entropy | chance own / any |",
+           "|---" * (11 + len(factors[1:])) + "|"]
+  keys = []
+  for s in summaries:
+    key = (s["task"], s["variant"], s["width"], s["layer"])
+    if key not in keys:
+      keys.append(key)
+  keys.sort(key=lambda k: (tasks.index(k[0]), k[1], k[2], k[3]))
+  for key in keys:
+    at = {k: [s for s in summaries if (s["task"], s["variant"], s["width"], s["layer"]) == key
+              and s["length_factor"] == k] for k in factors}
+    base = at[factors[0]]
+    cells = [key[0], key[1], str(key[2]), str(key[3]),
+             _spread([s["best_own"] for s in base]), _spread([s["best_own_other"] for s in base]),
+             _spread([s["best_switch"] for s in base]), _spread([s["best_union"] for s in base])]
+    cells += [_spread([s["best_union"] for s in at[k]]) for k in factors[1:]]
+    cells += [_spread([s["peak"] for s in base]), _spread([s["entropy"] for s in base]),
+              f"{base[0]['chance_own']:.2f} / {base[0]['chance_union']:.2f}"]
+    lines.append("| " + " | ".join(cells) + " |")
+  return lines
+
+
+def _length_table(summary: list[dict]) -> list[str]:
+  lines = ["| task | variant | width | L | tok mean | tok min | seq mean | seq min | rollout tok "
+           "mean | rollout tok min | rollout seq mean | rollout seq min |",
+           "|---" * 12 + "|"]
+  for s in summary:
+    lines.append("| " + " | ".join([
+        s["task"], s["variant"], str(s["width"]), str(s["seq_len"]),
+        *[_f(s[f"{m}_{a}"]) for m in ("token_accuracy", "sequence_accuracy",
+                                      "rollout_token_accuracy", "rollout_sequence_accuracy")
+          for a in ("mean", "min")]]) + " |")
+  return lines
+
+
+def _findings(summaries, length_summary, tasks, factors) -> list[str]:
+  """Sentences computed from the numbers (thresholds LOCK_MASS, SWITCH_GAP)."""
+  out = []
+  base = [s for s in summaries if s["length_factor"] == factors[0]]
+  for task in tasks:
+    for variant in sorted({s["variant"] for s in base if s["task"] == task}):
+      rows = [s for s in base if s["task"] == task and s["variant"] == variant]
+      seeds = sorted({s["seed"] for s in rows})
+      union = {sd: max(s["best_union"] for s in rows if s["seed"] == sd) for sd in seeds}
+      locked = [sd for sd in seeds if union[sd] >= LOCK_MASS]
+      chance = rows[0]["chance_union"]
+      text = (f"**{task}, {variant}**: the head with the most weight on offsets that some rule "
+              f"needs puts {min(union.values()):.2f}–{max(union.values()):.2f} of its weight "
+              f"there (chance {chance:.2f}); {len(locked)}/{len(seeds)} seeds have a head at "
+              f"≥ {LOCK_MASS}")
+      switches = [s["best_switch"] for s in rows if s["best_switch"] is not None]
+      if switches:
+        switching = {sd for sd in seeds if max(s["best_switch"] for s in rows
+                                              if s["seed"] == sd) >= SWITCH_GAP}
+        text += (f"; the largest own − other gap of any head is {max(switches):.2f} "
+                 f"({len(switching)}/{len(seeds)} seeds have a head that follows the rule in use "
+                 f"by ≥ {SWITCH_GAP})")
+      ent = [s["entropy"] for s in rows]
+      text += (f"; mean normalised attention entropy per layer {min(ent):.2f}–{max(ent):.2f} "
+               f"(1 = uniform).")
+      out.append(text)
+  by = {(s["task"], s["variant"], s["seq_len"]): s for s in length_summary}
+  for task in tasks:
+    lens = sorted({s["seq_len"] for s in length_summary if s["task"] == task})
+    if len(lens) < 2:
+      continue
+    parts = []
+    for variant in sorted({s["variant"] for s in length_summary if s["task"] == task}):
+      a, b = by[(task, variant, lens[0])], by[(task, variant, lens[-1])]
+      parts.append(f"{variant} token {a['token_accuracy_mean']:.3f} → "
+                   f"{b['token_accuracy_mean']:.3f}, sequence {a['sequence_accuracy_mean']:.3f} "
+                   f"→ {b['sequence_accuracy_mean']:.3f}")
+    out.append(f"**{task}, L={lens[0]} → {lens[-1]}** (mean over seeds): " + "; ".join(parts)
+               + ".")
+  return out
+
+
+def write_readme(path, *, command, started, wall_s, runs, summaries, length_rows, length_summary,
+                 repro, figures, tasks, widths, factors, delay_examples) -> None:
+  lines = [
+      "# Analysis: delay locking and length generalisation",
+      "",
+      "Generated by `ea_jax/analysis_report.py`; every number, table and sentence below was "
+      "written by the command, none edited by hand.",
+      "",
+      "## How it was run",
+      "",
+      "```",
+      command,
+      "```",
+      "",
+      f"- Date: {started} UTC.",
+      f"- Machine: {machine()}.",
+      f"- Wall time: {wall_s / 60:.1f} min.",
+      f"- Runs: {len(runs)} study runs of the sweep (tasks {', '.join(tasks)}; width(s) "
+      f"{', '.join(map(str, widths))}; variants {', '.join(sorted({r['variant'] for r in runs}))};"
+      f" seeds {', '.join(map(str, sorted({r['seed'] for r in runs})))}), each at its final "
+      "checkpoint.",
+      "",
+      "## Delay locking",
+      "",
+      "Task: `x_s = sum_d x_{s-d} mod N` under a hidden rule (d1, d2); `inputs[t] = x_t`, "
+      "`targets[t] = x_{t+1}`, so the prediction at query position t needs the keys at offsets "
+      "o = t − j = d − 1. For each sequence the rule is re-derived from the sequence (the rules "
+      "that reproduce x_D..x_L; sequences that more than one rule reproduces are skipped). Per "
+      "layer and head: the mean attention weight at each offset over the scored query positions, "
+      f"separately per rule ({delay_examples} fresh sequences per run and length).",
+      "",
+      "- *own*: weight on the current rule's needed offsets; *other*: on offsets only the other "
+      "rule(s) need. A head that follows the rule in use has own ≈ 1, other ≈ 0 under every rule; "
+      "a head fixed on both rules' offsets has own ≈ other.",
+      "- Columns (per layer; averaged over rules; mean [min, max] over seeds): *best head: own* = "
+      "the head with the largest own mass, *its other* = that head's other mass, *best own − "
+      "other* = the largest gap of any head (rule following), *best any-rule* = the largest "
+      "own + other of any head (weight on the delays of some rule, rule-agnostic), the same at "
+      "longer lengths, *peak* = mean largest weight per query, *entropy* = mean row entropy / "
+      "log(t + 1) (1 = uniform over the visible keys), *chance* = uniform causal attention.",
+      "- In layer 1 a key at offset o carries whatever layer 0 gathered there, so layer-1 "
+      "offsets are positions, not necessarily raw tokens.",
+      "",
+  ]
+  lines += _delay_table(summaries, tasks, factors)
+  skipped = sum(s["skipped"] for s in summaries if s["layer"] == 0)
+  seen = sum(s["sequences"] for s in summaries if s["layer"] == 0)
+  lines += ["", f"Sequences skipped as ambiguous: {skipped} of {seen}.", "",
+            "Per-head, per-rule numbers: `delay_heads.csv`; per-layer summary: "
+            "`delay_models.csv`.", "", "### Figures (training length; cyan boxes = the rule's "
+            "needed offsets)", ""]
+  for run, fig in figures:
+    lines.append(f"- `{fig}`: {run['task']} {run['variant']} width {run['width']} seed "
+                 f"{run['seed']} (validation seq acc "
+                 f"{run['result']['summary']['sequence_accuracy']:.3f})")
+  shown = {}
+  for run, fig in figures:
+    shown.setdefault((run["task"], run["variant"]), fig)
+  lines.append("")
+  for (task, variant), fig in shown.items():
+    lines += [f"![{task} {variant}]({fig})", ""]
+  lines += [
+      "## Length generalisation",
+      "",
+      "Each run evaluated (`ea_jax.evaluate.evaluate`, the function behind `eval.py`) with its "
+      "own training config and `task.seq_len` overridden, on copies of the run folders: the same "
+      "validation split, eval seed and 512 examples as the validation during training. Token / "
+      "sequence accuracy are teacher-forced; rollout feeds the model's own predictions back at "
+      "scored positions. Mean and min over seeds.",
+      "",
+  ]
+  lines += _length_table(length_summary)
+  lines += ["", f"Check: at the training length the evaluation reproduces the runs' final "
+            f"validation numbers (result.json): largest difference over {len(repro)} runs "
+            f"{max(abs(d) for d in repro):.2g} (token and sequence accuracy).", "",
+            "Per-run numbers: `lengthgen.csv`.", "", "## Findings", ""]
+  lines += ["- " + s for s in _findings(summaries, length_summary, tasks, factors)]
+  with open(path, "w") as f:
+    f.write("\n".join(lines) + "\n")
+
+
+# ------------------------------------------------------------------------------------------------
+# Main
+# ------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(prog="python -m ea_jax.analysis", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--sweep_dir", required=True, help="sweep workdir (holds runs/*/result.json)")
+  p.add_argument("--out", default="docs/analysis", help="output folder (README, CSVs, PNGs)")
+  p.add_argument("--scratch", default="/tmp/analysis", help="where run copies are evaluated")
+  p.add_argument("--tasks", default=DEFAULT_TASKS, help="comma-separated task labels")
+  p.add_argument("--widths", default="64", help="comma-separated model widths")
+  p.add_argument("--length_factors", default="1,2",
+                 help="evaluate at training length x each factor (the first must be 1)")
+  p.add_argument("--delay_examples", type=int, default=512, help="sequences per delay analysis")
+  p.add_argument("--num_offsets", type=int, default=12, help="offsets shown in the figures")
+  args = p.parse_args(argv)
+  try:
+    args.task_list = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    args.width_list = [int(w) for w in args.widths.split(",")]
+    args.factor_list = [int(k) for k in args.length_factors.split(",")]
+  except ValueError as e:
+    p.error(f"--widths / --length_factors must be comma-separated integers ({e})")
+  if not args.factor_list or args.factor_list[0] != 1 or min(args.factor_list) < 1:
+    p.error(f"--length_factors={args.length_factors!r}: positive integers starting with 1")
+  if args.delay_examples < 1:
+    p.error("--delay_examples must be >= 1")
+  return args
+
+
+def main(argv=None) -> None:
+  from ea_jax import delays
+  from ea_jax import lengthgen
+  from ea_jax import plots
+  args = parse_args(argv)
+  t0 = time.time()
+  started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
+  command = "python -m ea_jax.analysis " + " ".join(
+      shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+  runs = find_runs(args.sweep_dir, tasks=args.task_list, widths=args.width_list)
+  os.makedirs(args.out, exist_ok=True)
+  summaries, heads, figures, length_rows, repro = [], [], [], [], []
+  for i, run in enumerate(runs):
+    ident = {"run": run["run"], "task": run["task"], "variant": run["variant"],
+             "width": run["width"], "seed": run["seed"]}
+    for k in args.factor_list:
+      out = delays.run_delays(run["dir"], num_examples=args.delay_examples,
+                              seq_len=run["seq_len"] * k)
+      extra = {"length_factor": k, "seq_len": out["seq_len"], "skipped": out["skipped"],
+               "sequences": out["sequences"]}
+      summaries += [{**ident, **extra, **s} for s in layer_summary(out)]
+      heads += [{**ident, **extra, **h} for h in head_rows(out)]
+      if k == 1:
+        name = (f"delays_{_slug(run['task'])}_{run['variant']}_w{run['width']}_s{run['seed']}"
+                ".png")
+        plots.plot_delay_profiles(
+            out["profile_YRNO"], out["rules"], os.path.join(args.out, name),
+            num_offsets=args.num_offsets,
+            title=f"{run['task']} {run['variant']} width {run['width']} seed {run['seed']} "
+                  f"(val seq acc {run['result']['summary']['sequence_accuracy']:.2f})")
+        figures.append((run, name))
+    rows = lengthgen.eval_at_lengths(run["dir"], [run["seq_len"] * k for k in args.factor_list],
+                                     scratch=args.scratch)
+    for row in rows:
+      length_rows.append({**ident, **row})
+      if row["seq_len"] == run["seq_len"]:
+        summ = run["result"]["summary"]
+        repro += [row["token_accuracy"] - summ["token_accuracy"],
+                  row["sequence_accuracy"] - summ["sequence_accuracy"]]
+    print(f"[{i + 1}/{len(runs)}] {run['run']}: {time.time() - t0:.0f} s", flush=True)
+  length_summary = lengthgen.summarize(length_rows, ("task", "variant", "width", "seq_len"))
+  write_csv(os.path.join(args.out, "delay_heads.csv"), heads)
+  write_csv(os.path.join(args.out, "delay_models.csv"), summaries)
+  write_csv(os.path.join(args.out, "lengthgen.csv"), length_rows)
+  write_readme(os.path.join(args.out, "README.md"), command=command, started=started,
+               wall_s=time.time() - t0, runs=runs, summaries=summaries, length_rows=length_rows,
+               length_summary=length_summary, repro=repro, figures=figures,
+               tasks=args.task_list, widths=args.width_list, factors=args.factor_list,
+               delay_examples=args.delay_examples)
+  print(f"wrote {args.out}/README.md in {time.time() - t0:.0f} s")

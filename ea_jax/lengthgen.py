@@ -1,0 +1,88 @@
+"""Length generalisation: evaluate a trained run at other sequence lengths than it was trained on.
+
+`eval_at_lengths(workdir, lengths, scratch=...)` copies the run's training config and checkpoints
+to `scratch/<run name>/` (evaluate writes eval.json into the directory it evaluates; the source
+stays untouched) and calls `ea_jax.evaluate.evaluate` once per length with the run's own training
+config, `task.seq_len` overridden: the same eval split, seed and number of examples as the
+validation during training, so the training length reproduces the run's final validation numbers.
+`summarize` reduces the rows to mean and min over seeds.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Iterable, Sequence
+
+import numpy as np
+
+METRICS = ("token_accuracy", "sequence_accuracy", "rollout_token_accuracy",
+           "rollout_sequence_accuracy")
+
+
+def copy_run(workdir: str, scratch: str) -> str:
+  """Copies train_config.json, result.json (if any) and checkpoints/ of `workdir` to
+  `scratch/<basename>` (replacing an earlier copy); returns the copy's path."""
+  workdir = os.path.abspath(workdir)
+  if not os.path.isfile(os.path.join(workdir, "train_config.json")):
+    raise FileNotFoundError(f"{workdir}/train_config.json not found: not a training workdir")
+  dest = os.path.join(os.path.abspath(scratch), os.path.basename(workdir.rstrip("/")))
+  if os.path.commonpath([dest, workdir]) == workdir:
+    raise ValueError(f"scratch={scratch!r} lies inside the run {workdir}: choose another folder")
+  if os.path.isdir(dest):
+    shutil.rmtree(dest)
+  os.makedirs(dest)
+  for name in ("train_config.json", "result.json"):
+    if os.path.isfile(os.path.join(workdir, name)):
+      shutil.copy2(os.path.join(workdir, name), dest)
+  shutil.copytree(os.path.join(workdir, "checkpoints"), os.path.join(dest, "checkpoints"))
+  return dest
+
+
+def eval_config(workdir: str, seq_len: int):
+  """The run's training config (train_config.json) with task.seq_len = `seq_len`."""
+  import ml_collections
+  from ea_jax import train_lib
+  config = ml_collections.ConfigDict(train_lib.read_train_config(workdir)["config"])
+  if "seq_len" not in config.task:
+    raise ValueError(f"{workdir}: task {config.task.get('name')!r} has no seq_len to change")
+  if not (isinstance(seq_len, int) and seq_len >= 2):
+    raise ValueError(f"seq_len={seq_len!r}: must be an integer >= 2")
+  config.task.seq_len = seq_len
+  return config
+
+
+def eval_at_lengths(workdir: str, lengths: Sequence[int], *, scratch: str) -> list[dict]:
+  """One row per length: {seq_len, step, loss, token/sequence accuracy, rollout accuracies,
+  num_examples} of the latest checkpoint of `workdir` (evaluated on a copy under `scratch`)."""
+  from ea_jax import evaluate
+  copy = copy_run(workdir, scratch)
+  rows = []
+  for seq_len in lengths:
+    result = evaluate.evaluate(eval_config(copy, int(seq_len)), copy)
+    rows.append({"seq_len": int(seq_len), "step": result["step"], "loss": result["loss"],
+                 "num_examples": result["num_examples"],
+                 **{m: result.get(m, float("nan")) for m in METRICS}})
+  return rows
+
+
+def summarize(rows: Iterable[dict], keys: Sequence[str], metrics: Sequence[str] = METRICS
+              ) -> list[dict]:
+  """Groups `rows` by `keys` (in first-seen order) and gives, per metric, the mean and the min
+  over the group (`<metric>_mean`, `<metric>_min`) and the group size `n`."""
+  groups: dict[tuple, list[dict]] = {}
+  for row in rows:
+    missing = [k for k in tuple(keys) + tuple(metrics) if k not in row]
+    if missing:
+      raise ValueError(f"row {json.dumps(row, default=str)[:200]} lacks {missing}")
+    groups.setdefault(tuple(row[k] for k in keys), []).append(row)
+  out = []
+  for key, members in groups.items():
+    entry = dict(zip(keys, key))
+    entry["n"] = len(members)
+    for m in metrics:
+      values = np.asarray([r[m] for r in members], np.float64)
+      entry[f"{m}_mean"] = float(values.mean())
+      entry[f"{m}_min"] = float(values.min())
+    out.append(entry)
+  return out
