@@ -183,14 +183,16 @@ def _delay_table(summaries: list[dict], tasks: list[str], factors: list[int]) ->
 
 def _length_table(summary: list[dict]) -> list[str]:
   lines = ["| task | variant | width | L | tok mean | tok min | seq mean | seq min | rollout tok "
-           "mean | rollout tok min | rollout seq mean | rollout seq min |",
-           "|---" * 12 + "|"]
+           "mean | rollout tok min | rollout seq mean | rollout seq min | tok, positions < "
+           "L_train | tok, positions ≥ L_train |",
+           "|---" * 14 + "|"]
   for s in summary:
     lines.append("| " + " | ".join([
         s["task"], s["variant"], str(s["width"]), str(s["seq_len"]),
         *[_f(s[f"{m}_{a}"]) for m in ("token_accuracy", "sequence_accuracy",
                                       "rollout_token_accuracy", "rollout_sequence_accuracy")
-          for a in ("mean", "min")]]) + " |")
+          for a in ("mean", "min")],
+        _f(s["token_accuracy_seen_mean"]), _f(s["token_accuracy_beyond_mean"])]) + " |")
   return lines
 
 
@@ -204,35 +206,48 @@ def _findings(summaries, length_summary, tasks, factors) -> list[str]:
       seeds = sorted({s["seed"] for s in rows})
       union = {sd: max(s["best_union"] for s in rows if s["seed"] == sd) for sd in seeds}
       locked = [sd for sd in seeds if union[sd] >= LOCK_MASS]
-      chance = rows[0]["chance_union"]
-      text = (f"**{task}, {variant}**: the head with the most weight on offsets that some rule "
-              f"needs puts {min(union.values()):.2f}–{max(union.values()):.2f} of its weight "
-              f"there (chance {chance:.2f}); {len(locked)}/{len(seeds)} seeds have a head at "
-              f"≥ {LOCK_MASS}")
-      switches = [s["best_switch"] for s in rows if s["best_switch"] is not None]
+      verdict = ("locks onto delay offsets" if len(locked) == len(seeds) else
+                 "no delay locking" if not locked else "locks onto delay offsets in some seeds")
+      text = (f"**{task}, {variant}: {verdict}.** The head with the most weight on offsets that "
+              f"some rule needs puts {min(union.values()):.2f}–{max(union.values()):.2f} of its "
+              f"weight there (chance {rows[0]['chance_union']:.2f}); {len(locked)}/{len(seeds)} "
+              f"seeds have such a head at ≥ {LOCK_MASS}.")
+      switches = {sd: max(s["best_switch"] for s in rows if s["seed"] == sd) for sd in seeds
+                  if all(s["best_switch"] is not None for s in rows if s["seed"] == sd)}
       if switches:
-        switching = {sd for sd in seeds if max(s["best_switch"] for s in rows
-                                              if s["seed"] == sd) >= SWITCH_GAP}
-        text += (f"; the largest own − other gap of any head is {max(switches):.2f} "
-                 f"({len(switching)}/{len(seeds)} seeds have a head that follows the rule in use "
-                 f"by ≥ {SWITCH_GAP})")
+        following = [sd for sd, g in switches.items() if g >= SWITCH_GAP]
+        text += (f" Largest own − other gap of any head: {max(switches.values()):.2f}; "
+                 f"{len(following)}/{len(switches)} seeds have a head whose attention follows the "
+                 f"rule in use by ≥ {SWITCH_GAP}"
+                 + (" — the heads weigh the current and the other rule's offsets about alike, so "
+                    "where attention goes does not select the rule." if not following else "."))
       ent = [s["entropy"] for s in rows]
-      text += (f"; mean normalised attention entropy per layer {min(ent):.2f}–{max(ent):.2f} "
-               f"(1 = uniform).")
+      text += (f" Mean normalised attention entropy per layer {min(ent):.2f}–{max(ent):.2f} "
+               f"(1 = uniform over the visible keys).")
       out.append(text)
   by = {(s["task"], s["variant"], s["seq_len"]): s for s in length_summary}
   for task in tasks:
     lens = sorted({s["seq_len"] for s in length_summary if s["task"] == task})
     if len(lens) < 2:
       continue
+    variants = sorted({s["variant"] for s in length_summary if s["task"] == task})
     parts = []
-    for variant in sorted({s["variant"] for s in length_summary if s["task"] == task}):
+    for variant in variants:
       a, b = by[(task, variant, lens[0])], by[(task, variant, lens[-1])]
       parts.append(f"{variant} token {a['token_accuracy_mean']:.3f} → "
-                   f"{b['token_accuracy_mean']:.3f}, sequence {a['sequence_accuracy_mean']:.3f} "
-                   f"→ {b['sequence_accuracy_mean']:.3f}")
-    out.append(f"**{task}, L={lens[0]} → {lens[-1]}** (mean over seeds): " + "; ".join(parts)
-               + ".")
+                   f"{b['token_accuracy_mean']:.3f} ({b['token_accuracy_beyond_mean']:.3f} on the "
+                   f"positions from {lens[0]} on), sequence {a['sequence_accuracy_mean']:.3f} → "
+                   f"{b['sequence_accuracy_mean']:.3f}")
+    text = f"**{task}, L={lens[0]} → {lens[-1]}** (mean over seeds): " + "; ".join(parts) + "."
+    if "dpa" in variants:
+      beyond = {v: by[(task, v, lens[-1])]["token_accuracy_beyond_mean"] for v in variants}
+      worse = [v for v in variants if v != "dpa" and beyond[v] < beyond["dpa"] - 0.02]
+      better = [v for v in variants if v != "dpa" and beyond[v] > beyond["dpa"] + 0.02]
+      text += (f" Beyond the training length, {', '.join(worse) or 'no EA variant'} "
+               f"generalise{'s' if len(worse) <= 1 else ''} worse than dpa"
+               + (f" and {', '.join(better)} better" if better else "")
+               + " (token accuracy on those positions, by more than 0.02).")
+    out.append(text)
   return out
 
 
@@ -283,7 +298,7 @@ def write_readme(path, *, command, started, wall_s, runs, summaries, length_rows
   lines += _delay_table(summaries, tasks, factors)
   skipped = sum(s["skipped"] for s in summaries if s["layer"] == 0)
   seen = sum(s["sequences"] for s in summaries if s["layer"] == 0)
-  lines += ["", f"Sequences skipped as ambiguous: {skipped} of {seen}.", "",
+  lines += ["", f"Sequences skipped as ambiguous (all runs and lengths): {skipped} of {seen}.", "",
             "Per-head, per-rule numbers: `delay_heads.csv`; per-layer summary: "
             "`delay_models.csv`.", "", "### Figures (training length; cyan boxes = the rule's "
             "needed offsets)", ""]
@@ -308,8 +323,11 @@ def write_readme(path, *, command, started, wall_s, runs, summaries, length_rows
       "",
   ]
   lines += _length_table(length_summary)
-  lines += ["", f"Check: at the training length the evaluation reproduces the runs' final "
-            f"validation numbers (result.json): largest difference over {len(repro)} runs "
+  lines += ["", "The last two columns: mean over positions of the per-position token accuracy "
+            "(each position weighted equally) before and from the training length on (at the "
+            "training length itself every position is before it).", "",
+            f"Check: at the training length the evaluation reproduces the runs' final "
+            f"validation numbers (result.json): largest difference over {len(repro) // 2} runs "
             f"{max(abs(d) for d in repro):.2g} (token and sequence accuracy).", "",
             "Per-run numbers: `lengthgen.csv`.", "", "## Findings", ""]
   lines += ["- " + s for s in _findings(summaries, length_summary, tasks, factors)]
@@ -327,7 +345,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--sweep_dir", required=True, help="sweep workdir (holds runs/*/result.json)")
   p.add_argument("--out", default="docs/analysis", help="output folder (README, CSVs, PNGs)")
-  p.add_argument("--scratch", default="/tmp/analysis", help="where run copies are evaluated")
+  p.add_argument("--scratch", default="/tmp/analysis/runs", help="where run copies are evaluated")
   p.add_argument("--tasks", default=DEFAULT_TASKS, help="comma-separated task labels")
   p.add_argument("--widths", default="64", help="comma-separated model widths")
   p.add_argument("--length_factors", default="1,2",
@@ -388,7 +406,9 @@ def main(argv=None) -> None:
         repro += [row["token_accuracy"] - summ["token_accuracy"],
                   row["sequence_accuracy"] - summ["sequence_accuracy"]]
     print(f"[{i + 1}/{len(runs)}] {run['run']}: {time.time() - t0:.0f} s", flush=True)
-  length_summary = lengthgen.summarize(length_rows, ("task", "variant", "width", "seq_len"))
+  length_summary = lengthgen.summarize(
+      length_rows, ("task", "variant", "width", "seq_len"),
+      lengthgen.METRICS + ("token_accuracy_seen", "token_accuracy_beyond"))
   write_csv(os.path.join(args.out, "delay_heads.csv"), heads)
   write_csv(os.path.join(args.out, "delay_models.csv"), summaries)
   write_csv(os.path.join(args.out, "lengthgen.csv"), length_rows)

@@ -52,17 +52,38 @@ def eval_config(workdir: str, seq_len: int):
   return config
 
 
+def split_position_accuracy(per_position, boundary: int) -> tuple[float, float]:
+  """(mean over positions < boundary, mean over positions >= boundary) of a per-position
+  accuracy list (None = nothing scored there, left out; nan for an empty side). Positions are
+  weighted equally, not by how many targets each scores."""
+  acc = np.asarray([np.nan if a is None else a for a in per_position], np.float64)
+  if not (isinstance(boundary, int) and 0 <= boundary <= len(acc)):
+    raise ValueError(f"boundary={boundary!r}: must be an integer in [0, {len(acc)}]")
+
+  def mean(part):
+    part = part[~np.isnan(part)]
+    return float(part.mean()) if part.size else float("nan")
+
+  return mean(acc[:boundary]), mean(acc[boundary:])
+
+
 def eval_at_lengths(workdir: str, lengths: Sequence[int], *, scratch: str) -> list[dict]:
   """One row per length: {seq_len, step, loss, token/sequence accuracy, rollout accuracies,
-  num_examples} of the latest checkpoint of `workdir` (evaluated on a copy under `scratch`)."""
+  num_examples, token_accuracy_seen / token_accuracy_beyond (split_position_accuracy at the
+  training length)} of the latest checkpoint of `workdir` (evaluated on a copy under `scratch`)."""
   from ea_jax import evaluate
+  from ea_jax import train_lib
   copy = copy_run(workdir, scratch)
+  train_len = int(train_lib.read_train_config(copy)["config"]["task"]["seq_len"])
   rows = []
   for seq_len in lengths:
     result = evaluate.evaluate(eval_config(copy, int(seq_len)), copy)
+    seen, beyond = split_position_accuracy(result["per_position_accuracy"],
+                                           min(train_len, int(seq_len)))
     rows.append({"seq_len": int(seq_len), "step": result["step"], "loss": result["loss"],
                  "num_examples": result["num_examples"],
-                 **{m: result.get(m, float("nan")) for m in METRICS}})
+                 **{m: result.get(m, float("nan")) for m in METRICS},
+                 "token_accuracy_seen": seen, "token_accuracy_beyond": beyond})
   return rows
 
 

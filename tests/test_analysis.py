@@ -261,6 +261,11 @@ def test_report_reductions():
   assert out[0]["sequence_accuracy_min"] == 0.0 and out[1]["token_accuracy_min"] == 0.1
   with pytest.raises(ValueError, match="lacks"):
     lengthgen.summarize([{"task": "a"}], ("task",), ("token_accuracy",))
+  seen, beyond = lengthgen.split_position_accuracy([None, 1.0, 0.5, None, 0.25, 0.75], 3)
+  assert (seen, beyond) == (0.75, 0.5)
+  assert np.isnan(lengthgen.split_position_accuracy([1.0, 0.0], 2)[1])
+  with pytest.raises(ValueError, match="boundary"):
+    lengthgen.split_position_accuracy([1.0], 2)
   # Layer summary: head 0 follows the rule (own 1, other 0), head 1 is fixed on rule 0's offsets.
   own_YRN = np.array([[[1.0, 0.8], [1.0, 0.0]]])
   other_YRN = np.array([[[0.0, 0.0], [0.0, 0.8]]])
