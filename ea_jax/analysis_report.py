@@ -31,6 +31,7 @@ import numpy as np
 DEFAULT_TASKS = "N=5 R=1,N=5 R=2"
 LOCK_MASS = 0.5     # "locks onto delays": a head puts at least this much weight on needed offsets
 SWITCH_GAP = 0.3    # "switches with the rule": own minus other mass at least this much
+WEAK_RATIO = 2.0    # "weak preference": below LOCK_MASS but at least this many times chance
 
 
 # ------------------------------------------------------------------------------------------------
@@ -151,6 +152,24 @@ def machine() -> str:
   return f"{model}, {os.cpu_count()} cores, JAX devices: {devices}"
 
 
+def code_version() -> str:
+  """`commit <short hash>` of the checkout holding this file, and which tracked ea_jax/ files
+  differ from it (the analysis ran with those edits)."""
+  import subprocess
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  try:
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, check=True,
+                          capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                            "ea_jax"], cwd=root, check=True, capture_output=True,
+                           text=True).stdout.split("\n")
+  except (OSError, subprocess.CalledProcessError):
+    return "not a git checkout"
+  changed = sorted(line[3:] for line in dirty if line.strip())
+  return f"commit `{head}`" + (f", with uncommitted changes in {', '.join(changed)}"
+                               if changed else "")
+
+
 # ------------------------------------------------------------------------------------------------
 # The report
 # ------------------------------------------------------------------------------------------------
@@ -196,7 +215,7 @@ def _length_table(summary: list[dict]) -> list[str]:
   return lines
 
 
-def _findings(summaries, length_summary, tasks, factors) -> list[str]:
+def _findings(runs, summaries, length_summary, tasks, factors) -> list[str]:
   """Sentences computed from the numbers (thresholds LOCK_MASS, SWITCH_GAP)."""
   out = []
   base = [s for s in summaries if s["length_factor"] == factors[0]]
@@ -206,12 +225,22 @@ def _findings(summaries, length_summary, tasks, factors) -> list[str]:
       seeds = sorted({s["seed"] for s in rows})
       union = {sd: max(s["best_union"] for s in rows if s["seed"] == sd) for sd in seeds}
       locked = [sd for sd in seeds if union[sd] >= LOCK_MASS]
-      verdict = ("locks onto delay offsets" if len(locked) == len(seeds) else
-                 "no delay locking" if not locked else "locks onto delay offsets in some seeds")
+      chance = rows[0]["chance_union"]
+      if len(locked) == len(seeds):
+        verdict = "locks onto delay offsets"
+      elif locked:
+        verdict = "locks onto delay offsets in some seeds"
+      elif min(union.values()) >= WEAK_RATIO * chance:
+        verdict = f"no locking, a weak preference for delay offsets (≥ {WEAK_RATIO:g}× chance)"
+      else:
+        verdict = "no delay locking"
+      accs = [r["result"]["summary"]["sequence_accuracy"] for r in runs
+              if r["task"] == task and r["variant"] == variant]
       text = (f"**{task}, {variant}: {verdict}.** The head with the most weight on offsets that "
               f"some rule needs puts {min(union.values()):.2f}–{max(union.values()):.2f} of its "
-              f"weight there (chance {rows[0]['chance_union']:.2f}); {len(locked)}/{len(seeds)} "
-              f"seeds have such a head at ≥ {LOCK_MASS}.")
+              f"weight there (chance {chance:.2f}); {len(locked)}/{len(seeds)} seeds have such a head "
+              f"at ≥ {LOCK_MASS}. Validation sequence accuracy of these runs "
+              f"{min(accs):.3f}–{max(accs):.3f}.")
       switches = {sd: max(s["best_switch"] for s in rows if s["seed"] == sd) for sd in seeds
                   if all(s["best_switch"] is not None for s in rows if s["seed"] == sd)}
       if switches:
@@ -219,8 +248,9 @@ def _findings(summaries, length_summary, tasks, factors) -> list[str]:
         text += (f" Largest own − other gap of any head: {max(switches.values()):.2f}; "
                  f"{len(following)}/{len(switches)} seeds have a head whose attention follows the "
                  f"rule in use by ≥ {SWITCH_GAP}"
-                 + (" — the heads weigh the current and the other rule's offsets about alike, so "
-                    "where attention goes does not select the rule." if not following else "."))
+                 + (" — the locked heads weigh the current and the other rule's offsets about "
+                    "alike, so where attention goes does not select the rule."
+                    if locked and not following else "."))
       ent = [s["entropy"] for s in rows]
       text += (f" Mean normalised attention entropy per layer {min(ent):.2f}–{max(ent):.2f} "
                f"(1 = uniform over the visible keys).")
@@ -267,6 +297,7 @@ def write_readme(path, *, command, started, wall_s, runs, summaries, length_rows
       "",
       f"- Date: {started} UTC.",
       f"- Machine: {machine()}.",
+      f"- Code: {code_version()}.",
       f"- Wall time: {wall_s / 60:.1f} min.",
       f"- Runs: {len(runs)} study runs of the sweep (tasks {', '.join(tasks)}; width(s) "
       f"{', '.join(map(str, widths))}; variants {', '.join(sorted({r['variant'] for r in runs}))};"
@@ -298,10 +329,13 @@ def write_readme(path, *, command, started, wall_s, runs, summaries, length_rows
   lines += _delay_table(summaries, tasks, factors)
   skipped = sum(s["skipped"] for s in summaries if s["layer"] == 0)
   seen = sum(s["sequences"] for s in summaries if s["layer"] == 0)
+  lines += ["", f"Findings use thresholds: locked = a head with ≥ {LOCK_MASS} of its weight on "
+            f"offsets some rule needs; follows the rule = own − other ≥ {SWITCH_GAP}; weak "
+            f"preference = best head ≥ {WEAK_RATIO:g}× chance."]
   lines += ["", f"Sequences skipped as ambiguous (all runs and lengths): {skipped} of {seen}.", "",
             "Per-head, per-rule numbers: `delay_heads.csv`; per-layer summary: "
             "`delay_models.csv`.", "", "### Figures (training length; cyan boxes = the rule's "
-            "needed offsets)", ""]
+            "needed offsets; each figure has its own colour scale)", ""]
   for run, fig in figures:
     lines.append(f"- `{fig}`: {run['task']} {run['variant']} width {run['width']} seed "
                  f"{run['seed']} (validation seq acc "
@@ -330,7 +364,7 @@ def write_readme(path, *, command, started, wall_s, runs, summaries, length_rows
             f"validation numbers (result.json): largest difference over {len(repro) // 2} runs "
             f"{max(abs(d) for d in repro):.2g} (token and sequence accuracy).", "",
             "Per-run numbers: `lengthgen.csv`.", "", "## Findings", ""]
-  lines += ["- " + s for s in _findings(summaries, length_summary, tasks, factors)]
+  lines += ["- " + s for s in _findings(runs, summaries, length_summary, tasks, factors)]
   with open(path, "w") as f:
     f.write("\n".join(lines) + "\n")
 
