@@ -7,14 +7,14 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from ea_jax import runtime
+
 config_flags.DEFINE_config_file("config", None, "Config file (ml_collections get_config).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Training directory holding checkpoints/.")
 flags.DEFINE_bool("plot_attention", False, "Save attention-map figures for a few examples.")
 flags.DEFINE_integer("num_attention_examples", 3, "How many examples --plot_attention draws.")
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
-flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
-flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
+runtime.define_process_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -22,8 +22,7 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from ea_jax import runtime
-  runtime.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  runtime.initialize_from_flags()
   from ea_jax import evaluate
   evaluate.evaluate(FLAGS.config, FLAGS.workdir,
                     plot_attention=FLAGS.num_attention_examples if FLAGS.plot_attention else 0)

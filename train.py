@@ -11,12 +11,12 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from ea_jax import runtime
+
 config_flags.DEFINE_config_file("config", None, "Config file (ml_collections get_config).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and summaries.")
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
-flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
-flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
+runtime.define_process_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -24,8 +24,7 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from ea_jax import runtime
-  runtime.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  runtime.initialize_from_flags()
   from ea_jax import train_lib
   summary = train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   if summary.get("stopped") == "sigterm":

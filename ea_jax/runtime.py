@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging as py_logging
 
+from absl import flags
 from absl import logging
 
 
@@ -15,6 +16,19 @@ class _DropLibraryInfo(py_logging.Filter):
 
 def quiet_library_logs() -> None:
   py_logging.getLogger("absl").addFilter(_DropLibraryInfo())
+
+
+def define_process_flags() -> None:
+  """Defines --coordinator_address, --num_processes and --process_id (multi-process runs)."""
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
+  flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
+  flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
+
+
+def initialize_from_flags() -> None:
+  """`initialize` with the values of the flags from `define_process_flags`."""
+  f = flags.FLAGS
+  initialize(f.coordinator_address, f.num_processes, f.process_id)
 
 
 def initialize(coordinator_address: str | None, num_processes: int | None,
