@@ -403,7 +403,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
   from ea_jax import delays
   from ea_jax import lengthgen
-  from ea_jax import plots
+  from ea_jax.study import plots
   args = parse_args(argv)
   t0 = time.time()
   started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")

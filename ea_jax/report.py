@@ -236,7 +236,7 @@ def _geometry(config, workdir: str, rows) -> dict:
 
 def write_report(config, workdir: str) -> list[str]:
   """Writes summary.md, ladder.png, frontier.png (and geometry.png); returns their paths."""
-  from ea_jax import plots
+  from ea_jax.study import plots
   rows = sweep_lib.read_csv(os.path.join(workdir, sweep_lib.RESULTS_CSV))
   tpath = os.path.join(workdir, sweep_lib.TUNING_CSV)
   tuning_rows = sweep_lib.read_csv(tpath) if os.path.isfile(tpath) else []

@@ -240,7 +240,7 @@ def test_offset_profile_against_plain_loops():
 
 
 def test_delay_figure(tmp_path):
-  from ea_jax import plots
+  from ea_jax.study import plots
   prof_YRNO = np.random.default_rng(0).random((2, 2, 4, 10))
   path = plots.plot_delay_profiles(prof_YRNO, [(1, 4), (3, 6)], str(tmp_path / "d.png"),
                                    num_offsets=8, title="t")
