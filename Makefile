@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= workdirs/demo
 PYTEST_ARGS ?=
 
-.PHONY: demo test install bench sweep clean
+.PHONY: demo test install bench study sweep clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,9 +30,14 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/attention.py
 
-# The CPU study (docs/results): resumable, so the same command continues an interrupted sweep.
-sweep: $(STAMP)
-	$(PY) -m ea_jax.sweep --config=configs/sweep.py --workdir=workdirs/sweep --workers=2
+# The CPU study (docs/results): resumable, so the same command continues an interrupted study;
+# then the report is copied to docs/results and the README's results block is rewritten.
+STUDY_DIR ?= workdirs/study
+study: $(STAMP)
+	$(PY) -m ea_jax.study --config=configs/sweep.py --workdir=$(STUDY_DIR) --workers=2
+	$(PY) -m ea_jax.study --config=configs/sweep.py --workdir=$(STUDY_DIR) --publish=docs/results --readme=README.md
+
+sweep: study
 
 clean:
 	rm -rf $(VENV) workdirs .pytest_cache .hypothesis

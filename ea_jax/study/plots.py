@@ -12,13 +12,6 @@ from typing import Sequence
 
 import numpy as np
 
-# ----------------------------------------------------------------------------------------------
-# Sweep figures (ea_jax.report):
-#   plot_ladder         accuracy vs complexity, one line per variant, a panel per ladder x width.
-#   plot_frontier       the 100% frontier level vs width, one line per variant, a panel per ladder.
-#   plot_cos_histograms attention weight over cos(q, k), a panel per layer x head, a line per run.
-# ----------------------------------------------------------------------------------------------
-
 _VARIANT_STYLE = {"dpa": ("tab:blue", "o"), "ea-rational": ("tab:red", "s"),
                   "ea-square": ("tab:green", "^")}
 _EXTRA_COLORS = ("tab:purple", "tab:orange", "tab:brown", "tab:pink", "tab:olive", "tab:cyan",
@@ -35,7 +28,7 @@ def plot_ladder(cells: Sequence[dict], path: str, *, variants: Sequence[str]) ->
   """Accuracy vs task complexity: rows = ladder x (sequence, token accuracy), columns = widths.
 
   Args:
-    cells: ea_jax.report.aggregate output (task, level, label, complexity, variant, width,
+    cells: ea_jax.study.report.cells output (task, level, label, complexity, variant, width,
       seq_mean/min/max, tok_mean/min/max).
     path: output PNG.
     variants: line order (and colours).
@@ -82,45 +75,82 @@ def plot_ladder(cells: Sequence[dict], path: str, *, variants: Sequence[str]) ->
   return path
 
 
-def plot_frontier(cells: Sequence[dict], frontier: dict, path: str, *,
-                  variants: Sequence[str]) -> str:
-  """The 100% frontier (highest level where every seed solved) vs model width.
+def plot_capacity(cells: Sequence[dict], path: str, *, variants: Sequence[str]) -> str:
+  """Per variant, a heat map of level (rows, by complexity) x width -> mean test sequence
+  accuracy over seeds, the value written in each cell ("*" = some seed ended at max_steps).
 
   Args:
-    cells: ea_jax.report.aggregate output (for the level labels).
-    frontier: {(task, variant, width): cell or None}, ea_jax.report.frontiers output.
+    cells: ea_jax.study.report.cells output for distinct tasks (label, complexity, variant,
+      width, seq_mean, max_steps).
     path: output PNG.
-    variants: line order.
-  One panel per ladder; "none" (below the lowest level run) where no level was solved.
+    variants: panel order.
   """
   from matplotlib.figure import Figure
-  tasks = list(dict.fromkeys(c["task"] for c in cells))
+  if not cells:
+    raise ValueError("plot_capacity: no cells to plot")
+  levels = sorted({(c["complexity"], c["label"]) for c in cells})
   widths = sorted({c["width"] for c in cells})
-  if not tasks:
-    raise ValueError("plot_frontier: no cells to plot")
-  fig = Figure(figsize=(4.4 * len(tasks) + 0.4, 3.4), layout="constrained")
-  axes = np.asarray(fig.subplots(1, len(tasks), squeeze=False))[0]
-  for ax, task in zip(axes, tasks):
-    levels = sorted({(c["level"], c["label"]) for c in cells if c["task"] == task})
-    bottom = levels[0][0] - 1
-    for vi, v in enumerate(variants):
-      color, marker = _variant_style(v, vi)
-      ys = [frontier[(task, v, w)]["level"] if frontier.get((task, v, w)) else bottom
-            for w in widths]
-      offset = (vi - (len(variants) - 1) / 2) * 0.06
-      ax.plot(np.arange(len(widths)) + offset, np.asarray(ys, float) + offset, color=color,
-              marker=marker, label=v)
+  shown = [v for v in variants if any(c["variant"] == v for c in cells)]
+  fig = Figure(figsize=(1.2 * len(widths) * len(shown) + 2.2, 0.42 * len(levels) + 1.6),
+               layout="constrained")
+  axes = np.asarray(fig.subplots(1, len(shown), squeeze=False))[0]
+  image = None
+  for ax, v in zip(axes, shown):
+    grid = np.full((len(levels), len(widths)), np.nan)
+    starred = np.zeros_like(grid, bool)
+    for c in cells:
+      if c["variant"] == v:
+        i, j = levels.index((c["complexity"], c["label"])), widths.index(c["width"])
+        grid[i, j], starred[i, j] = c["seq_mean"], c["max_steps"] > 0
+    image = ax.imshow(grid, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto", origin="lower")
+    for i in range(len(levels)):
+      for j in range(len(widths)):
+        if not np.isnan(grid[i, j]):
+          ax.text(j, i, f"{grid[i, j]:.2f}{'*' if starred[i, j] else ''}", ha="center",
+                  va="center", fontsize=7, color="black" if grid[i, j] > 0.6 else "white")
     ax.set_xticks(range(len(widths)), [str(w) for w in widths])
-    ax.set_xlim(-0.5, len(widths) - 0.5)
-    ax.set_yticks([bottom] + [l for l, _ in levels],
-                  ["none"] + [f"{l}: {lab}" for l, lab in levels], fontsize=7)
-    ax.set_ylim(bottom - 0.5, levels[-1][0] + 0.5)
+    ax.set_yticks(range(len(levels)), [lab for _, lab in levels], fontsize=7)
     ax.set_xlabel("width (embed_dim)")
-    ax.set_title(task, fontsize=9)
-    ax.grid(alpha=0.3)
-  axes[0].set_ylabel("100% frontier level")
-  axes[0].legend(fontsize=7)
-  fig.suptitle("Highest level at which every seed reached 100% sequence accuracy", fontsize=9)
+    ax.set_title(v, fontsize=9)
+  fig.colorbar(image, ax=axes.tolist(), shrink=0.8, label="mean test sequence accuracy")
+  fig.suptitle("Capacity map (* = a seed ended at max_steps)", fontsize=9)
+  fig.savefig(path, dpi=110)
+  return path
+
+
+def plot_frontier(frontier: dict, levels: Sequence[tuple[float, str]], widths: Sequence[int],
+                  path: str, *, variants: Sequence[str]) -> str:
+  """Per level, the smallest width at which every seed solves it (one line per variant).
+
+  Args:
+    frontier: {(label, variant): smallest solving width or None}, ea_jax.study.report output.
+    levels: (complexity, label) of the levels, x-axis order.
+    widths: the widths of the study (y-axis); "none" above the widest where no width solved.
+    path: output PNG.
+    variants: line order.
+  """
+  from matplotlib.figure import Figure
+  if not levels:
+    raise ValueError("plot_frontier: no levels to plot")
+  widths = sorted(widths)
+  fig = Figure(figsize=(1.0 * len(levels) + 2.6, 3.4), layout="constrained")
+  ax = fig.subplots()
+  none_y = len(widths)
+  for vi, v in enumerate(variants):
+    color, marker = _variant_style(v, vi)
+    ys = [widths.index(frontier[(lab, v)]) if frontier.get((lab, v)) is not None else none_y
+          for _, lab in levels]
+    offset = (vi - (len(variants) - 1) / 2) * 0.06
+    ax.plot(np.arange(len(levels)) + offset, np.asarray(ys, float) + offset, color=color,
+            marker=marker, label=v)
+  ax.set_xticks(range(len(levels)), [lab for _, lab in levels], fontsize=7, rotation=30)
+  ax.set_yticks(list(range(len(widths))) + [none_y], [str(w) for w in widths] + ["none"])
+  ax.set_ylim(-0.5, none_y + 0.5)
+  ax.set_xlabel("level (increasing complexity)")
+  ax.set_ylabel("smallest width solving it")
+  ax.set_title("Frontier: every seed >= 0.99 test sequence accuracy", fontsize=9)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
   fig.savefig(path, dpi=110)
   return path
 
