@@ -65,7 +65,12 @@ def get_config(arg=None):
   c.train.eval_every = 500            # steps between validation evals
   c.train.checkpoint_every = 1000     # steps between checkpoints (also saved at the end)
   c.train.keep_checkpoints = 2        # how many recent checkpoints to keep
-  c.train.early_stop = False          # stop once validation sequence accuracy reaches 1.0
+  # Stopping (ea_jax.stopping): end when validation sequence accuracy is 1.0 at two consecutive
+  # evals ("solved") or validation loss has not improved by >= plateau_rel over `patience` evals
+  # ("plateau"); without early_stop every run ends at num_steps ("max_steps").
+  c.train.early_stop = False          # apply the solved / plateau rule
+  c.train.patience = 5                # evals without enough improvement that make a plateau
+  c.train.plateau_rel = 0.01          # relative validation-loss improvement that counts (1%)
   # Peak FLOP/s per device for the MFU estimate. 2e11 ~ a 2-core AVX-512 CPU (2 cores x 32 fp32
   # FLOP/cycle x 3 GHz; on CPU all cores are one device); set your accelerator's peak instead.
   c.train.peak_flops = 2e11
