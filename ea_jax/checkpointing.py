@@ -1,4 +1,5 @@
-"""orbax checkpoints of the train state: save every N steps, keep the last k, restore onto any mesh.
+"""orbax checkpoints of the train state: save every N steps, keep the last k (and the steps a run
+still needs, e.g. its selected checkpoint), restore onto any mesh.
 
 Restoring takes an *abstract* state (ShapeDtypeStructs carrying the current NamedShardings), so
 a checkpoint written on one mesh restores onto another. Before restoring, the stored parameter
@@ -6,8 +7,9 @@ shapes are compared with the abstract ones and a mismatch names the parameter.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
-from typing import Any
+from typing import Any, Callable, Collection, Sequence
 
 import jax
 import orbax.checkpoint as ocp
@@ -47,21 +49,43 @@ def compare_param_shapes(stored: dict, wanted: dict, where: str) -> None:
         + "\nUse a fresh --workdir, or the config the checkpoint was trained with.")
 
 
+@dataclasses.dataclass
+class KeepSteps(ocp.checkpoint_managers.PreservationPolicy):
+  """Preserves the steps `steps_fn()` names at clean-up time.
+
+  orbax's `CustomSteps` fixes its steps when built; a run's selected checkpoint moves as
+  validation evals arrive, so this policy asks for the current set each time orbax cleans up.
+  """
+
+  steps_fn: Callable[[], Collection[int]]
+
+  def should_preserve(self, checkpoints: Sequence[Any], *, context: Any) -> Sequence[bool]:
+    del context
+    keep = set(self.steps_fn())
+    return [c.step in keep for c in checkpoints]
+
+
 class Checkpoints:
   """Thin wrapper over `ocp.CheckpointManager` for one TrainState pytree.
 
   Args:
     directory: where step directories go (made absolute).
     keep: how many of the most recent checkpoints to keep.
+    keep_steps: optional callable returning further steps to keep (e.g. the selected one).
   """
 
-  def __init__(self, directory: str, keep: int):
+  def __init__(self, directory: str, keep: int,
+               keep_steps: Callable[[], Collection[int]] | None = None):
     if keep < 1:
       raise ValueError(f"config.train.keep_checkpoints={keep}: must be >= 1")
     self.directory = os.path.abspath(directory)
     self._closed = False
     self._last_saved = None
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+    policies = [ocp.checkpoint_managers.LatestN(n=keep)]
+    if keep_steps is not None:
+      policies.append(KeepSteps(keep_steps))
+    options = ocp.CheckpointManagerOptions(
+        create=True, preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies))
     try:
       self.manager = ocp.CheckpointManager(self.directory, options=options,
                                            item_handlers=ocp.StandardCheckpointHandler())
@@ -70,6 +94,9 @@ class Checkpoints:
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
 
   def save(self, step: int, state: Any) -> None:
     """Saves asynchronously (atomic: a partial save is never visible as a step)."""
@@ -99,6 +126,7 @@ class Checkpoints:
                             f"{e}); delete it to fall back to an earlier step") from e
 
   def wait(self) -> None:
+    """Blocks until pending asynchronous saves are on disk (before restoring one of them)."""
     self.manager.wait_until_finished()
 
   def close(self) -> None:

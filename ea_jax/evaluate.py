@@ -26,6 +26,7 @@ from absl import logging
 
 from ea_jax import checkpointing
 from ea_jax import data as data_lib
+from ea_jax import files
 from ea_jax import train_lib
 
 EVAL_FILE = "eval.json"
@@ -151,7 +152,7 @@ def evaluate(config, workdir: str, *, plot_attention: int = 0) -> dict:
                result["loss"], result["token_accuracy"], result["sequence_accuracy"],
                f"  rollout_seq_acc {result['rollout_sequence_accuracy']:.4f}"
                if "rollout_sequence_accuracy" in result else "")
-  train_lib._write_json(os.path.join(workdir, EVAL_FILE), result)  # pylint: disable=protected-access
+  files.write_json(os.path.join(workdir, EVAL_FILE), result)
   return result
 
 

@@ -3,10 +3,11 @@
 Letters: B batch, L sequence length, V vocabulary.
 
 `train_and_evaluate(config, workdir)`:
-  mesh from config.mesh -> data source -> model -> state sharded at init -> resume the latest
-  checkpoint -> loop: train step (state donated), read step N-1's metrics after dispatching
-  step N (stops on NaN/Inf naming the step), log / evaluate / checkpoint periodically -> final
-  eval on the validation split -> `workdir/train_summary.json`.
+  mesh from config.mesh -> data source -> model -> state sharded at init, or the latest
+  checkpoint restored -> loop: train step (state donated), read step N-1's metrics after
+  dispatching step N (stops on NaN/Inf naming the step), log / validate / stop
+  (`ea_jax.stopping`) / checkpoint periodically -> the test split at the checkpoint selected on
+  validation -> `workdir/train_summary.json`.
 """
 from __future__ import annotations
 
@@ -29,8 +30,10 @@ from absl import logging
 
 from ea_jax import checkpointing
 from ea_jax import data as data_lib
+from ea_jax import files
 from ea_jax import metrics as metrics_lib
 from ea_jax import sharding as sharding_lib
+from ea_jax import stopping
 
 TRAIN_CONFIG_FILE = "train_config.json"
 SUMMARY_FILE = "train_summary.json"
@@ -190,6 +193,15 @@ class Setup:
       self._init = make_init(self.model, self.tx, seq_len=self.max_len, mesh=self.mesh,
                              rules=self.rules)
 
+  def abstract_state(self) -> Any:
+    """The train state as ShapeDtypeStructs carrying their shardings (a restore target; no
+    parameters are created)."""
+    self._build_init()
+    init, shardings = self._init
+    shapes = jax.eval_shape(init, data_lib.stream_key(0, "init"))
+    return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                        shapes, shardings)
+
   def init_state(self, seed: int = 0) -> tuple[TrainState, Any]:
     """(fresh sharded train state, its shardings); parameters from the "init" stream of `seed`."""
     self._build_init()
@@ -237,7 +249,7 @@ def write_train_config(workdir: str, config, *, vocab_size: int, max_len: int) -
   """Stores the training config with the model's vocabulary and max length (read by eval)."""
   payload = {"vocab_size": vocab_size, "max_len": max_len,
              "config": json.loads(config.to_json_best_effort())}
-  _write_json(os.path.join(workdir, TRAIN_CONFIG_FILE), payload)
+  files.write_json(os.path.join(workdir, TRAIN_CONFIG_FILE), payload)
 
 
 def read_train_config(workdir: str) -> dict:
@@ -247,15 +259,6 @@ def read_train_config(workdir: str) -> dict:
                             f"writes it at start)?")
   with open(path) as f:
     return json.load(f)
-
-
-def _write_json(path: str, payload) -> None:
-  if jax.process_index() != 0:
-    return
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(payload, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
 
 
 def _flat_hparams(config) -> dict:
@@ -316,84 +319,118 @@ def _validate(config) -> None:
     raise ValueError(f"config.data.source={config.data.source!r}; allowed: {data_lib.SOURCES}")
   if config.eval.split not in data_lib.EVAL_SPLITS:
     raise ValueError(f"config.eval.split={config.eval.split!r}; allowed: {data_lib.EVAL_SPLITS}")
-  for field in ("log_every", "eval_every", "checkpoint_every", "batch_size"):
+  for field in ("log_every", "eval_every", "checkpoint_every", "batch_size", "patience"):
     if config.train[field] < 1:
       raise ValueError(f"config.train.{field}={config.train[field]}: must be >= 1")
+  if not 0.0 <= config.train.plateau_rel < 1.0:
+    raise ValueError(f"config.train.plateau_rel={config.train.plateau_rel}: must be in [0, 1)")
   if config.eval.num_examples < 1 or config.eval.batch_size < 1:
     raise ValueError("config.eval.num_examples and config.eval.batch_size must be >= 1")
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains `config` in `workdir` (resuming its latest checkpoint); returns the summary dict.
+_EVAL_KEYS = ("loss", "token_accuracy", "sequence_accuracy")
 
-  Writes `workdir/checkpoints/<step>`, TensorBoard events, `train_config.json`,
-  `eval_history.jsonl` and `train_summary.json` (see interfaces: step, loss, eval_loss,
-  token_accuracy, sequence_accuracy, first_step_100, wall_seconds, num_params).
+
+class _Run:
+  """One call of `train_and_evaluate`: the pieces its stages share.
+
+  Stages, in order: `__init__` (set up: validate, data, model, no files yet), `open` (init or
+  restore, history), `loop` (train steps, periodic log / eval / stop / checkpoint), `finish`
+  (test split at the selected checkpoint, summary).
   """
-  t_start = time.time()
-  _validate(config)
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  tc = config.train
-  source = data_lib.make_source(config, splits=("train", "validation"))
-  setup = get_setup(config, vocab_size=source.vocab_size, max_len=source.seq_len)
-  train_sh = setup.batch_sharding(tc.batch_size)
-  eval_sh = setup.batch_sharding(config.eval.batch_size)
-  from clu import metric_writers, parameter_overview, periodic_actions
 
-  with contextlib.ExitStack() as stack:  # closes the writer, then waits for pending saves
-    stack.enter_context(jax.set_mesh(setup.mesh))
+  def __init__(self, config, workdir: str):
+    self.t_start = time.time()
+    _validate(config)
+    self.config, self.tc = config, config.train
+    self.workdir = os.path.abspath(workdir)
+    self.source = data_lib.make_source(config, splits=("train",) + data_lib.EVAL_SPLITS)
+    self.setup = get_setup(config, vocab_size=self.source.vocab_size,
+                           max_len=self.source.seq_len)
+    self.train_sh = self.setup.batch_sharding(self.tc.batch_size)
+    self.eval_sh = self.setup.batch_sharding(config.eval.batch_size)
+    self.history: list[dict] = []
+
+  # -- init or restore ---------------------------------------------------------------------
+
+  def open(self, stack: contextlib.ExitStack) -> None:
+    """Creates the workdir, restores the latest checkpoint (or initialises) and the history."""
+    os.makedirs(self.workdir, exist_ok=True)
+    self.ckpts = checkpointing.Checkpoints(
+        os.path.join(self.workdir, "checkpoints"), self.tc.keep_checkpoints,
+        keep_steps=lambda: stopping.steps_to_keep(list(self.history)))
+    stack.callback(self.ckpts.close)
+    self.latest = self.ckpts.latest_step()
+    if self.latest is None:
+      self.state, _ = self.setup.init_state(self.tc.seed)
+    else:
+      self.state = self.ckpts.restore(self.latest, self.setup.abstract_state())
+      logging.info("resumed from checkpoint step %d", self.latest)
+    self.start = int(jax.device_get(self.state.step))
+    self.history = _truncate_history(self.workdir, upto=self.start)
+    self.num_params = int(sum(np.prod(p.shape) for p in jax.tree.leaves(self.state.params)))
+
+  def decision(self) -> str | None:
+    """What the eval history says now: "solved", "plateau" or None (early_stop off: None)."""
+    if not self.tc.early_stop:
+      return None
+    return stopping.decide(self.history, self.tc.patience, self.tc.plateau_rel)
+
+  def finished_summary(self) -> dict | None:
+    """The stored summary if this workdir's run is complete for the current config, else None."""
+    summary = files.read_json(os.path.join(self.workdir, SUMMARY_FILE))
+    if not summary or summary.get("ended_by") not in (stopping.SOLVED, stopping.PLATEAU,
+                                                      stopping.MAX_STEPS):
+      return None
+    if summary.get("step") != self.start:
+      return None
+    if self.decision() is None and self.start < self.tc.num_steps:
+      return None  # e.g. num_steps was raised: there is more to train
+    return summary
+
+  # -- the loop ----------------------------------------------------------------------------
+
+  def loop(self, stack: contextlib.ExitStack) -> str:
+    """Trains from `self.start`; returns how it ended ("solved", "plateau", "max_steps",
+    "sigterm"). Saves a checkpoint at every validation eval (the candidates for selection),
+    every `checkpoint_every` steps and where it stops."""
+    from clu import metric_writers, parameter_overview, periodic_actions
+    from ea_jax import model as model_lib
+    tc, setup, state = self.tc, self.setup, self.state
     preemption = stack.enter_context(_Preemption())
-    state, _ = setup.init_state(tc.seed)
-    ckpts = checkpointing.Checkpoints(os.path.join(workdir, "checkpoints"), tc.keep_checkpoints)
-    stack.callback(ckpts.close)
-    latest = ckpts.latest_step()
-    if latest is not None:
-      state = ckpts.restore(latest, checkpointing.abstract_like(state))
-      logging.info("resumed from checkpoint step %d", latest)
-    start = int(jax.device_get(state.step))
-    write_train_config(workdir, config, vocab_size=setup.vocab_size, max_len=setup.max_len)
-    num_params = int(sum(np.prod(p.shape) for p in jax.tree.leaves(state.params)))
-
-    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    self.writer = writer = metric_writers.create_default_writer(
+        self.workdir, just_logging=jax.process_index() > 0)
     stack.callback(writer.close)
-    if start == 0:
-      writer.write_hparams(_flat_hparams(config))
-    logging.info("model: %d parameters, mesh %s\n%s", num_params, dict(setup.mesh.shape),
+    if self.start == 0:
+      writer.write_hparams(_flat_hparams(self.config))
+    logging.info("model: %d parameters, mesh %s\n%s", self.num_params, dict(setup.mesh.shape),
                  parameter_overview.get_parameter_overview(
                      state.params, include_stats=jax.process_count() == 1))
 
     train_step = setup.train_step(tc.batch_size)
-    eval_step = setup.eval_step(config.eval.batch_size)
-    next_batch = source.train_batches(tc.seed, tc.batch_size, train_sh)
-    eval_batches = source.eval_batches("validation", config.eval.seed, config.eval.num_examples,
-                                       config.eval.batch_size, eval_sh)
-    from ea_jax import model as model_lib
+    self.eval_step = setup.eval_step(self.config.eval.batch_size)
+    next_batch = self.source.train_batches(tc.seed, tc.batch_size, self.train_sh)
     flops_per_step = (model_lib.flops_per_token(setup.model_cfg, setup.max_len)
                       * tc.batch_size * setup.max_len)
     peak = tc.peak_flops * jax.device_count()
-
     hooks = [periodic_actions.ReportProgress(num_train_steps=tc.num_steps, writer=writer,
                                              every_steps=tc.log_every, every_secs=None)]
     if tc.profile_steps > 0 and jax.process_index() == 0:
-      hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=tc.profile_steps,
-                                            profile_duration_ms=None, first_profile=start + 5,
-                                            every_secs=None))
+      hooks.append(periodic_actions.Profile(logdir=self.workdir,
+                                            num_profile_steps=tc.profile_steps,
+                                            profile_duration_ms=None,
+                                            first_profile=self.start + 5, every_secs=None))
 
-    history = _read_history(workdir, upto=start)
-    first_100 = next((h["step"] for h in history if h["sequence_accuracy"] == 1.0), None)
-    last_eval = history[-1] if history else None
-    last_good = latest
+    last_good = self.latest
     prev = None            # (step index, TrainMetrics) of the previous step, read one step late
     accum = None           # metrics merged since the last log line
-    t_mark, steps_mark = time.time(), start
-    last_loss = None
-    stopped = None
-
-    step = start
-    while step < tc.num_steps:
+    t_mark, steps_mark = time.time(), self.start
+    self.last_loss = None
+    ended = self.decision()
+    step = self.start
+    while ended is None and step < tc.num_steps:
       if preemption.requested(step, tc.log_every):
-        stopped = "sigterm"
+        ended = stopping.SIGTERM
         break
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         state, m = train_step(state, next_batch(step))
@@ -415,7 +452,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         tokens_per_sec = steps_done * tc.batch_size * setup.max_len / max(elapsed, 1e-9)
         computed["tokens_per_sec"] = tokens_per_sec
         computed["mfu"] = flops_per_step * steps_done / max(elapsed, 1e-9) / peak
-        last_loss = computed["loss"]
+        self.last_loss = computed["loss"]
         writer.write_scalars(step, {f"train/{k}": v for k, v in computed.items()
                                     if v is not None})
         logging.info("step %d/%d  loss %.4f  token_acc %.4f  seq_acc %.4f  (%.0f tokens/s)",
@@ -423,85 +460,154 @@ def train_and_evaluate(config, workdir: str) -> dict:
                      computed["sequence_accuracy"], tokens_per_sec)
         t_mark, steps_mark = time.time(), step
 
-      early = False
-      if step % tc.eval_every == 0 or last_step:
+      evaluated = step % tc.eval_every == 0 or last_step
+      if evaluated:
         t0 = time.time()
-        ev = run_eval(eval_step, state.params, eval_batches)
-        last_eval = {"step": step, **{k: ev[k] for k in
-                                      ("loss", "token_accuracy", "sequence_accuracy")}}
-        _append_history(workdir, last_eval)
-        writer.write_scalars(step, {f"eval/{k}": v for k, v in last_eval.items()
-                                    if k != "step" and v is not None})
-        logging.info("eval step %d  loss %.4f  token_acc %.4f  seq_acc %.4f", step, ev["loss"],
-                     ev["token_accuracy"], ev["sequence_accuracy"])
-        if first_100 is None and ev["sequence_accuracy"] == 1.0:
-          first_100 = step
-        early = tc.early_stop and ev["sequence_accuracy"] == 1.0
+        self.validate(step, state.params)
+        ended = self.decision()
+        if ended is not None:
+          logging.info("stopping at step %d: %s (validation)", step, ended)
         t_mark += time.time() - t0
-
-      if step % tc.checkpoint_every == 0 or last_step or early:
+      if evaluated or step % tc.checkpoint_every == 0:
         _check_finite(prev[0], prev[1], last_good)
         t0 = time.time()
-        ckpts.save(step, state)
+        self.ckpts.save(step, state)
         last_good = step
         t_mark += time.time() - t0
-      if early:
-        stopped = "early_stop"
-        logging.info("early stop at step %d: validation sequence accuracy 1.0", step)
-        break
 
-    if stopped == "sigterm":
+    if ended == stopping.SIGTERM:
       if prev is not None:
         _check_finite(prev[0], prev[1], last_good)
-      ckpts.save(step, state)
-    final_step = int(jax.device_get(state.step))
-    if stopped != "sigterm" and (last_eval is None or last_eval["step"] != final_step):
-      ev = run_eval(eval_step, state.params, eval_batches)
-      last_eval = {"step": final_step, **{k: ev[k] for k in
-                                          ("loss", "token_accuracy", "sequence_accuracy")}}
-      if first_100 is None and ev["sequence_accuracy"] == 1.0:
-        first_100 = final_step
-    if stopped != "sigterm":
-      ckpts.save(final_step, state)
+      self.ckpts.save(step, state)
+    self.state = state
+    self.final_step = int(jax.device_get(state.step))
+    if ended != stopping.SIGTERM and (not self.history
+                                      or self.history[-1]["step"] != self.final_step):
+      # Restored at a step that was never evaluated (num_steps lowered, or a checkpoint written
+      # at a non-eval step): evaluate it so that every checkpoint the run ends on is scored.
+      self.validate(self.final_step, state.params)
+      self.ckpts.save(self.final_step, state)
+      ended = self.decision()
+    return ended or stopping.MAX_STEPS
 
-  if last_loss is None and start == final_step:  # nothing trained now: keep the earlier summary's
-    last_loss = _read_json(os.path.join(workdir, SUMMARY_FILE)).get("loss")
-  summary = {
-      "step": final_step,
-      "loss": last_loss,
-      "eval_loss": last_eval["loss"] if last_eval else None,
-      "token_accuracy": last_eval["token_accuracy"] if last_eval else None,
-      "sequence_accuracy": last_eval["sequence_accuracy"] if last_eval else None,
-      "first_step_100": first_100,
-      "wall_seconds": time.time() - t_start,
-      "num_params": num_params,
-      "stopped": stopped or "num_steps",
-  }
-  _write_json(os.path.join(workdir, SUMMARY_FILE), summary)
-  if stopped == "sigterm":
-    logging.warning("stopped by SIGTERM after saving step %d", final_step)
+  def validate(self, step: int, params) -> dict:
+    """Evaluates the validation split; appends to the history (memory, file, TensorBoard)."""
+    cfg = self.config.eval
+    batches = self.source.eval_batches("validation", cfg.seed, cfg.num_examples, cfg.batch_size,
+                                       self.eval_sh)
+    if not hasattr(self, "eval_step"):
+      self.eval_step = self.setup.eval_step(cfg.batch_size)
+    ev = run_eval(self.eval_step, params, batches)
+    row = {"step": step, **{k: ev[k] for k in _EVAL_KEYS}}
+    self.history.append(row)
+    files.append_jsonl(os.path.join(self.workdir, EVAL_HISTORY_FILE), [row])
+    if hasattr(self, "writer"):
+      self.writer.write_scalars(step, {f"eval/{k}": v for k, v in row.items()
+                                       if k != "step" and v is not None})
+    logging.info("eval step %d  loss %.4f  token_acc %.4f  seq_acc %.4f", step, ev["loss"],
+                 ev["token_accuracy"], ev["sequence_accuracy"])
+    return row
+
+  # -- finish ------------------------------------------------------------------------------
+
+  def test_at(self, step: int) -> dict:
+    """Test-split metrics of the checkpoint at `step` (the in-memory state if it is that step)."""
+    if step == self.final_step:
+      params = self.state.params
+    else:
+      self.ckpts.wait()
+      params = self.ckpts.restore(step, self.setup.abstract_state()).params
+    cfg = self.config.eval
+    batches = self.source.eval_batches("test", cfg.seed, cfg.num_examples, cfg.batch_size,
+                                       self.eval_sh)
+    if not hasattr(self, "eval_step"):
+      self.eval_step = self.setup.eval_step(cfg.batch_size)
+    return run_eval(self.eval_step, params, batches)
+
+  def summary(self, ended_by: str) -> dict:
+    """The summary dict; test metrics at the selected step unless the run was interrupted."""
+    selected = stopping.select(self.history)
+    val = next((r for r in self.history if r["step"] == selected), None)
+    test = None
+    if ended_by != stopping.SIGTERM and selected is not None:
+      test = self.test_at(selected)
+      logging.info("test split at the selected step %d: loss %.4f  token_acc %.4f  seq_acc %.4f",
+                   selected, test["loss"], test["token_accuracy"], test["sequence_accuracy"])
+    last_loss = self.last_loss
+    if last_loss is None and self.start == self.final_step:  # nothing trained in this call
+      last_loss = files.read_json(os.path.join(self.workdir, SUMMARY_FILE), {}).get("loss")
+    pick = lambda d, k: None if d is None else d[k]
+    return {
+        "step": self.final_step,
+        "loss": last_loss,
+        "ended_by": ended_by,
+        "stopped": ended_by,
+        "selected_step": selected,
+        "steps_to_100": stopping.steps_to_100(self.history),
+        "first_step_100": next((r["step"] for r in self.history
+                                if r["sequence_accuracy"] == 1.0), None),
+        **{f"validation_{k}": pick(val, k) for k in _EVAL_KEYS},
+        **{f"test_{k}": pick(test, k) for k in _EVAL_KEYS},
+        "eval_loss": pick(test, "loss"),
+        "token_accuracy": pick(test, "token_accuracy"),
+        "sequence_accuracy": pick(test, "sequence_accuracy"),
+        "wall_seconds": time.time() - self.t_start,
+        "num_params": self.num_params,
+    }
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains `config` in `workdir` (resuming its latest checkpoint); returns the summary dict.
+
+  Periodic evals use the validation split; with `config.train.early_stop` the run ends when
+  `ea_jax.stopping.decide` says "solved" or "plateau", else at `num_steps`. The reported
+  checkpoint is `ea_jax.stopping.select(history)` (validation only), measured once on the test
+  split. A finished run (its summary present and nothing left to train) is left unchanged and
+  its summary returned.
+
+  Writes `workdir/checkpoints/<step>`, TensorBoard events, `train_config.json`,
+  `eval_history.jsonl` (one validation row per eval step) and `train_summary.json` with:
+    step, loss (last logged training loss), ended_by ("solved" | "plateau" | "max_steps" |
+    "sigterm"; `stopped` is the same value), selected_step, steps_to_100 (first eval at 1.0
+    confirmed by the next), first_step_100 (first eval at 1.0), validation_{loss,
+    token_accuracy, sequence_accuracy} and test_{...} at the selected step, wall_seconds,
+    num_params. The keys `eval_loss`, `token_accuracy` and `sequence_accuracy` hold the *test*
+    numbers at the selected step. After SIGTERM the test numbers are None.
+  """
+  run = _Run(config, workdir)
+  with contextlib.ExitStack() as stack:  # closes the writer, then waits for pending saves
+    stack.enter_context(jax.set_mesh(run.setup.mesh))
+    run.open(stack)
+    done = run.finished_summary()
+    if done is not None:
+      logging.info("already done: %s holds a finished run (step %d, ended by %s); nothing to do",
+                   run.workdir, done["step"], done["ended_by"])
+      return done
+    write_train_config(run.workdir, config, vocab_size=run.setup.vocab_size,
+                       max_len=run.setup.max_len)
+    ended_by = run.loop(stack)
+    summary = run.summary(ended_by)
+  files.write_json(os.path.join(run.workdir, SUMMARY_FILE), summary)
+  if ended_by == stopping.SIGTERM:
+    logging.warning("stopped by SIGTERM after saving step %d", run.final_step)
   return summary
 
 
-def _read_json(path: str) -> dict:
-  if not os.path.isfile(path):
-    return {}
-  with open(path) as f:
-    return json.load(f)
-
-
-def _read_history(workdir: str, upto: int) -> list[dict]:
-  """Earlier evals (from before a resume) up to step `upto`."""
+def _truncate_history(workdir: str, upto: int) -> list[dict]:
+  """The eval history up to step `upto` (the restored step); later rows, left by a run killed
+  after an eval but before its checkpoint, are removed from the file so it keeps one row per
+  step."""
   path = os.path.join(workdir, EVAL_HISTORY_FILE)
-  if not os.path.isfile(path):
-    return []
-  with open(path) as f:
-    rows = [json.loads(line) for line in f if line.strip()]
-  return [r for r in rows if r["step"] <= upto]
-
-
-def _append_history(workdir: str, row: dict) -> None:
-  if jax.process_index() != 0:
-    return
-  with open(os.path.join(workdir, EVAL_HISTORY_FILE), "a") as f:
-    f.write(json.dumps(row) + "\n")
+  rows = files.read_jsonl(path)
+  kept, seen = [], set()
+  for r in rows:
+    if r["step"] <= upto and r["step"] not in seen:
+      kept.append(r)
+      seen.add(r["step"])
+  if len(kept) != len(rows) and jax.process_index() == 0:
+    tmp = f"{path}.tmp{os.getpid()}"
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    files.append_jsonl(tmp, kept)
+    os.replace(tmp, path)
+  return kept

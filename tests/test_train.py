@@ -17,6 +17,7 @@ from ml_collections import config_flags
 from ea_jax import checkpointing
 from ea_jax import data as data_lib
 from ea_jax import evaluate
+from ea_jax import files
 from ea_jax import metrics
 from ea_jax import train_lib
 import train_helpers
@@ -174,12 +175,72 @@ def test_summary_contract(trained):
   with open(os.path.join(workdir, "train_summary.json")) as f:
     assert json.load(f) == summary
   for key in ("step", "loss", "eval_loss", "token_accuracy", "sequence_accuracy",
-              "first_step_100", "wall_seconds", "num_params"):
+              "first_step_100", "wall_seconds", "num_params", "steps_to_100"):
     assert key in summary, key
-  assert summary["step"] == 8
+  assert summary["step"] == 8 and summary["ended_by"] == "max_steps"
+  # Selection on validation: the eval with the lowest validation loss (nothing reached 1.0).
+  history = files.read_jsonl(os.path.join(workdir, "eval_history.jsonl"))
+  assert [r["step"] for r in history] == [4, 8]
+  best = min(history, key=lambda r: r["loss"])
+  assert summary["selected_step"] == best["step"]
+  assert summary["validation_loss"] == best["loss"]
+  # The old keys are the test numbers at the selected step.
+  assert summary["eval_loss"] == summary["test_loss"] != summary["validation_loss"]
+  assert summary["sequence_accuracy"] == summary["test_sequence_accuracy"]
   assert sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))
                 if s.isdigit()) == [4, 8]
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
+
+
+def _test_metrics_of(workdir, config, step):
+  """The test split at checkpoint `step`, measured apart from train_and_evaluate."""
+  src = data_lib.make_source(config, splits=("test",))
+  setup = train_lib.get_setup(config, vocab_size=src.vocab_size, max_len=src.seq_len)
+  sh = setup.batch_sharding(config.eval.batch_size)
+  with jax.set_mesh(setup.mesh):
+    ckpts = checkpointing.Checkpoints(os.path.join(workdir, "checkpoints"), keep=10)
+    state = ckpts.restore(step, setup.abstract_state())
+    ckpts.close()
+    batches = src.eval_batches("test", config.eval.seed, config.eval.num_examples,
+                               config.eval.batch_size, sh)
+    return train_lib.run_eval(setup.eval_step(config.eval.batch_size), state.params, batches)
+
+
+def test_plateau_stops_selects_on_validation_and_reports_test(tmp_path):
+  # A 99% improvement per eval is out of reach: the run surely plateaus at its second eval.
+  stop = {"train.eval_every": 2, "train.checkpoint_every": 1, "train.keep_checkpoints": 1,
+          "train.early_stop": True, "train.patience": 1, "train.plateau_rel": 0.99}
+  config = train_helpers.load_config("tiny", {**stop, "train.num_steps": 40})
+  workdir = str(tmp_path)
+  summary = train_lib.train_and_evaluate(config, workdir)
+  assert summary["ended_by"] == "plateau" and summary["step"] == 4
+  history = files.read_jsonl(os.path.join(workdir, "eval_history.jsonl"))
+  assert [r["step"] for r in history] == [2, 4]
+  assert summary["selected_step"] == min(history, key=lambda r: r["loss"])["step"]
+  # keep_checkpoints=1 keeps the latest; the selected one survives beside it.
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  steps = sorted(int(s) for s in os.listdir(ckpt_dir) if s.isdigit())
+  assert steps == sorted({4, summary["selected_step"]})
+  test = _test_metrics_of(workdir, config, summary["selected_step"])
+  for key in ("loss", "token_accuracy", "sequence_accuracy"):
+    assert summary[f"test_{key}"] == test[key], key
+
+  # Rerun (even with a larger budget): already done, nothing trained, nothing rewritten.
+  path = os.path.join(workdir, "train_summary.json")
+  before = (open(path).read(), os.stat(path).st_mtime_ns)
+  longer = train_helpers.load_config("tiny", {**stop, "train.num_steps": 80})
+  again = train_lib.train_and_evaluate(longer, workdir)
+  assert again == summary
+  assert (open(path).read(), os.stat(path).st_mtime_ns) == before
+
+  # Without its summary (killed after the last checkpoint), a resume trains 0 further steps:
+  # the history decides "plateau" again and the same checkpoint is selected and tested.
+  os.remove(path)
+  resumed = train_lib.train_and_evaluate(longer, workdir)
+  assert resumed["step"] == 4 and resumed["ended_by"] == "plateau"
+  assert files.read_jsonl(os.path.join(workdir, "eval_history.jsonl")) == history
+  for key in ("selected_step", "test_loss", "test_sequence_accuracy", "validation_loss"):
+    assert resumed[key] == summary[key], key
 
 
 def test_sigterm_saves_and_resume_is_exact(trained, tmp_path, monkeypatch):
@@ -253,12 +314,14 @@ def test_corrupt_checkpoint_is_a_clear_error(trained, tmp_path):
 def test_eval_at_a_longer_length_uses_the_training_max_len(trained, tmp_path):
   workdir = str(tmp_path / "copy")
   shutil.copytree(trained[0], workdir)
-  # Task dials other than seq_len come from training: this equals the run's final eval.
+  # Task dials other than seq_len come from training: this equals the run's last validation eval.
   task = dict(trained[1].task)
+  last = files.read_jsonl(os.path.join(workdir, "eval_history.jsonl"))[-1]
+  assert last["step"] == 8
   other = train_helpers.load_config("tiny", {"task.num_rules": task["num_rules"] + 1})
   same = evaluate.evaluate(other, workdir)
-  assert same["loss"] == pytest.approx(trained[2]["eval_loss"], rel=1e-6)
-  assert same["sequence_accuracy"] == trained[2]["sequence_accuracy"]
+  assert same["loss"] == pytest.approx(last["loss"], rel=1e-6)
+  assert same["sequence_accuracy"] == last["sequence_accuracy"]
   config = train_helpers.load_config("tiny", {"task.seq_len": 56})
   result = evaluate.evaluate(config, workdir)
   assert result["seq_len"] == 56 and len(result["per_position_accuracy"]) == 56
