@@ -1,19 +1,73 @@
-"""Attention geometry (ea_jax.analysis): weighted cos(q, k) histograms on hand-built q/k with
-known angles, grouped-query head mapping, symmetry of EA, and q/k capture from a real model."""
+"""The study's analyses (ea_jax.study.analysis): attention geometry on hand-built q/k and against
+a NumPy reference from a real model's captured q/k, delay locking against plain loops and the
+task's own sampler, the figures' contents, the report's reductions and options, and the whole
+analysis of a tiny trained run."""
+import json
 import math
+import os
+import subprocess
+import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
-from ea_jax import analysis
-from ea_jax import attention as attn
+from ea_jax import files
+from ea_jax import model as model_lib
+from ea_jax import tasks
+from ea_jax.study import formatting
+from ea_jax.study import plots
+from ea_jax.study.analysis import delays
+from ea_jax.study.analysis import geometry
+from ea_jax.study.analysis import lengthgen
+from ea_jax.study.analysis import report
+
+import train_helpers
 
 
 def _unit(deg):
   r = math.radians(deg)
   return [math.cos(r), math.sin(r)]
+
+
+def _np_weights(q_BTNH, k_BSKH, *, kind, kernel="rational", eps=1e-6, causal=True):
+  """Attention weights in float64 NumPy, written from the definitions (scale 1/sqrt(H))."""
+  q = np.asarray(q_BTNH, np.float64)
+  k = np.asarray(k_BSKH, np.float64)
+  _, T, N, H = q.shape
+  S, K = k.shape[1], k.shape[2]
+  k_BSNH = np.repeat(k, N // K, axis=2)          # query head n uses key head n // (N // K)
+  s_BNTS = np.einsum("btnh,bsnh->bnts", q, k_BSNH) / np.sqrt(H)
+  allowed_TS = np.tril(np.ones((T, S), bool)) if causal else np.ones((T, S), bool)
+  if kind == "dpa":
+    s_BNTS = np.where(allowed_TS, s_BNTS, -np.inf)
+    e = np.exp(s_BNTS - s_BNTS.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+  f = s_BNTS ** 2 / (1.0 + s_BNTS ** 2) if kernel == "rational" else s_BNTS ** 2
+  f = np.where(allowed_TS, f, 0.0)
+  return f / (eps + f.sum(axis=-1, keepdims=True))
+
+
+def _np_histograms(q_BTNH, k_BSKH, w_BNTS, num_bins):
+  """Per head, np.histogram of float64 cos(q, k) weighted by w, normalised: [N, Z]."""
+  q = np.asarray(q_BTNH, np.float64)
+  k = np.repeat(np.asarray(k_BSKH, np.float64), q.shape[2] // k_BSKH.shape[2], axis=2)
+  q = q / np.linalg.norm(q, axis=-1, keepdims=True)
+  k = k / np.linalg.norm(k, axis=-1, keepdims=True)
+  cos_BNTS = np.einsum("btnh,bsnh->bnts", q, k)
+  edges = np.linspace(-1.0, 1.0, num_bins + 1)
+  w = np.asarray(w_BNTS, np.float64)
+  hist_NZ = np.stack([np.histogram(np.clip(cos_BNTS[:, n], -1, 1).ravel(), bins=edges,
+                                   weights=w[:, n].ravel())[0] for n in range(q.shape[2])])
+  return hist_NZ / hist_NZ.sum(axis=1, keepdims=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Attention geometry (geometry.py)
+# ------------------------------------------------------------------------------------------------
 
 
 def test_histogram_of_known_angles():
@@ -24,12 +78,12 @@ def test_histogram_of_known_angles():
   keys = [np.multiply(r, _unit(d)) for r, d in ((1.0, 20), (0.2, 75), (5.0, 100), (2.0, 160))]
   k_BSKH = jnp.asarray(np.array(keys, np.float32)[None, :, None, :])         # [1, 4, 1, 2]
   w_BNTS = jnp.asarray([[[[0.4, 0.3, 0.2, 0.1]]]])
-  edges, hist_NZ = analysis.weighted_cos_histogram(q_BTNH, k_BSKH, w_BNTS, num_bins=8)
+  edges, hist_NZ = geometry.weighted_cos_histogram(q_BTNH, k_BSKH, w_BNTS, num_bins=8)
   np.testing.assert_allclose(edges, np.arange(-1.0, 1.01, 0.25))
   expected = np.zeros(8)
   expected[[7, 5, 3, 0]] = [0.4, 0.3, 0.2, 0.1]
   np.testing.assert_allclose(hist_NZ, expected[None], atol=1e-6)
-  stats = analysis.geometry_stats(edges, hist_NZ[0])
+  stats = geometry.geometry_stats(edges, hist_NZ[0])
   centers = np.array([-0.875, 0.375, -0.125, 0.875])   # centres of bins 0, 5, 3, 7
   np.testing.assert_allclose(stats["mean_cos"], 0.1 * centers[0] + 0.3 * centers[1]
                              + 0.2 * centers[2] + 0.4 * centers[3], atol=1e-9)
@@ -48,78 +102,98 @@ def test_grouped_query_heads_normalisation_and_masked_pairs():
                          [[0.0, 1.0, 0.0], [0.25, 0.5, 0.25]]]])            # head 1
   # 4 bins: cos -1 -> bin 0, cos 0 -> bin 2, cos 1 -> bin 3 (the top edge belongs to the last).
   # head 0 (along x): cos with the keys = 1, 0, -1; weight 1.5 at cos 1, 0.5 at cos -1.
-  _, hist_NZ = analysis.weighted_cos_histogram(q_BTNH, k_BSKH, w_BNTS, num_bins=4)
+  _, hist_NZ = geometry.weighted_cos_histogram(q_BTNH, k_BSKH, w_BNTS, num_bins=4)
   np.testing.assert_allclose(hist_NZ[0], [0.25, 0.0, 0.0, 0.75], atol=1e-6)
   # head 1 (along y): cos with the keys = 0, 1, 0; weight 1.5 at cos 1, 0.5 at cos 0.
   np.testing.assert_allclose(hist_NZ[1], [0.0, 0.0, 0.25, 0.75], atol=1e-6)
   # A head with no weight at all gives zeros, not NaN.
-  _, zero_NZ = analysis.weighted_cos_histogram(q_BTNH, k_BSKH, jnp.zeros_like(w_BNTS), num_bins=4)
+  _, zero_NZ = geometry.weighted_cos_histogram(q_BTNH, k_BSKH, jnp.zeros_like(w_BNTS),
+                                               num_bins=4)
   assert np.all(zero_NZ == 0)
 
 
-def test_ea_is_mirror_symmetric_and_dpa_prefers_parallel_keys():
+def test_ea_is_mirror_symmetric_and_dpa_matches_a_numpy_histogram():
   # Keys come in pairs (k, -k): EA weights depend on (q.k)^2 only, so its histogram over cos is
-  # exactly mirror-symmetric; DPA's softmax puts more weight on the parallel side.
+  # exactly mirror-symmetric. DPA's is checked against np.histogram of NumPy softmax weights;
+  # in each pair the parallel key gets exp(2 |s|) times the weight of the antiparallel one.
   rng = np.random.default_rng(0)
   k = rng.normal(size=(1, 16, 1, 8)).astype(np.float32)
-  k_BSKH = jnp.asarray(np.concatenate([k, -k], axis=1))
-  q_BTNH = jnp.asarray(rng.normal(size=(1, 5, 2, 8)).astype(np.float32) * 2.0)
-  for kind, check in (("ea", "symmetric"), ("dpa", "parallel")):
-    w_BNTS = attn.attention_weights(q_BTNH, jnp.repeat(k_BSKH, 2, axis=2), kind=kind)
-    edges, hist_NZ = analysis.weighted_cos_histogram(q_BTNH, k_BSKH, w_BNTS, num_bins=10)
-    np.testing.assert_allclose(hist_NZ.sum(axis=1), 1.0, atol=1e-6)
-    stats = analysis.geometry_stats(edges, hist_NZ.mean(axis=0))
-    if check == "symmetric":
-      np.testing.assert_allclose(hist_NZ, hist_NZ[:, ::-1], atol=1e-5)
-      assert stats["mass_negative"] == pytest.approx(0.5, abs=1e-5)
-    else:
-      assert stats["mean_cos"] > 0.2 and stats["mass_negative"] < 0.3
+  k_BSKH = np.concatenate([k, -k], axis=1)
+  q_BTNH = rng.normal(size=(1, 5, 2, 8)).astype(np.float32) * 2.0
+  w_ea = _np_weights(q_BTNH, k_BSKH, kind="ea", causal=False)
+  _, hist_NZ = geometry.weighted_cos_histogram(q_BTNH, k_BSKH, w_ea, num_bins=10)
+  np.testing.assert_allclose(hist_NZ, hist_NZ[:, ::-1], atol=1e-5)
+  np.testing.assert_allclose(hist_NZ, _np_histograms(q_BTNH, k_BSKH, w_ea, 10), atol=1e-5)
+  w_dpa = _np_weights(q_BTNH, k_BSKH, kind="dpa", causal=False)
+  edges, hist_NZ = geometry.weighted_cos_histogram(q_BTNH, k_BSKH, w_dpa, num_bins=10)
+  np.testing.assert_allclose(hist_NZ, _np_histograms(q_BTNH, k_BSKH, w_dpa, 10), atol=1e-5)
+  # Weight on cos < 0 = the antiparallel member of every pair, from the pair ratio alone.
+  s_NTS = np.einsum("tnh,sh->nts", q_BTNH[0], k[0, :, 0]) / np.sqrt(8)    # the 16 "+k" keys
+  anti_NTS = np.where(s_NTS > 0, np.exp(-s_NTS), np.exp(s_NTS))            # the smaller member
+  par_NTS = np.where(s_NTS > 0, np.exp(s_NTS), np.exp(-s_NTS))
+  per_row_NT = anti_NTS.sum(-1) / (anti_NTS + par_NTS).sum(-1)
+  stats = geometry.geometry_stats(edges, hist_NZ.mean(axis=0))
+  assert stats["mass_negative"] == pytest.approx(per_row_NT.mean(), abs=1e-5)
 
 
 def test_bad_input_is_named():
   q = jnp.ones((1, 2, 3, 4))
   with pytest.raises(ValueError, match="N a multiple of K"):
-    analysis.cosine_BNTS(q, jnp.ones((1, 2, 2, 4)))
+    geometry.cosine_BNTS(q, jnp.ones((1, 2, 2, 4)))
   with pytest.raises(ValueError, match="w_BNTS"):
-    analysis.weighted_cos_histogram(q, jnp.ones((1, 2, 3, 4)), jnp.ones((1, 3, 2, 3)))
+    geometry.weighted_cos_histogram(q, jnp.ones((1, 2, 3, 4)), jnp.ones((1, 3, 2, 3)))
   with pytest.raises(ValueError, match="num_bins"):
-    analysis.bin_edges(0)
+    geometry.bin_edges(0)
 
 
 @pytest.mark.parametrize("attention,kernel,qk_norm", [("ea", "square", True),
+                                                      ("ea", "rational", False),
                                                       ("dpa", "rational", False)])
-def test_captured_qk_reproduce_the_models_attention(attention, kernel, qk_norm):
-  from ea_jax import model as model_lib
+def test_captured_qk_are_what_the_model_scores(attention, kernel, qk_norm):
+  # NumPy weights computed from the captured q, k must give the attention module's own output
+  # (which the model computes through its attention implementation, not attention_weights), and
+  # must equal the maps the analyses read (model_lib.attention_maps).
   cfg = model_lib.ModelConfig(vocab_size=7, max_len=12, num_layers=2, num_heads=4,
                               num_kv_heads=2, embed_dim=16, mlp_dim=32, attention=attention,
                               ea_kernel=kernel, qk_norm=qk_norm)
   model = model_lib.Transformer(cfg)
   tokens_BL = jax.random.randint(jax.random.key(1), (2, 12), 0, 7)
   params = model.init(jax.random.key(0), tokens_BL)["params"]
-  captured = analysis.capture_qk(model, params, tokens_BL)
+  captured = geometry.capture_qk(model, params, tokens_BL)
   maps = model_lib.attention_maps(model, params, tokens_BL)
+
+  def wanted(module, method_name):
+    return isinstance(module, model_lib.Attention) and method_name in ("_project", "__call__")
+
+  _, state = model.apply({"params": params}, tokens_BL, capture_intermediates=wanted,
+                         mutable=["intermediates"])
+  plain = nn.unbox(params)
   assert len(captured) == 2
-  for (q_BLNH, k_BLKH), w_BNLL in zip(captured, maps):
+  for y, ((q_BLNH, k_BLKH), w_BNLL) in enumerate(zip(captured, maps)):
     assert q_BLNH.shape == (2, 12, 4, 4) and k_BLKH.shape == (2, 12, 2, 4)
-    again = attn.attention_weights(q_BLNH, k_BLKH, kind=attention, is_causal=True,
-                                   kernel=kernel)
-    np.testing.assert_allclose(again, w_BNLL, atol=1e-5)
-  geo = analysis.attention_geometry(model, params, tokens_BL, num_bins=6)
-  assert geo["hist_YNZ"].shape == (2, 4, 6)
-  np.testing.assert_allclose(geo["hist_YNZ"].sum(axis=-1), 1.0, atol=1e-6)
-  np.testing.assert_allclose(geo["hist_Z"].sum(), 1.0, atol=1e-6)
+    sown = state["intermediates"][f"block_{y}"]["attention"]
+    _, _, v_BLKH = sown["_project"][0]
+    w_np = _np_weights(q_BLNH, k_BLKH, kind=attention, kernel=kernel)
+    o_BLNH = np.einsum("bnts,bsnh->btnh", w_np, np.repeat(np.asarray(v_BLKH, np.float64), 2,
+                                                          axis=2))
+    out_BLD = np.einsum("btnh,nhd->btd", o_BLNH,
+                        np.asarray(plain[f"block_{y}"]["attention"]["out"], np.float64))
+    np.testing.assert_allclose(out_BLD, sown["__call__"][0], atol=2e-5)
+    np.testing.assert_allclose(w_BNLL, w_np, atol=2e-6)
+    # The histograms of attention_geometry: np.histogram of the NumPy weights over NumPy cos.
+  geo = geometry.attention_geometry(model, params, tokens_BL, num_bins=6)
+  expected_YNZ = np.stack([_np_histograms(q, k, _np_weights(q, k, kind=attention, kernel=kernel),
+                                          6) for q, k in captured])
+  np.testing.assert_allclose(geo["hist_YNZ"], expected_YNZ, atol=1e-5)
+  np.testing.assert_allclose(geo["hist_Z"], expected_YNZ.reshape(-1, 6).mean(axis=0), atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------
-# Delay locking (ea_jax.delays)
+# Delay locking (delays.py)
 # ------------------------------------------------------------------------------------------------
-
-from ea_jax import delays  # noqa: E402
-from ea_jax import tasks  # noqa: E402
 
 
 def _recurrence(num_rules=2, seq_len=20, num_symbols=5):
-  import ml_collections
   return tasks.make_task(ml_collections.ConfigDict(dict(
       name="recurrence", num_symbols=num_symbols, num_rules=num_rules, max_delay=6,
       num_delays=2, rule_seed=0, seq_len=seq_len)))
@@ -174,8 +248,8 @@ def test_rule_identification_against_the_tasks_sampler():
   for r in range(task.num_rules):
     x_BT1 = np.einsum("td,bd->bt", transfer_RTD[r], prefix_BD) % task.num_symbols
     rule_B = delays.identify_rules_B(x_BT1, coef_RD, task.num_symbols)
-    # A nonzero random prefix of length 6 continued for 15 steps fits only its own rule here;
-    # whatever the identification says must also be what an explicit check says.
+    # Whatever the identification says must be the sequence's own rule, or "ambiguous" when
+    # another rule reproduces it too (checked by plain loops below).
     assert np.all((rule_B == r) | (rule_B == delays.AMBIGUOUS)) and np.mean(rule_B == r) > 0.9
   # The all-zero sequence fits every rule: ambiguous (skipped).
   zero = np.zeros((1, task.seq_len + 1), np.int64)
@@ -225,7 +299,16 @@ def test_offset_profile_against_plain_loops():
   # With every offset the profile of each (rule, head) sums to 1 (rows of w sum to 1).
   full_RNO, _ = delays.offset_profile_RNO(w_BNTS, mask_BT, rule_B, R, T)
   np.testing.assert_allclose(full_RNO.sum(axis=-1), 1.0, atol=1e-12)
-  # Focus: uniform causal attention has normalised entropy 1 and peak 1 / (t + 1).
+  # Focus, by plain loops: peak = mean row maximum, entropy = mean -sum w log w / log(t + 1).
+  peak_RN, ent_RN = delays.focus_RN(w_BNTS, mask_BT, rule_B, R)
+  for r in range(R):
+    sel = [(b, t) for b in range(B) for t in range(T) if mask_BT[b, t] and rule_B[b] == r]
+    for n in range(N):
+      assert peak_RN[r, n] == pytest.approx(np.mean([w_BNTS[b, n, t].max() for b, t in sel]))
+      ents = [-sum(p * math.log(p) for p in w_BNTS[b, n, t] if p > 0) / math.log(t + 1)
+              for b, t in sel if t > 0]
+      assert ent_RN[r, n] == pytest.approx(np.mean(ents))
+  # Uniform causal attention has normalised entropy 1 and peak 1 / (t + 1).
   uni_BNTS = delays.uniform_causal_BNTS(B, N, T)
   peak_RN, ent_RN = delays.focus_RN(uni_BNTS, mask_BT, rule_B, R)
   np.testing.assert_allclose(ent_RN, 1.0, atol=1e-12)
@@ -239,19 +322,34 @@ def test_offset_profile_against_plain_loops():
     delays.offset_profile_RNO(w_BNTS, mask_BT[:, :3], rule_B, R, O)
 
 
-def test_delay_figure(tmp_path):
-  from ea_jax.study import plots
-  prof_YRNO = np.random.default_rng(0).random((2, 2, 4, 10))
-  path = plots.plot_delay_profiles(prof_YRNO, [(1, 4), (3, 6)], str(tmp_path / "d.png"),
-                                   num_offsets=8, title="t")
-  assert (tmp_path / "d.png").stat().st_size > 1000 and path.endswith("d.png")
+def test_delay_figure_shows_the_profile_and_boxes_the_needed_offsets(tmp_path):
+  from matplotlib.image import imread
+  from matplotlib.patches import Rectangle
+  prof_YRNO = np.random.default_rng(0).random((2, 2, 3, 10))
+  rules = [(1, 4), (3, 9)]                      # offsets {0, 3} and {2, 8}; 8 is not shown
+  fig = plots.delay_profiles_figure(prof_YRNO, rules, num_offsets=8, title="t")
+  for r, ax in enumerate(fig.axes[:2]):
+    image = np.asarray(ax.images[0].get_array())
+    expected = np.zeros((2 * 3, 8))
+    for y in range(2):
+      for n in range(3):
+        expected[y * 3 + n] = prof_YRNO[y, r, n, :8]
+    np.testing.assert_array_equal(image, expected)
+    boxed = sorted(p.get_x() + 0.5 for p in ax.patches if isinstance(p, Rectangle))
+    assert boxed == [[0, 3], [2]][r]
+  path = plots.plot_delay_profiles(prof_YRNO, rules, str(tmp_path / "d.png"), num_offsets=8)
+  pixels = imread(path)
+  assert path.endswith("d.png") and pixels.ndim == 3 and pixels.std() > 0
   with pytest.raises(ValueError, match="profile_YRNO"):
-    plots.plot_delay_profiles(prof_YRNO, [(1, 4)], str(tmp_path / "e.png"))
+    plots.delay_profiles_figure(prof_YRNO, [(1, 4)])
+
+
+# ------------------------------------------------------------------------------------------------
+# Reductions, formatting, options (lengthgen.py, report.py, formatting.py, __main__.py)
+# ------------------------------------------------------------------------------------------------
 
 
 def test_report_reductions():
-  from ea_jax import analysis_report
-  from ea_jax import lengthgen
   rows = [{"task": "a", "variant": "dpa", "token_accuracy": t, "sequence_accuracy": s}
           for t, s in ((1.0, 0.5), (0.8, 0.7), (0.9, 0.0))]
   rows.append({"task": "b", "variant": "dpa", "token_accuracy": 0.1, "sequence_accuracy": 0.2})
@@ -272,9 +370,89 @@ def test_report_reductions():
   res = {"own_YRN": own_YRN, "other_YRN": other_YRN, "peak_YRN": np.full((1, 2, 2), 0.5),
          "entropy_YRN": np.full((1, 2, 2), 0.25), "chance_own_R": np.array([0.1, 0.1]),
          "chance_other_R": np.array([0.1, 0.1])}
-  (row,) = analysis_report.layer_summary(res)
+  (row,) = report.layer_summary(res)
   assert row["best_head"] == 0 and row["best_own"] == 1.0 and row["best_own_other"] == 0.0
   assert row["best_switch"] == 1.0 and row["best_union"] == 1.0
   assert row["chance_union"] == pytest.approx(0.2)
-  with pytest.raises(SystemExit):
-    analysis_report.parse_args(["--sweep_dir=x", "--length_factors=2,1"])
+
+
+def test_formatting():
+  assert formatting.fmt(0.12345) == "0.123" and formatting.fmt(2, 1) == "2.0"
+  assert formatting.fmt(None) == formatting.fmt(float("nan")) == formatting.MISSING
+  assert formatting.spread([0.5, None, 0.25, float("nan"), 1.0]) == "0.58 [0.25, 1.00]"
+  assert formatting.spread([None]) == formatting.MISSING
+
+
+def test_options_convert_and_name_bad_fields():
+  opts = report.Options(sweep_dir="s", tasks=[" N=5 R=1", "", "N=5 R=2 "], widths=["16", "64"],
+                        length_factors=["1", "3"])
+  assert opts.tasks == ("N=5 R=1", "N=5 R=2") and opts.widths == (16, 64)
+  assert opts.length_factors == (1, 3)
+  for kwargs, field in ((dict(length_factors=["2", "1"]), "length_factors"),
+                        (dict(length_factors=["1", "x"]), "length_factors"),
+                        (dict(widths=["0"]), "widths"), (dict(tasks=[" "]), "tasks"),
+                        (dict(delay_examples=0), "delay_examples"), (dict(sweep_dir=""), "sweep_dir")):
+    with pytest.raises(ValueError, match=field):
+      report.Options(**{"sweep_dir": "s", **kwargs})
+
+
+def test_cli_rejects_bad_flags_in_one_line(tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "ea_jax.study.analysis", f"--sweep_dir={tmp_path}",
+                         "--length_factors=2,1"], cwd=train_helpers.REPO, capture_output=True,
+                        text=True, timeout=120,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=train_helpers.REPO))
+  assert proc.returncode == 1
+  assert "--length_factors=2,1: positive integers starting with 1" in proc.stderr
+  assert "Traceback" not in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# A tiny trained run, end to end
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_sweep(tmp_path_factory):
+  """A sweep folder with one tiny trained recurrence run in the layout find_runs reads."""
+  from ea_jax import train_lib
+  sweep = tmp_path_factory.mktemp("sweep")
+  workdir = sweep / "runs" / "r0"
+  config = train_helpers.load_config("tiny", {"train.num_steps": 4, "train.eval_every": 4,
+                                              "train.checkpoint_every": 4, "task.seq_len": 16})
+  assert config.task.name == "recurrence"
+  summary = train_lib.train_and_evaluate(config, str(workdir))
+  result = {"run_id": "r0", "stage": "main", "status": "ok", "label": config.task.label,
+            "width": config.model.embed_dim, "variant": "ea-rational", "seed": 0,
+            "task": {"seq_len": config.task.seq_len},
+            "summary": {k: summary[k] for k in ("token_accuracy", "sequence_accuracy")}}
+  with open(workdir / "result.json", "w") as f:
+    json.dump(result, f)
+  return str(sweep), str(workdir), config, summary
+
+
+@pytest.mark.slow
+def test_analysis_of_a_trained_run(tiny_sweep, tmp_path):
+  sweep, workdir, config, summary = tiny_sweep
+  L, width, layers = config.task.seq_len, config.model.embed_dim, config.model.num_layers
+  opts = report.Options(sweep_dir=sweep, out=str(tmp_path / "out"), scratch=str(tmp_path / "s"),
+                        tasks=[config.task.label], widths=[width], length_factors=[1, 2],
+                        delay_examples=16, num_offsets=6)
+  readme = report.run(opts, command="python -m ea_jax.study.analysis ...")
+  with open(readme) as f:
+    text = f.read()
+  # The validation split at the training length reproduces the training loop's final eval
+  # (written to result.json by the fixture) exactly.
+  assert ("reproduces the runs' final validation numbers (result.json): largest difference "
+          "over 1 runs 0 (token") in text
+  assert f"| {config.task.label} | ea-rational | {width} | 0 |" in text    # delay table, layer 0
+  lengths = files.read_csv(os.path.join(opts.out, "lengthgen.csv"))
+  assert [(int(r["seq_len"]), r["split"]) for r in lengths] == [(L, "test"), (2 * L, "test")]
+  assert os.path.isfile(os.path.join(
+      opts.out, f"delays_{report._slug(config.task.label)}_ea-rational_w{width}_s0.png"))
+  models = files.read_csv(os.path.join(opts.out, "delay_models.csv"))
+  assert [(int(r["length_factor"]), int(r["seq_len"])) for r in models] == (
+      [(1, L)] * layers + [(2, 2 * L)] * layers)
+  heads = files.read_csv(os.path.join(opts.out, "delay_heads.csv"))
+  num_rules = len({r["rule"] for r in heads})
+  assert num_rules == tasks.make_task(config.task).num_rules
+  assert len(heads) == 2 * layers * num_rules * config.model.num_heads

@@ -160,7 +160,7 @@ def plot_cos_histograms(hists: dict, path: str, *, title: str = "") -> str:
 
   Args:
     hists: {run name: (edges [Z + 1], hist_YNZ [layers, heads, Z])} with every hist_YNZ of the
-      same shape (ea_jax.analysis.attention_geometry output); each [Z] row sums to 1.
+      same shape (ea_jax.study.analysis.geometry.attention_geometry output); each [Z] row sums to 1.
     path: output PNG.
   """
   from matplotlib.figure import Figure
@@ -200,22 +200,33 @@ def plot_cos_histograms(hists: dict, path: str, *, title: str = "") -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# Delay locking (ea_jax.delays)
+# Delay locking (ea_jax.study.analysis.delays)
 # ----------------------------------------------------------------------------------------------
 
 
 def plot_delay_profiles(profile_YRNO: np.ndarray, rules: Sequence[Sequence[int]], path: str, *,
                         num_offsets: int | None = None, title: str = "") -> str:
+  """Saves `delay_profiles_figure(...)` as the PNG `path`; returns `path`."""
+  fig = delay_profiles_figure(profile_YRNO, rules, num_offsets=num_offsets, title=title)
+  fig.savefig(path, dpi=100)
+  return path
+
+
+def delay_profiles_figure(profile_YRNO: np.ndarray, rules: Sequence[Sequence[int]], *,
+                          num_offsets: int | None = None, title: str = ""):
   """Mean attention weight vs key offset o = t - j: a heat map per rule (rows: layer/head,
   columns: offsets), the offsets the rule needs (delay - 1) boxed.
 
   Args:
-    profile_YRNO: [layers, rules, heads, offsets] (ea_jax.delays.run_delays "profile_YRNO").
+    profile_YRNO: [layers, rules, heads, offsets] (ea_jax.study.analysis.delays.run_delays
+      "profile_YRNO").
     rules: the delay tuple of each rule, in the order of the R axis.
-    path: output PNG.
     num_offsets: how many offsets to show (default: all; the rest of each row's weight is off
       the map).
     title: figure title.
+  Returns:
+    The matplotlib Figure: one axis per rule (then the colour bar); row y * heads + n of rule
+    r's image is layer y, head n.
   """
   from matplotlib.figure import Figure
   from matplotlib.patches import Rectangle
@@ -251,5 +262,4 @@ def plot_delay_profiles(profile_YRNO: np.ndarray, rules: Sequence[Sequence[int]]
   fig.colorbar(image, ax=axes.tolist(), shrink=0.8, label="mean attention weight")
   if title:
     fig.suptitle(title, fontsize=9)
-  fig.savefig(path, dpi=100)
-  return path
+  return fig

@@ -1,37 +1,106 @@
-"""The analysis of a finished sweep in one command: delay locking and length generalisation.
+"""The analysis of a finished sweep: delay locking and length generalisation, tables and README.
 
-  python -m ea_jax.analysis --sweep_dir=/tmp/exp/final_sweep --out=docs/analysis
+  python -m ea_jax.study.analysis --sweep_dir=/tmp/exp/final_sweep --out=docs/analysis
 
 For each selected study run of the sweep (`<sweep_dir>/runs/*/result.json`, stage "main"; by
 default the tasks "N=5 R=1" and "N=5 R=2" at width 64, every variant and seed):
-  - delay locking (ea_jax.delays.run_delays) at the training length and at every other length of
-    `--length_factors`: per-head CSV `delay_heads.csv`, per-layer summary `delay_models.csv`, a
-    heat map per run at the training length `delays_<task>_<variant>_w<width>_s<seed>.png`;
-  - length generalisation (ea_jax.lengthgen) at training length x each factor: `lengthgen.csv`;
+  - delay locking (delays.run_delays, on the test split) at the training length and at every
+    other length of `length_factors`: per-head CSV `delay_heads.csv`, per-layer summary
+    `delay_models.csv`, a heat map per run at the training length
+    `delays_<task>_<variant>_w<width>_s<seed>.png`;
+  - length generalisation (lengthgen, on the test split) at training length x each factor:
+    `lengthgen.csv`; and, as a check, the validation split at the training length, which must
+    reproduce the runs' final validation numbers;
   - `README.md`: command, date, machine, wall time, the tables, the figures and the findings
     (sentences computed from the numbers, so a rerun restates them as found).
-Evaluation writes into copies of the runs under `--scratch`; the sweep folder is only read.
+Evaluation writes into copies of the runs under `scratch`; the sweep folder is only read.
+`run(Options(...), command=...)` does all of it; `python -m ea_jax.study.analysis` is its CLI.
 """
 from __future__ import annotations
 
-import argparse
-import csv
+import dataclasses
 import datetime
 import glob
 import json
 import os
 import platform
 import re
-import shlex
-import sys
+import subprocess
 import time
+from typing import Sequence
 
+import jax
 import numpy as np
 
-DEFAULT_TASKS = "N=5 R=1,N=5 R=2"
+from ea_jax import files
+from ea_jax.study import plots
+from ea_jax.study.analysis import delays
+from ea_jax.study.analysis import lengthgen
+from ea_jax.study.formatting import fmt
+from ea_jax.study.formatting import spread
+
+DEFAULT_TASKS = ("N=5 R=1", "N=5 R=2")
 LOCK_MASS = 0.5     # "locks onto delays": a head puts at least this much weight on needed offsets
 SWITCH_GAP = 0.3    # "switches with the rule": own minus other mass at least this much
 WEAK_RATIO = 2.0    # "weak preference": below LOCK_MASS but at least this many times chance
+CSV_FLOAT = "{:.6g}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """What to analyse and where to write it (the CLI's flags, checked and converted).
+
+  Attributes:
+    sweep_dir: sweep workdir (holds runs/*/result.json); only read.
+    out: output folder (README.md, CSVs, PNGs).
+    scratch: folder for the copies of the runs that evaluation writes into.
+    tasks: task labels to analyse (the order of the tables).
+    widths: model widths to analyse.
+    length_factors: evaluate at training length x each factor; the first must be 1.
+    (tasks, widths and length_factors: sequences or comma-separated strings.)
+    delay_examples: sequences per delay analysis (run and length).
+    num_offsets: key offsets shown in the delay figures.
+  """
+  sweep_dir: str
+  out: str = "docs/analysis"
+  scratch: str = "/tmp/analysis/runs"
+  tasks: Sequence[str] = DEFAULT_TASKS
+  widths: Sequence[int] = (64,)
+  length_factors: Sequence[int] = (1, 2)
+  delay_examples: int = 512
+  num_offsets: int = 12
+
+  def __post_init__(self):
+    def show(values):   # as typed on the command line
+      return ",".join(map(str, values)) if isinstance(values, (list, tuple)) else repr(values)
+
+    def items(values):  # a comma-separated string or a sequence
+      return values.split(",") if isinstance(values, str) else values
+
+    def ints(name):
+      values = items(getattr(self, name))
+      try:
+        return tuple(int(v) for v in values)
+      except (TypeError, ValueError):
+        raise ValueError(f"{name}={show(values)}: must be comma-separated integers") from None
+
+    tasks = tuple(t.strip() for t in items(self.tasks) if t.strip())
+    widths, factors = ints("widths"), ints("length_factors")
+    if not self.sweep_dir:
+      raise ValueError("sweep_dir is required: a sweep workdir holding runs/*/result.json")
+    if not tasks:
+      raise ValueError(f"tasks={show(self.tasks)}: give at least one task label")
+    if not widths or min(widths) < 1:
+      raise ValueError(f"widths={show(self.widths)}: positive integers, at least one")
+    if not factors or factors[0] != 1 or min(factors) < 1:
+      raise ValueError(f"length_factors={show(self.length_factors)}: positive integers starting "
+                       "with 1")
+    for name in ("delay_examples", "num_offsets"):
+      if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+        raise ValueError(f"{name}={getattr(self, name)!r}: must be an integer >= 1")
+    object.__setattr__(self, "tasks", tasks)
+    object.__setattr__(self, "widths", widths)
+    object.__setattr__(self, "length_factors", factors)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -117,28 +186,6 @@ def head_rows(out: dict) -> list[dict]:
 # ------------------------------------------------------------------------------------------------
 
 
-def write_csv(path: str, rows: list[dict]) -> None:
-  if not rows:
-    raise ValueError(f"write_csv({path!r}): no rows")
-  fields = list(rows[0])
-  with open(path, "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=fields)
-    writer.writeheader()
-    for row in rows:
-      writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-
-
-def _f(x, digits: int = 3) -> str:
-  return "—" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.{digits}f}"
-
-
-def _spread(values) -> str:
-  vals = [v for v in values if v is not None]
-  if not vals:
-    return "—"
-  return f"{np.mean(vals):.2f} [{np.min(vals):.2f}, {np.max(vals):.2f}]"
-
-
 def machine() -> str:
   model = platform.processor() or platform.machine()
   try:
@@ -147,7 +194,6 @@ def machine() -> str:
     model = names[0] if names else model
   except OSError:
     pass
-  import jax
   devices = ", ".join(sorted({d.platform for d in jax.devices()}))
   return f"{model}, {os.cpu_count()} cores, JAX devices: {devices}"
 
@@ -155,13 +201,13 @@ def machine() -> str:
 def code_version() -> str:
   """`commit <short hash>` of the checkout holding this file, and which tracked ea_jax/ files
   differ from it (the analysis ran with those edits)."""
-  import subprocess
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  here = os.path.dirname(os.path.abspath(__file__))
   try:
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, check=True,
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, check=True,
                           capture_output=True, text=True).stdout.strip()
+    # ":/ea_jax" = ea_jax/ at the top of the checkout; porcelain paths are relative to the top.
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
-                            "ea_jax"], cwd=root, check=True, capture_output=True,
+                            ":/ea_jax"], cwd=here, check=True, capture_output=True,
                            text=True).stdout.split("\n")
   except (OSError, subprocess.CalledProcessError):
     return "not a git checkout"
@@ -191,10 +237,10 @@ def _delay_table(summaries: list[dict], tasks: list[str], factors: list[int]) ->
               and s["length_factor"] == k] for k in factors}
     base = at[factors[0]]
     cells = [key[0], key[1], str(key[2]), str(key[3]),
-             _spread([s["best_own"] for s in base]), _spread([s["best_own_other"] for s in base]),
-             _spread([s["best_switch"] for s in base]), _spread([s["best_union"] for s in base])]
-    cells += [_spread([s["best_union"] for s in at[k]]) for k in factors[1:]]
-    cells += [_spread([s["peak"] for s in base]), _spread([s["entropy"] for s in base]),
+             spread([s["best_own"] for s in base]), spread([s["best_own_other"] for s in base]),
+             spread([s["best_switch"] for s in base]), spread([s["best_union"] for s in base])]
+    cells += [spread([s["best_union"] for s in at[k]]) for k in factors[1:]]
+    cells += [spread([s["peak"] for s in base]), spread([s["entropy"] for s in base]),
               f"{base[0]['chance_own']:.2f} / {base[0]['chance_union']:.2f}"]
     lines.append("| " + " | ".join(cells) + " |")
   return lines
@@ -208,10 +254,10 @@ def _length_table(summary: list[dict]) -> list[str]:
   for s in summary:
     lines.append("| " + " | ".join([
         s["task"], s["variant"], str(s["width"]), str(s["seq_len"]),
-        *[_f(s[f"{m}_{a}"]) for m in ("token_accuracy", "sequence_accuracy",
+        *[fmt(s[f"{m}_{a}"]) for m in ("token_accuracy", "sequence_accuracy",
                                       "rollout_token_accuracy", "rollout_sequence_accuracy")
           for a in ("mean", "min")],
-        _f(s["token_accuracy_seen_mean"]), _f(s["token_accuracy_beyond_mean"])]) + " |")
+        fmt(s["token_accuracy_seen_mean"]), fmt(s["token_accuracy_beyond_mean"])]) + " |")
   return lines
 
 
@@ -286,7 +332,7 @@ def write_readme(path, *, command, started, wall_s, runs, summaries, length_rows
   lines = [
       "# Analysis: delay locking and length generalisation",
       "",
-      "Generated by `ea_jax/analysis_report.py`; every number, table and sentence below was "
+      "Generated by `ea_jax/study/analysis/report.py`; every number, table and sentence below was "
       "written by the command, none edited by hand.",
       "",
       "## How it was run",
@@ -311,7 +357,7 @@ def write_readme(path, *, command, started, wall_s, runs, summaries, length_rows
       "o = t − j = d − 1. For each sequence the rule is re-derived from the sequence (the rules "
       "that reproduce x_D..x_L; sequences that more than one rule reproduces are skipped). Per "
       "layer and head: the mean attention weight at each offset over the scored query positions, "
-      f"separately per rule ({delay_examples} fresh sequences per run and length).",
+      f"separately per rule ({delay_examples} sequences of the test split per run and length).",
       "",
       "- *own*: weight on the current rule's needed offsets; *other*: on offsets only the other "
       "rule(s) need. A head that follows the rule in use has own ≈ 1, other ≈ 0 under every rule; "
@@ -350,23 +396,26 @@ def write_readme(path, *, command, started, wall_s, runs, summaries, length_rows
       "## Length generalisation",
       "",
       "Each run evaluated (`ea_jax.evaluate.evaluate`, the function behind `eval.py`) with its "
-      "own training config and `task.seq_len` overridden, on copies of the run folders: the same "
-      "validation split, eval seed and 512 examples as the validation during training. Token / "
-      "sequence accuracy are teacher-forced; rollout feeds the model's own predictions back at "
-      "scored positions. Mean and min over seeds.",
+      "own training config and `task.seq_len` overridden, on copies of the run folders: the "
+      "test split, with the eval seed and number of examples of the validation during training. "
+      "Token / sequence accuracy are teacher-forced; rollout feeds the model's own predictions "
+      "back at scored positions. Mean and min over seeds.",
       "",
   ]
   lines += _length_table(length_summary)
   lines += ["", "The last two columns: mean over positions of the per-position token accuracy "
             "(each position weighted equally) before and from the training length on (at the "
             "training length itself every position is before it).", "",
-            f"Check: at the training length the evaluation reproduces the runs' final "
-            f"validation numbers (result.json): largest difference over {len(repro) // 2} runs "
+            f"Check: at the training length, the same evaluation on the validation split "
+            f"reproduces the runs' final validation numbers (result.json): largest difference "
+            f"over {len(repro) // 2} runs "
             f"{max(abs(d) for d in repro):.2g} (token and sequence accuracy).", "",
             "Per-run numbers: `lengthgen.csv`.", "", "## Findings", ""]
   lines += ["- " + s for s in _findings(runs, summaries, length_summary, tasks, factors)]
-  with open(path, "w") as f:
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
     f.write("\n".join(lines) + "\n")
+  os.replace(tmp, path)   # a reader never sees half a README
 
 
 # ------------------------------------------------------------------------------------------------
@@ -374,81 +423,60 @@ def write_readme(path, *, command, started, wall_s, runs, summaries, length_rows
 # ------------------------------------------------------------------------------------------------
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m ea_jax.analysis", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--sweep_dir", required=True, help="sweep workdir (holds runs/*/result.json)")
-  p.add_argument("--out", default="docs/analysis", help="output folder (README, CSVs, PNGs)")
-  p.add_argument("--scratch", default="/tmp/analysis/runs", help="where run copies are evaluated")
-  p.add_argument("--tasks", default=DEFAULT_TASKS, help="comma-separated task labels")
-  p.add_argument("--widths", default="64", help="comma-separated model widths")
-  p.add_argument("--length_factors", default="1,2",
-                 help="evaluate at training length x each factor (the first must be 1)")
-  p.add_argument("--delay_examples", type=int, default=512, help="sequences per delay analysis")
-  p.add_argument("--num_offsets", type=int, default=12, help="offsets shown in the figures")
-  args = p.parse_args(argv)
-  try:
-    args.task_list = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    args.width_list = [int(w) for w in args.widths.split(",")]
-    args.factor_list = [int(k) for k in args.length_factors.split(",")]
-  except ValueError as e:
-    p.error(f"--widths / --length_factors must be comma-separated integers ({e})")
-  if not args.factor_list or args.factor_list[0] != 1 or min(args.factor_list) < 1:
-    p.error(f"--length_factors={args.length_factors!r}: positive integers starting with 1")
-  if args.delay_examples < 1:
-    p.error("--delay_examples must be >= 1")
-  return args
+def run(options: Options, *, command: str) -> str:
+  """Analyses the runs `options` selects and writes `options.out`; returns the README's path.
 
-
-def main(argv=None) -> None:
-  from ea_jax import delays
-  from ea_jax import lengthgen
-  from ea_jax.study import plots
-  args = parse_args(argv)
+  Args:
+    options: what to analyse and where to write it.
+    command: the command line to quote in the README.
+  """
   t0 = time.time()
   started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
-  command = "python -m ea_jax.analysis " + " ".join(
-      shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-  runs = find_runs(args.sweep_dir, tasks=args.task_list, widths=args.width_list)
-  os.makedirs(args.out, exist_ok=True)
+  runs = find_runs(options.sweep_dir, tasks=list(options.tasks), widths=list(options.widths))
+  os.makedirs(options.out, exist_ok=True)
+  factors = list(options.length_factors)
   summaries, heads, figures, length_rows, repro = [], [], [], [], []
-  for i, run in enumerate(runs):
-    ident = {"run": run["run"], "task": run["task"], "variant": run["variant"],
-             "width": run["width"], "seed": run["seed"]}
-    for k in args.factor_list:
-      out = delays.run_delays(run["dir"], num_examples=args.delay_examples,
-                              seq_len=run["seq_len"] * k)
+  for i, run_ in enumerate(runs):
+    ident = {"run": run_["run"], "task": run_["task"], "variant": run_["variant"],
+             "width": run_["width"], "seed": run_["seed"]}
+    for k in factors:
+      out = delays.run_delays(run_["dir"], num_examples=options.delay_examples,
+                              seq_len=run_["seq_len"] * k)
       extra = {"length_factor": k, "seq_len": out["seq_len"], "skipped": out["skipped"],
                "sequences": out["sequences"]}
       summaries += [{**ident, **extra, **s} for s in layer_summary(out)]
       heads += [{**ident, **extra, **h} for h in head_rows(out)]
       if k == 1:
-        name = (f"delays_{_slug(run['task'])}_{run['variant']}_w{run['width']}_s{run['seed']}"
-                ".png")
+        name = (f"delays_{_slug(run_['task'])}_{run_['variant']}_w{run_['width']}"
+                f"_s{run_['seed']}.png")
         plots.plot_delay_profiles(
-            out["profile_YRNO"], out["rules"], os.path.join(args.out, name),
-            num_offsets=args.num_offsets,
-            title=f"{run['task']} {run['variant']} width {run['width']} seed {run['seed']} "
-                  f"(val seq acc {run['result']['summary']['sequence_accuracy']:.2f})")
-        figures.append((run, name))
-    rows = lengthgen.eval_at_lengths(run["dir"], [run["seq_len"] * k for k in args.factor_list],
-                                     scratch=args.scratch)
-    for row in rows:
-      length_rows.append({**ident, **row})
-      if row["seq_len"] == run["seq_len"]:
-        summ = run["result"]["summary"]
-        repro += [row["token_accuracy"] - summ["token_accuracy"],
-                  row["sequence_accuracy"] - summ["sequence_accuracy"]]
-    print(f"[{i + 1}/{len(runs)}] {run['run']}: {time.time() - t0:.0f} s", flush=True)
+            out["profile_YRNO"], out["rules"], os.path.join(options.out, name),
+            num_offsets=options.num_offsets,
+            title=f"{run_['task']} {run_['variant']} width {run_['width']} seed {run_['seed']} "
+                  f"(val seq acc {run_['result']['summary']['sequence_accuracy']:.2f})")
+        figures.append((run_, name))
+    rows = lengthgen.eval_at_lengths(run_["dir"], [run_["seq_len"] * k for k in factors],
+                                     scratch=options.scratch, split="test")
+    length_rows += [{**ident, **row} for row in rows]
+    (check,) = lengthgen.eval_at_lengths(run_["dir"], [run_["seq_len"]],
+                                         scratch=options.scratch, split="validation")
+    summ = run_["result"]["summary"]
+    repro += [check["token_accuracy"] - summ["token_accuracy"],
+              check["sequence_accuracy"] - summ["sequence_accuracy"]]
+    print(f"[{i + 1}/{len(runs)}] {run_['run']}: {time.time() - t0:.0f} s", flush=True)
   length_summary = lengthgen.summarize(
       length_rows, ("task", "variant", "width", "seq_len"),
       lengthgen.METRICS + ("token_accuracy_seen", "token_accuracy_beyond"))
-  write_csv(os.path.join(args.out, "delay_heads.csv"), heads)
-  write_csv(os.path.join(args.out, "delay_models.csv"), summaries)
-  write_csv(os.path.join(args.out, "lengthgen.csv"), length_rows)
-  write_readme(os.path.join(args.out, "README.md"), command=command, started=started,
-               wall_s=time.time() - t0, runs=runs, summaries=summaries, length_rows=length_rows,
-               length_summary=length_summary, repro=repro, figures=figures,
-               tasks=args.task_list, widths=args.width_list, factors=args.factor_list,
-               delay_examples=args.delay_examples)
-  print(f"wrote {args.out}/README.md in {time.time() - t0:.0f} s")
+  files.write_csv(os.path.join(options.out, "delay_heads.csv"), heads, float_format=CSV_FLOAT)
+  files.write_csv(os.path.join(options.out, "delay_models.csv"), summaries,
+                  float_format=CSV_FLOAT)
+  files.write_csv(os.path.join(options.out, "lengthgen.csv"), length_rows,
+                  float_format=CSV_FLOAT)
+  readme = os.path.join(options.out, "README.md")
+  write_readme(readme, command=command, started=started, wall_s=time.time() - t0, runs=runs,
+               summaries=summaries, length_rows=length_rows, length_summary=length_summary,
+               repro=repro, figures=figures, tasks=list(options.tasks),
+               widths=list(options.widths), factors=factors,
+               delay_examples=options.delay_examples)
+  print(f"wrote {readme} in {time.time() - t0:.0f} s", flush=True)
+  return readme

@@ -1,11 +1,12 @@
 """Length generalisation: evaluate a trained run at other sequence lengths than it was trained on.
 
-`eval_at_lengths(workdir, lengths, scratch=...)` copies the run's training config and checkpoints
-to `scratch/<run name>/` (evaluate writes eval.json into the directory it evaluates; the source
-stays untouched) and calls `ea_jax.evaluate.evaluate` once per length with the run's own training
-config, `task.seq_len` overridden: the same eval split, seed and number of examples as the
-validation during training, so the training length reproduces the run's final validation numbers.
-`summarize` reduces the rows to mean and min over seeds.
+`eval_at_lengths(workdir, lengths, scratch=..., split="test")` copies the run's training config
+and checkpoints to `scratch/<run name>/` (evaluate writes eval.json into the directory it
+evaluates; the source stays untouched) and calls `ea_jax.evaluate.evaluate` once per length with
+the run's own training config, `task.seq_len` and `eval.split` overridden: the eval seed and
+number of examples are those of the validation during training, so `split="validation"` at the
+training length reproduces the run's final validation numbers. `summarize` reduces the rows to
+mean and min over seeds.
 """
 from __future__ import annotations
 
@@ -14,7 +15,11 @@ import os
 import shutil
 from typing import Iterable, Sequence
 
+import ml_collections
 import numpy as np
+
+from ea_jax import evaluate
+from ea_jax import train_lib
 
 METRICS = ("token_accuracy", "sequence_accuracy", "rollout_token_accuracy",
            "rollout_sequence_accuracy")
@@ -39,16 +44,16 @@ def copy_run(workdir: str, scratch: str) -> str:
   return dest
 
 
-def eval_config(workdir: str, seq_len: int):
-  """The run's training config (train_config.json) with task.seq_len = `seq_len`."""
-  import ml_collections
-  from ea_jax import train_lib
+def eval_config(workdir: str, seq_len: int, split: str = "test"):
+  """The run's training config (train_config.json) with task.seq_len = `seq_len` and
+  eval.split = `split` (one of ea_jax.data.EVAL_SPLITS, checked by evaluate)."""
   config = ml_collections.ConfigDict(train_lib.read_train_config(workdir)["config"])
   if "seq_len" not in config.task:
     raise ValueError(f"{workdir}: task {config.task.get('name')!r} has no seq_len to change")
   if not (isinstance(seq_len, int) and seq_len >= 2):
     raise ValueError(f"seq_len={seq_len!r}: must be an integer >= 2")
   config.task.seq_len = seq_len
+  config.eval.split = split
   return config
 
 
@@ -67,20 +72,20 @@ def split_position_accuracy(per_position, boundary: int) -> tuple[float, float]:
   return mean(acc[:boundary]), mean(acc[boundary:])
 
 
-def eval_at_lengths(workdir: str, lengths: Sequence[int], *, scratch: str) -> list[dict]:
-  """One row per length: {seq_len, step, loss, token/sequence accuracy, rollout accuracies,
-  num_examples, token_accuracy_seen / token_accuracy_beyond (split_position_accuracy at the
-  training length)} of the latest checkpoint of `workdir` (evaluated on a copy under `scratch`)."""
-  from ea_jax import evaluate
-  from ea_jax import train_lib
+def eval_at_lengths(workdir: str, lengths: Sequence[int], *, scratch: str,
+                    split: str = "test") -> list[dict]:
+  """One row per length: {seq_len, split, step, loss, token/sequence accuracy, rollout
+  accuracies, num_examples, token_accuracy_seen / token_accuracy_beyond (split_position_accuracy
+  at the training length)} of the latest checkpoint of `workdir` on `split` (evaluated on a
+  copy under `scratch`)."""
   copy = copy_run(workdir, scratch)
   train_len = int(train_lib.read_train_config(copy)["config"]["task"]["seq_len"])
   rows = []
   for seq_len in lengths:
-    result = evaluate.evaluate(eval_config(copy, int(seq_len)), copy)
+    result = evaluate.evaluate(eval_config(copy, int(seq_len), split), copy)
     seen, beyond = split_position_accuracy(result["per_position_accuracy"],
                                            min(train_len, int(seq_len)))
-    rows.append({"seq_len": int(seq_len), "step": result["step"], "loss": result["loss"],
+    rows.append({"seq_len": int(seq_len), "split": split, "step": result["step"], "loss": result["loss"],
                  "num_examples": result["num_examples"],
                  **{m: result.get(m, float("nan")) for m in METRICS},
                  "token_accuracy_seen": seen, "token_accuracy_beyond": beyond})

@@ -5,18 +5,20 @@ parallel *and* antiparallel to the query (cos near +1 and -1) get weight and ort
 none. `weighted_cos_histogram` measures that for given q, k and weights; `attention_geometry`
 does it per layer and head of a trained model (q, k captured from the attention module's
 projections, after rope / q-k norm, i.e. exactly the vectors whose dot product is scored);
-`run_geometry` loads a training workdir.
+`run_geometry` applies it to a training workdir, on sequences of the task's test split.
 
 Letters: B batch, T queries, S keys, L sequence length, N query heads, K key/value heads
 (query head n uses key/value head n // (N // K)), H head_dim, Y layers, Z histogram bins.
 """
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from ea_jax import model as model_lib
+from ea_jax import tasks
+from ea_jax.study.analysis import loading
 
 COS_EPS = 1e-12   # guards |q| |k| = 0 (such pairs get cos 0)
 
@@ -89,7 +91,6 @@ def capture_qk(model, params, tokens_BL) -> list[tuple[jax.Array, jax.Array]]:
   Captures the output of each attention module's projection step (`Attention._project` in
   ea_jax.model: q, k after q/k-norm and rope) with Flax `capture_intermediates`.
   """
-  from ea_jax import model as model_lib
 
   def wanted(module, method_name):
     return isinstance(module, model_lib.Attention) and method_name == "_project"
@@ -114,7 +115,6 @@ def attention_geometry(model, params, tokens_BL, *, num_bins: int = 20) -> dict:
   Returns {"edges": [Z + 1], "hist_YNZ": [layers, heads, Z], "hist_Z": all heads pooled
   (mean over layers x heads), "stats": geometry_stats of the pooled histogram}.
   """
-  from ea_jax import model as model_lib
   weights = model_lib.attention_maps(model, params, tokens_BL)
   hists = []
   for (q_BLNH, k_BLKH), w_BNLL in zip(capture_qk(model, params, tokens_BL), weights):
@@ -126,46 +126,24 @@ def attention_geometry(model, params, tokens_BL, *, num_bins: int = 20) -> dict:
           "stats": geometry_stats(edges, pooled)}
 
 
-def load_run(workdir: str):
-  """(model, params, training config) of the latest checkpoint of a training workdir."""
-  import ml_collections
-  from ea_jax import checkpointing
-  from ea_jax import train_lib
-  info = train_lib.read_train_config(workdir)
-  config = ml_collections.ConfigDict(info["config"])
-  setup = train_lib.Setup(config, vocab_size=int(info["vocab_size"]),
-                          max_len=int(info["max_len"]))
-  with jax.set_mesh(setup.mesh):
-    state, _ = setup.init_state()
-    ckpts = checkpointing.Checkpoints(os.path.join(workdir, "checkpoints"), keep=1000)
-    step = ckpts.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint under {workdir}/checkpoints")
-    state = ckpts.restore(step, checkpointing.abstract_like(state))
-    ckpts.close()
-  params = jax.tree.map(np.asarray, jax.device_get(state.params))
-  return setup.model, params, config
-
-
 def run_geometry(workdir: str, *, num_examples: int = 32, num_bins: int = 20,
                  seed: int = 0) -> dict:
-  """`attention_geometry` of a trained run on `num_examples` fresh sequences of its task."""
-  from ea_jax import tasks
-  model, params, config = load_run(workdir)
+  """`attention_geometry` of a trained run on `num_examples` sequences of its task's test split.
+
+  Args:
+    workdir: a training workdir (latest checkpoint).
+    num_examples: sequences drawn from the test split with key `seed`.
+    num_bins: histogram bins over cos in [-1, 1].
+    seed: sampling key.
+  Returns:
+    `attention_geometry`'s dict plus "attention" ("ea" / "dpa") and "kernel" (the EA kernel,
+    or "softmax").
+  """
+  model, params, config = loading.load_run(workdir)
   task = tasks.make_task(config.task)
-  batch = task.sample(jax.random.key(seed), num_examples)
+  batch = task.sample(jax.random.key(seed), num_examples, split="test")
   out = attention_geometry(model, params, batch.inputs, num_bins=num_bins)
   out["attention"] = config.model.attention
   out["kernel"] = config.model.ea_kernel if config.model.attention == "ea" else "softmax"
   return out
 
-
-def main(argv=None) -> None:
-  """`python -m ea_jax.analysis --sweep_dir=SWEEP --out=docs/analysis`: delay locking and length
-  generalisation of a finished sweep (ea_jax.analysis_report; `--help` lists the options)."""
-  from ea_jax import analysis_report
-  analysis_report.main(argv)
-
-
-if __name__ == "__main__":
-  main()

@@ -13,7 +13,8 @@ Pipeline (pure functions, numpy in and out):
                       sequences of that rule
   delay_mass          per (rule, head): weight on the current rule's needed offsets ("own") and on
                       the other rules' needed offsets that the current rule does not need ("other")
-`run_delays(workdir)` applies them to every layer of a trained run.
+`run_delays(workdir)` applies them to every layer of a trained run, on sequences of its task's
+test split.
 
 Letters: B batch, L sequence length, T queries (= L), S keys (= L), T1 = L + 1 symbols, N heads,
 O offsets, R rules, D max_delay, Y layers.
@@ -22,7 +23,12 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import jax
 import numpy as np
+
+from ea_jax import model as model_lib
+from ea_jax import tasks
+from ea_jax.study.analysis import loading
 
 AMBIGUOUS = -1    # identify_rules_B: more than one rule reproduces the sequence
 NO_RULE = -2      # identify_rules_B: no rule reproduces it (not a sequence of this task)
@@ -197,8 +203,8 @@ def run_delays(workdir: str, *, num_examples: int = 512, seq_len: int | None = N
                seed: int = 7, batch_size: int = 128) -> dict:
   """Offset profiles and delay mass of every layer and head of a trained recurrence run.
 
-  Sequences are fresh draws of the run's task (key `seed`, not a training stream), at the
-  training length unless `seq_len` is given; queries = the scored positions.
+  Sequences are draws from the test split of the run's task (key `seed`), at the training
+  length unless `seq_len` is given; queries = the scored positions.
 
   Returns a dict: rules (delay tuples), offsets (needed offsets per rule), profile_YRNO
   [layers, rules, heads, O = seq_len], own_YRN / other_YRN (delay_mass per layer), peak_YRN /
@@ -206,11 +212,7 @@ def run_delays(workdir: str, *, num_examples: int = 512, seq_len: int | None = N
   chance_other_R (the same masses under uniform causal attention), queries_R, sequences,
   skipped (ambiguous sequences), seq_len, attention, kernel.
   """
-  import jax
-  from ea_jax import analysis
-  from ea_jax import model as model_lib
-  from ea_jax import tasks
-  model, params, config = analysis.load_run(workdir)
+  model, params, config = loading.load_run(workdir)
   if config.task.name != "recurrence":
     raise ValueError(f"{workdir}: task {config.task.name!r}; delay locking needs a "
                      "'recurrence' task")
@@ -218,7 +220,7 @@ def run_delays(workdir: str, *, num_examples: int = 512, seq_len: int | None = N
   if seq_len is not None:
     task_cfg.seq_len = seq_len
   task = tasks.make_task(task_cfg)
-  batch = task.sample(jax.random.key(seed), num_examples)
+  batch = task.sample(jax.random.key(seed), num_examples, split="test")
   inputs_BL = np.asarray(batch.inputs)
   x_BT1 = symbols_BT1(inputs_BL, np.asarray(batch.targets))
   rule_B = identify_rules_B(x_BT1, task.coefficients_RD(), task.num_symbols)
