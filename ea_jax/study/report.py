@@ -29,7 +29,7 @@ from typing import Sequence
 import numpy as np
 
 from ea_jax import files
-from ea_jax.study import plan as plan_lib
+from ea_jax.study import formatting
 from ea_jax.study import results as results_lib
 from ea_jax.study import stats
 
@@ -130,10 +130,6 @@ def converged_fraction(rows: Sequence[dict]) -> tuple[int, int]:
   return sum(r["ended_by"] in ("solved", "plateau") for r in rs), len(rs)
 
 
-def _f(x, digits=3) -> str:
-  return "—" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.{digits}f}"
-
-
 def _interval(lo, hi, digits=2) -> str:
   return f"[{lo:+.{digits}f}, {hi:+.{digits}f}]"
 
@@ -218,8 +214,8 @@ def summary_markdown(config, rows, tuning_rows, *, timing=(), geometry=None) -> 
               "interior |", "|---|---|---|---|---|---|---|---|---|"]
     for r in tuning_rows:
       lines.append(f"| {r['variant']} | {r['width']} | {r['pos_encoding']} | "
-                   f"{float(r['learning_rate']):g} | {_f(results_lib.number(r['validation_loss']), 4)}"
-                   f" | {_f(_acc(r, 'validation_sequence_accuracy'))} | {r['ended_by']} | "
+                   f"{float(r['learning_rate']):g} | {formatting.fmt(results_lib.number(r['validation_loss']), 4)}"
+                   f" | {formatting.fmt(_acc(r, 'validation_sequence_accuracy'))} | {r['ended_by']} | "
                    f"{'**yes**' if r['chosen'] == 'True' else ''} | {r['interior']} |")
   else:
     lines.append(f"No tuning: lr {config.tune.lr_grid[0]:g}, positions "
@@ -237,7 +233,7 @@ def summary_markdown(config, rows, tuning_rows, *, timing=(), geometry=None) -> 
     for v in variants:
       for w in widths:
         c = by.get((lab, v, w))
-        entries.append("" if c is None else f"{_f(c['seq_mean'], 2)}{'*' if c['max_steps'] else ''}")
+        entries.append("" if c is None else f"{formatting.fmt(c['seq_mean'], 2)}{'*' if c['max_steps'] else ''}")
     lines.append(f"| {lab} | " + " | ".join(entries) + " |")
   lines.append("")
 
@@ -274,7 +270,7 @@ def summary_markdown(config, rows, tuning_rows, *, timing=(), geometry=None) -> 
     to_100 = "—" if c["steps_to_100"] is None else f"{c['steps_to_100']:.0f}"
     lines.append(
         f"| {c['label']} | {c['variant']} | {c['width']} | {c['pos_encoding']} | "
-        f"{c['learning_rate']:g} | {_f(c['tok_mean'])} | {_f(c['seq_mean'])} | {_f(c['seq_min'])} "
+        f"{c['learning_rate']:g} | {formatting.fmt(c['tok_mean'])} | {formatting.fmt(c['seq_mean'])} | {formatting.fmt(c['seq_min'])} "
         f"| [{c['seq_lo']:.2f}, {c['seq_hi']:.2f}] | {c['solved']}/{c['seeds']} | "
         f"{c['max_steps']}{'*' if c['max_steps'] else ''} | {c['steps_mean']:.0f} | "
         f"{to_100} | "
@@ -289,8 +285,8 @@ def summary_markdown(config, rows, tuning_rows, *, timing=(), geometry=None) -> 
               "|---|---|---|---|---|"]
     for name, g in geometry.items():
       s = g["stats"]
-      lines.append(f"| {name} | {_f(s['mean_cos'])} | {_f(s['mass_negative'])} | "
-                   f"{_f(s['mass_aligned'])} | {_f(s['mass_orthogonal'])} |")
+      lines.append(f"| {name} | {formatting.fmt(s['mean_cos'])} | {formatting.fmt(s['mass_negative'])} | "
+                   f"{formatting.fmt(s['mass_aligned'])} | {formatting.fmt(s['mass_orthogonal'])} |")
     lines.append("")
   return "\n".join(lines)
 
@@ -344,18 +340,17 @@ def _geometry(config, workdir: str, rows) -> dict:
       continue
     res = geometry_lib.run_geometry(run_dir, num_examples=g.num_examples)
     out[f"{r['variant']} w{r['width']} {r['label']} (test seq acc "
-        f"{_f(_acc(r, 'sequence_accuracy'), 2)})"] = res
+        f"{formatting.fmt(_acc(r, 'sequence_accuracy'), 2)})"] = res
   return out
 
 
 def write_report(config, workdir: str) -> list[str]:
   """Writes summary.md, ladder.png, capacity.png, frontier.png (and geometry.png)."""
   from ea_jax.study import plots
-  from ea_jax.study import runner
   rows = results_lib.read_results(os.path.join(workdir, results_lib.RESULTS_CSV))
   tpath = os.path.join(workdir, results_lib.TUNING_CSV)
   tuning_rows = results_lib.read_tuning(tpath) if os.path.isfile(tpath) else []
-  timing = runner.read_invocations(workdir)
+  timing = results_lib.read_invocations(workdir)
   cs = cells(rows)
   variants = list(config.variants)
   paths = [plots.plot_ladder(ladder_cells(rows), os.path.join(workdir, LADDER_PNG),

@@ -14,6 +14,7 @@ from ea_jax.study import plan
 
 RESULTS_CSV = "results.csv"
 TUNING_CSV = "tuning.csv"
+TIMING_FILE = "study_timing.json"   # wall time of every invocation (runner.InvocationLog)
 ENDINGS = ("solved", "plateau", "max_steps")
 
 # The DESIGN contract columns first (accuracies and loss: test split at the selected
@@ -106,6 +107,13 @@ def write_tuning(path: str, rows: Sequence[dict]) -> None:
 
 def read_tuning(path: str) -> list[dict]:
   return files.read_csv(path, TUNING_COLUMNS)
+
+
+def read_invocations(workdir: str) -> list[dict]:
+  """The study's invocations on `workdir` (started, seconds, runs_executed, workers, finished)."""
+  import os
+  return list((files.read_json(os.path.join(workdir, TIMING_FILE), {}) or {})
+              .get("invocations", []))
 
 
 def number(x, default=math.nan) -> float:

@@ -41,7 +41,7 @@ from ea_jax.study import results as results_lib
 RESULT_FILE = "result.json"
 SHARD_DIR = "shards"
 RUNS_DIR = "runs"
-TIMING_FILE = "study_timing.json"
+TIMING_FILE = results_lib.TIMING_FILE
 CONFIG_FILE = "study_config.json"
 LOG_FILE = "study_log.txt"
 WATCHDOG_SECONDS = 2.0
@@ -418,9 +418,7 @@ class InvocationLog:
     self._write()
 
 
-def read_invocations(workdir: str) -> list[dict]:
-  return list((files.read_json(os.path.join(workdir, TIMING_FILE), {}) or {})
-              .get("invocations", []))
+read_invocations = results_lib.read_invocations
 
 
 def cache_dir(config, workdir: str) -> str | None:
