@@ -404,13 +404,17 @@ def test_options_convert_and_name_bad_fields():
 
 
 def test_cli_rejects_bad_flags_in_one_line(tmp_path):
-  proc = subprocess.run([sys.executable, "-m", "ea_jax.study.analysis", f"--sweep_dir={tmp_path}",
-                         "--length_factors=2,1"], cwd=train_helpers.REPO, capture_output=True,
-                        text=True, timeout=120,
-                        env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=train_helpers.REPO))
-  assert proc.returncode == 1
-  assert "--length_factors=2,1: positive integers starting with 1" in proc.stderr
-  assert "Traceback" not in proc.stderr
+  def cli(*args):
+    return subprocess.run([sys.executable, "-m", "ea_jax.study.analysis", *args],
+                          cwd=train_helpers.REPO, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=train_helpers.REPO))
+
+  bad = cli(f"--sweep_dir={tmp_path}", "--length_factors=2,1")
+  assert bad.returncode == 1 and "Traceback" not in bad.stderr
+  assert "flag --length_factors=['2', '1']: positive integers starting with 1" in bad.stderr
+  empty = cli(f"--sweep_dir={tmp_path}")
+  assert empty.returncode == 1 and "Traceback" not in empty.stderr
+  assert f"error: no {tmp_path}/runs/*/result.json: is --sweep_dir a sweep workdir?" in empty.stderr
 
 
 # ------------------------------------------------------------------------------------------------
