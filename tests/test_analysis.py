@@ -2,6 +2,7 @@
 a NumPy reference from a real model's captured q/k, delay locking against plain loops and the
 task's own sampler, the figures' contents, the report's reductions and options, and the whole
 analysis of a tiny trained run."""
+import functools
 import json
 import math
 import os
@@ -158,16 +159,22 @@ def test_captured_qk_are_what_the_model_scores(attention, kernel, qk_norm):
                               ea_kernel=kernel, qk_norm=qk_norm)
   model = model_lib.Transformer(cfg)
   tokens_BL = jax.random.randint(jax.random.key(1), (2, 12), 0, 7)
-  params = model.init(jax.random.key(0), tokens_BL)["params"]
-  captured = geometry.capture_qk(model, params, tokens_BL)
-  maps = model_lib.attention_maps(model, params, tokens_BL)
+  # Random parameters of the model's shapes (eval_shape: no compiled init, which costs seconds).
+  shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), tokens_BL)["params"])
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda s: jnp.asarray(0.5 * rng.normal(size=s.shape), s.dtype), shapes)
 
   def wanted(module, method_name):
     return isinstance(module, model_lib.Attention) and method_name in ("_project", "__call__")
 
-  _, state = model.apply({"params": params}, tokens_BL, capture_intermediates=wanted,
-                         mutable=["intermediates"])
-  plain = nn.unbox(params)
+  @jax.jit   # one compiled program instead of op-by-op dispatch; the values are the same
+  def forward(params, tokens_BL):
+    _, state = model.apply({"params": params}, tokens_BL, capture_intermediates=wanted,
+                           mutable=["intermediates"])
+    return (geometry.capture_qk(model, params, tokens_BL),
+            model_lib.attention_maps(model, params, tokens_BL), state)
+
+  captured, maps, state = forward(params, tokens_BL)
   assert len(captured) == 2
   for y, ((q_BLNH, k_BLKH), w_BNLL) in enumerate(zip(captured, maps)):
     assert q_BLNH.shape == (2, 12, 4, 4) and k_BLKH.shape == (2, 12, 2, 4)
@@ -177,10 +184,10 @@ def test_captured_qk_are_what_the_model_scores(attention, kernel, qk_norm):
     o_BLNH = np.einsum("bnts,bsnh->btnh", w_np, np.repeat(np.asarray(v_BLKH, np.float64), 2,
                                                           axis=2))
     out_BLD = np.einsum("btnh,nhd->btd", o_BLNH,
-                        np.asarray(plain[f"block_{y}"]["attention"]["out"], np.float64))
+                        np.asarray(params[f"block_{y}"]["attention"]["out"], np.float64))
     np.testing.assert_allclose(out_BLD, sown["__call__"][0], atol=2e-5)
     np.testing.assert_allclose(w_BNLL, w_np, atol=2e-6)
-    # The histograms of attention_geometry: np.histogram of the NumPy weights over NumPy cos.
+  # The histograms of attention_geometry: np.histogram of the NumPy weights over NumPy cos.
   geo = geometry.attention_geometry(model, params, tokens_BL, num_bins=6)
   expected_YNZ = np.stack([_np_histograms(q, k, _np_weights(q, k, kind=attention, kernel=kernel),
                                           6) for q, k in captured])
@@ -397,13 +404,17 @@ def test_options_convert_and_name_bad_fields():
 
 
 def test_cli_rejects_bad_flags_in_one_line(tmp_path):
-  proc = subprocess.run([sys.executable, "-m", "ea_jax.study.analysis", f"--sweep_dir={tmp_path}",
-                         "--length_factors=2,1"], cwd=train_helpers.REPO, capture_output=True,
-                        text=True, timeout=120,
-                        env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=train_helpers.REPO))
-  assert proc.returncode == 1
-  assert "--length_factors=2,1: positive integers starting with 1" in proc.stderr
-  assert "Traceback" not in proc.stderr
+  def cli(*args):
+    return subprocess.run([sys.executable, "-m", "ea_jax.study.analysis", *args],
+                          cwd=train_helpers.REPO, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=train_helpers.REPO))
+
+  bad = cli(f"--sweep_dir={tmp_path}", "--length_factors=2,1")
+  assert bad.returncode == 1 and "Traceback" not in bad.stderr
+  assert "flag --length_factors=['2', '1']: positive integers starting with 1" in bad.stderr
+  empty = cli(f"--sweep_dir={tmp_path}")
+  assert empty.returncode == 1 and "Traceback" not in empty.stderr
+  assert f"error: no {tmp_path}/runs/*/result.json: is --sweep_dir a sweep workdir?" in empty.stderr
 
 
 # ------------------------------------------------------------------------------------------------

@@ -29,16 +29,33 @@ _NUM_OFFSETS = flags.DEFINE_integer("num_offsets", 12, "offsets shown in the del
                                     lower_bound=1)
 
 
+_OPTION_FLAGS = ("sweep_dir", "out", "scratch", "tasks", "widths", "length_factors",
+                 "delay_examples", "num_offsets")
+
+
+def _check(name: str):
+  """A flag validator: report.Options' check of that field (one line naming the flag)."""
+  def check(value) -> bool:
+    try:
+      report.Options(**{"sweep_dir": "-", name: value})
+    except ValueError as e:
+      raise flags.ValidationError(str(e).split(": ", 1)[-1]) from None
+    return True
+  return check
+
+
+for _name in ("tasks", "widths", "length_factors"):
+  flags.register_validator(_name, _check(_name))
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; all options are --flags")
-  try:
-    options = report.Options(
-        sweep_dir=_SWEEP_DIR.value, out=_OUT.value, scratch=_SCRATCH.value, tasks=_TASKS.value,
-        widths=_WIDTHS.value, length_factors=_LENGTH_FACTORS.value,
-        delay_examples=_DELAY_EXAMPLES.value, num_offsets=_NUM_OFFSETS.value)
-  except ValueError as e:
-    raise app.UsageError(f"--{e}") from None
+  options = report.Options(**{name: flags.FLAGS[name].value for name in _OPTION_FLAGS})
+  try:   # the sweep folder holds the selected runs (one line if not)
+    report.find_runs(options.sweep_dir, tasks=list(options.tasks), widths=list(options.widths))
+  except (FileNotFoundError, ValueError) as e:
+    sys.exit(f"error: {e}")
   command = "python -m ea_jax.study.analysis " + " ".join(shlex.quote(a) for a in sys.argv[1:])
   report.run(options, command=command)
 

@@ -13,14 +13,15 @@ Pipeline (pure functions, numpy in and out):
                       sequences of that rule
   delay_mass          per (rule, head): weight on the current rule's needed offsets ("own") and on
                       the other rules' needed offsets that the current rule does not need ("other")
-`run_delays(workdir)` applies them to every layer of a trained run, on sequences of its task's
-test split.
+`delay_analysis(model, params, config)` applies them to every layer of a trained model, on
+sequences of its task's test split; `run_delays(workdir)` loads a run and does the same.
 
 Letters: B batch, L sequence length, T queries (= L), S keys (= L), T1 = L + 1 symbols, N heads,
 O offsets, R rules, D max_delay, Y layers.
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
@@ -199,22 +200,34 @@ def uniform_causal_BNTS(batch: int, heads: int, length: int) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------
 
 
-def run_delays(workdir: str, *, num_examples: int = 512, seq_len: int | None = None,
-               seed: int = 7, batch_size: int = 128) -> dict:
-  """Offset profiles and delay mass of every layer and head of a trained recurrence run.
+def run_delays(workdir: str, **kwargs) -> dict:
+  """`delay_analysis` of the latest checkpoint of the training workdir `workdir` (keyword
+  arguments as there)."""
+  return delay_analysis(*loading.load_run(workdir), **kwargs)
+
+
+def delay_analysis(model, params, config, *, num_examples: int = 512,
+                   seq_len: int | None = None, seed: int = 7, batch_size: int = 128) -> dict:
+  """Offset profiles and delay mass of every layer and head of a trained recurrence model.
 
   Sequences are draws from the test split of the run's task (key `seed`), at the training
   length unless `seq_len` is given; queries = the scored positions.
 
-  Returns a dict: rules (delay tuples), offsets (needed offsets per rule), profile_YRNO
-  [layers, rules, heads, O = seq_len], own_YRN / other_YRN (delay_mass per layer), peak_YRN /
-  entropy_YRN (focus_RN per layer), chance_own_R /
-  chance_other_R (the same masses under uniform causal attention), queries_R, sequences,
-  skipped (ambiguous sequences), seq_len, attention, kernel.
+  Args:
+    model, params, config: a trained run (loading.load_run).
+    num_examples: sequences to draw.
+    seq_len: sequence length (default: the training length).
+    seed: sampling key.
+    batch_size: sequences per forward pass.
+  Returns:
+    A dict: rules (delay tuples), offsets (needed offsets per rule), profile_YRNO
+    [layers, rules, heads, O = seq_len], own_YRN / other_YRN (delay_mass per layer), peak_YRN /
+    entropy_YRN (focus_RN per layer), chance_own_R / chance_other_R (the same masses under
+    uniform causal attention), queries_R, sequences, skipped (ambiguous sequences), seq_len,
+    attention, kernel.
   """
-  model, params, config = loading.load_run(workdir)
   if config.task.name != "recurrence":
-    raise ValueError(f"{workdir}: task {config.task.name!r}; delay locking needs a "
+    raise ValueError(f"task {config.task.name!r}: delay locking needs a "
                      "'recurrence' task")
   task_cfg = config.task.copy_and_resolve_references()
   if seq_len is not None:
@@ -230,9 +243,10 @@ def run_delays(workdir: str, *, num_examples: int = 512, seq_len: int | None = N
   scored_BT = np.asarray(batch.weights) > 0
   big_l, big_r = inputs_BL.shape[1], task.num_rules
   sums_YRNO, peak_YRN, entropy_YRN, queries_R = 0.0, 0.0, 0.0, np.zeros(big_r, np.int64)
+  maps_fn = jax.jit(functools.partial(model_lib.attention_maps, model))
   for start in range(0, num_examples, batch_size):
     sl = slice(start, start + batch_size)
-    maps = [np.asarray(w) for w in model_lib.attention_maps(model, params, inputs_BL[sl])]
+    maps = [np.asarray(w) for w in maps_fn(params, inputs_BL[sl])]
     profs, counts = zip(*(offset_profile_RNO(w, scored_BT[sl], rule_B[sl], big_r, big_l)
                           for w in maps))
     peaks, entropies = zip(*(focus_RN(w, scored_BT[sl], rule_B[sl], big_r) for w in maps))

@@ -115,9 +115,14 @@ def attention_geometry(model, params, tokens_BL, *, num_bins: int = 20) -> dict:
   Returns {"edges": [Z + 1], "hist_YNZ": [layers, heads, Z], "hist_Z": all heads pooled
   (mean over layers x heads), "stats": geometry_stats of the pooled histogram}.
   """
-  weights = model_lib.attention_maps(model, params, tokens_BL)
+  @jax.jit
+  def qk_and_weights(params, tokens_BL):   # one compiled forward each, not op by op
+    return capture_qk(model, params, tokens_BL), model_lib.attention_maps(model, params,
+                                                                          tokens_BL)
+
+  qk, weights = qk_and_weights(params, tokens_BL)
   hists = []
-  for (q_BLNH, k_BLKH), w_BNLL in zip(capture_qk(model, params, tokens_BL), weights):
+  for (q_BLNH, k_BLKH), w_BNLL in zip(qk, weights):
     edges, hist_NZ = weighted_cos_histogram(q_BLNH, k_BLKH, w_BNLL, num_bins=num_bins)
     hists.append(hist_NZ)
   hist_YNZ = np.stack(hists)

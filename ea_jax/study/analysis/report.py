@@ -4,7 +4,7 @@
 
 For each selected study run of the sweep (`<sweep_dir>/runs/*/result.json`, stage "main"; by
 default the tasks "N=5 R=1" and "N=5 R=2" at width 64, every variant and seed):
-  - delay locking (delays.run_delays, on the test split) at the training length and at every
+  - delay locking (delays.delay_analysis, on the test split) at the training length and at every
     other length of `length_factors`: per-head CSV `delay_heads.csv`, per-layer summary
     `delay_models.csv`, a heat map per run at the training length
     `delays_<task>_<variant>_w<width>_s<seed>.png`;
@@ -36,6 +36,7 @@ from ea_jax import files
 from ea_jax.study import plots
 from ea_jax.study.analysis import delays
 from ea_jax.study.analysis import lengthgen
+from ea_jax.study.analysis import loading
 from ea_jax.study.formatting import fmt
 from ea_jax.study.formatting import spread
 
@@ -439,9 +440,10 @@ def run(options: Options, *, command: str) -> str:
   for i, run_ in enumerate(runs):
     ident = {"run": run_["run"], "task": run_["task"], "variant": run_["variant"],
              "width": run_["width"], "seed": run_["seed"]}
+    trained = loading.load_run(run_["dir"])
     for k in factors:
-      out = delays.run_delays(run_["dir"], num_examples=options.delay_examples,
-                              seq_len=run_["seq_len"] * k)
+      out = delays.delay_analysis(*trained, num_examples=options.delay_examples,
+                                  seq_len=run_["seq_len"] * k)
       extra = {"length_factor": k, "seq_len": out["seq_len"], "skipped": out["skipped"],
                "sequences": out["sequences"]}
       summaries += [{**ident, **extra, **s} for s in layer_summary(out)]
