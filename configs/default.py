@@ -85,7 +85,9 @@ def get_config(arg=None):
   c.data = ml_collections.ConfigDict()
   c.data.source = "generator"         # "generator" (sample task), "tfds" or "npz"
   c.data.train_path = ""              # npz: training file
-  c.data.eval_path = ""               # npz: evaluation file (both eval splits)
+  c.data.eval_path = ""               # npz: validation file
+  c.data.test_path = ""               # npz: test file (set it equal to eval_path to reuse it)
+  c.data.train_size = 0               # generator: 0 = stream; N = N distinct sequences, in epochs
   c.data.tfds_config = ""             # tfds: builder config name (tfds_builder.builder_config_name)
   c.data.tfds_data_dir = ""           # tfds: data directory (prepared there if missing)
 

@@ -1,12 +1,14 @@
 """Input pipeline: task generator | TFDS splits | .npz files -> global, sharded [B, L] batches.
 
-Every batch is a pure function of (seed, step): the generator samples from
-`fold_in(stream_key(seed, "train"), step)` inside a jit whose `out_shardings` is the batch
+Every batch is a pure function of (seed, step): the generator samples the task's "train" split
+from `fold_in(stream_key(seed, "train"), step)` (or, with `config.data.train_size`, walks a fixed
+set of that many distinct training sequences) inside a jit whose `out_shardings` is the batch
 sharding; array sources (npz, TFDS) pick rows from a permutation seeded by (seed, epoch). A
 resumed run therefore sees exactly the batches an uninterrupted one would, with no iterator state.
 
-Evaluation sets are fixed: generator splits use different keys ("validation", "test", both
-different from "train"); padded rows of the last eval batch carry zero weights.
+Evaluation sets are fixed: generator evaluation sets are distinct sequences of the task's
+"validation" / "test" split, which share no sequence with "train" by construction
+(`ea_jax.tasks.splits`); padded rows of the last eval batch carry zero weights.
 
 Letters: B batch, L sequence length, N number of examples in a file.
 """
@@ -174,27 +176,47 @@ def _to_global(batch: Batch, sharding) -> Batch:
 
 
 class GeneratorSource:
-  """Samples a task (`ea_jax.tasks.make_task`) on device; batches are f(fold_in(seed, step))."""
+  """Samples a task (`ea_jax.tasks.make_task`) on device; batches are f(seed, step).
 
-  def __init__(self, task_config):
+  Training batches come from the task's "train" split only: streaming (`train_size=0`), step
+  `step` is `task.sample(fold_in(stream_key(seed, "train"), step), B, "train")`; with a finite
+  training set (`train_size > 0`), sequence i of the set is `task.sample_distinct(stream_key(seed,
+  "train"), [i], "train")` (all distinct) and steps walk through per-epoch permutations of the
+  set (`array_batch_indices`). Evaluation sets are the first `num_examples` sequences of the
+  split's distinct enumeration for `stream_key(seed, split)`: no repetition inside a set, and none
+  across splits.
+  """
+
+  def __init__(self, task_config, train_size: int = 0):
     from ea_jax import tasks  # the tasks package imports lazily (keeps data.py light)
     self.task = tasks.make_task(task_config)
+    self.level = _level_name(task_config)
     self.vocab_size = int(self.task.vocab_size)
     self.seq_len = int(self.task.seq_len)
+    if isinstance(train_size, bool) or not isinstance(train_size, int) or train_size < 0:
+      raise ValueError(f"config.data.train_size={train_size!r}; allowed: 0 (streaming) or a "
+                       "positive number of distinct training sequences")
+    if train_size > self.task.num_split_keys("train"):
+      raise ValueError(self._too_small("train", train_size, "config.data.train_size"))
+    self.train_size = train_size
 
-  def _sampler(self, seed: int, stream: str, batch_size: int, sharding
-               ) -> Callable[[int, int], Batch]:
-    """(index, num_valid) -> batch sampled from fold_in(stream_key(seed, stream), index).
-
-    Rows at or beyond `num_valid` get zero weights (padding of the last eval batch). The key is
-    derived inside the jit from plain integers, so every process computes the same batch.
-    """
-    sample = _jitted_sampler(self.task, stream, batch_size, sharding)
-    return lambda index, num_valid: sample(np.int32(seed), np.uint32(index), np.int32(num_valid))
+  def _too_small(self, split: str, wanted: int, field: str) -> str:
+    return (f"{field}={wanted}: task level {self.level} has only "
+            f"{self.task.num_split_keys(split)} distinct {split} sequences that can be drawn "
+            f"without repetition (split_fractions={self.task.split_fractions}); allowed: at most "
+            "that many, or a larger level / split fraction")
 
   def train_batches(self, seed: int, batch_size: int, sharding) -> Callable[[int], Batch]:
-    sample = self._sampler(seed, "train", batch_size, sharding)
-    return lambda step: sample(step, batch_size)
+    if not self.train_size:
+      sample = _jitted_stream(self.task, batch_size, sharding)
+      return lambda step: sample(np.int32(seed), np.uint32(step))
+    sample = _jitted_indexed(self.task, "train", batch_size, sharding)
+    n = self.train_size
+
+    def get(step):
+      idx = array_batch_indices(seed, int(step), batch_size, n).astype(np.int32)
+      return sample(np.int32(seed), idx, np.int32(batch_size))
+    return get
 
   def eval_size(self, split: str, num_examples: int) -> int:
     """How many examples `eval_batches(split, ..., num_examples, ...)` holds."""
@@ -205,23 +227,52 @@ class GeneratorSource:
                    sharding) -> list[Batch]:
     if split not in EVAL_SPLITS:
       raise ValueError(f"config.eval.split={split!r}; allowed: {EVAL_SPLITS}")
-    sample = self._sampler(seed, split, batch_size, sharding)
-    return [sample(i, num_examples - i * batch_size)
-            for i in range(math.ceil(num_examples / batch_size))]
+    available = self.task.num_split_keys(split)
+    if num_examples > available:
+      raise ValueError(self._too_small(split, num_examples, "config.eval.num_examples"))
+    sample = _jitted_indexed(self.task, split, batch_size, sharding)
+    batches = []
+    for i in range(math.ceil(num_examples / batch_size)):
+      # Rows past num_examples are padding (zero weights); keep their indices in range.
+      idx = (i * batch_size + np.arange(batch_size)) % available
+      batches.append(sample(np.int32(seed), idx.astype(np.int32),
+                            np.int32(num_examples - i * batch_size)))
+    return batches
+
+
+def _level_name(task_config) -> str:
+  get = task_config.get if hasattr(task_config, "get") else lambda k, d=None: d
+  label = get("label", None)
+  return f"{get('name', '?')} {label}" if label else repr(get("name", "?"))
+
+
+def _mask_rows(b, batch_size: int, num_valid) -> Batch:
+  keep_B1 = (jnp.arange(batch_size) < num_valid)[:, None]
+  return Batch(jnp.asarray(b.inputs, jnp.int32), jnp.asarray(b.targets, jnp.int32),
+               jnp.where(keep_B1, jnp.asarray(b.weights, jnp.float32), 0.0))
 
 
 @functools.lru_cache(maxsize=16)
-def _jitted_sampler(task, stream: str, batch_size: int, sharding) -> Callable:
-  """jit(seed, index, num_valid) -> Batch with `sharding`; cached per (task, stream, shape)."""
-  stream_id = STREAMS[stream]
+def _jitted_stream(task, batch_size: int, sharding) -> Callable:
+  """jit(seed, step) -> the streaming training batch with `sharding`."""
 
   @functools.partial(jax.jit, out_shardings=Batch(sharding, sharding, sharding))
-  def sample(seed, index, num_valid):
-    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), stream_id), index)
-    b = task.sample(key, batch_size)
-    keep_B1 = (jnp.arange(batch_size) < num_valid)[:, None]
-    return Batch(jnp.asarray(b.inputs, jnp.int32), jnp.asarray(b.targets, jnp.int32),
-                 jnp.where(keep_B1, jnp.asarray(b.weights, jnp.float32), 0.0))
+  def sample(seed, step):
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), STREAMS["train"]), step)
+    return _mask_rows(task.sample(key, batch_size, "train"), batch_size, batch_size)
+  return sample
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_indexed(task, split: str, batch_size: int, sharding) -> Callable:
+  """jit(seed, index_B, num_valid) -> distinct sequences `index_B` of `split`; rows at or beyond
+  `num_valid` get zero weights. The key is derived inside the jit from plain integers, so every
+  process computes the same batch."""
+
+  @functools.partial(jax.jit, out_shardings=Batch(sharding, sharding, sharding))
+  def sample(seed, index_B, num_valid):
+    key = jax.random.fold_in(jax.random.key(seed), STREAMS[split])
+    return _mask_rows(task.sample_distinct(key, index_B, split), batch_size, num_valid)
   return sample
 
 
@@ -286,7 +337,7 @@ def make_source(config, *, splits=("train",) + EVAL_SPLITS, vocab_size: int | No
   """
   source = config.data.source
   if source == "generator":
-    src = GeneratorSource(config.task)
+    src = GeneratorSource(config.task, train_size=config.data.get("train_size", 0))
     if vocab_size is not None and src.vocab_size > vocab_size:
       raise ValueError(f"config.task has vocab_size {src.vocab_size} but the trained model's "
                        f"vocabulary is {vocab_size}")

@@ -1,4 +1,5 @@
 """Data sources: npz validation errors, deterministic (seed, step) batches, fixed eval sets."""
+import math
 import os
 
 import jax
@@ -98,26 +99,48 @@ def _one_device_sharding(batch_size):
   return sharding.batch_sharding(mesh, sharding.logical_rules(), batch_size)
 
 
-def test_generator_batches_are_task_samples_at_folded_keys():
+def _full(batch):
+  inputs, targets = np.asarray(batch.inputs), np.asarray(batch.targets)
+  return np.concatenate([inputs, targets[:, -1:]], axis=1)
+
+
+def test_generator_batches_are_split_samples_at_folded_keys():
   config = train_helpers.load_config("tiny")
   src = data.make_source(config)
   task = tasks.make_task(config.task)
   sh = _one_device_sharding(4)
   got = src.train_batches(7, 4, sh)(5)
-  want = task.sample(jax.random.fold_in(data.stream_key(7, "train"), 5), 4)
+  want = task.sample(jax.random.fold_in(data.stream_key(7, "train"), 5), 4, "train")
   for g, w in zip(got, want):
     np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+  np.testing.assert_array_equal(np.asarray(task.split_of(_full(got))), 0)
   val = src.eval_batches("validation", 7, 6, 4, sh)
   test = src.eval_batches("test", 7, 6, 4, sh)
   assert len(val) == 2
-  assert not np.array_equal(val[0].inputs, test[0].inputs)
-  assert not np.array_equal(val[0].inputs, src.train_batches(7, 4, sh)(0).inputs)
+  # Eval rows are the distinct enumeration of their split for the eval seed's stream key.
+  want_val = task.sample_distinct(data.stream_key(7, "validation"), np.arange(8), "validation")
+  for b, rows in zip(val, (slice(0, 4), slice(4, 8))):
+    np.testing.assert_array_equal(np.asarray(b.inputs), np.asarray(want_val.inputs)[rows])
+  np.testing.assert_array_equal(np.asarray(task.split_of(_full(val[0]))), 1)
+  np.testing.assert_array_equal(np.asarray(task.split_of(_full(test[0]))), 2)
   # Padding: rows 6, 7 of the 8 drawn carry no weight; the others keep the task's weights.
   np.testing.assert_array_equal(np.asarray(val[1].weights)[2:], 0.0)
-  want_w = task.sample(jax.random.fold_in(data.stream_key(7, "validation"), 1), 4).weights
-  np.testing.assert_array_equal(np.asarray(val[1].weights)[:2], np.asarray(want_w)[:2])
+  np.testing.assert_array_equal(np.asarray(val[1].weights)[:2],
+                                np.asarray(want_val.weights)[4:6])
   with pytest.raises(ValueError, match="config.eval.split='train'"):
     src.eval_batches("train", 7, 6, 4, sh)
+
+
+def test_eval_set_larger_than_its_split_is_refused():
+  config = train_helpers.load_config("tiny", {"task": tasks.ladder("recurrence")[0]})
+  src = data.make_source(config)
+  keys = src.task.num_split_keys("validation")  # 4**6 prefixes, 10% of them
+  assert keys == round(0.9 * 4 ** 6) - round(0.8 * 4 ** 6)
+  sh = _one_device_sharding(4)
+  assert len(src.eval_batches("validation", 0, keys, 512, sh)) == math.ceil(keys / 512)
+  with pytest.raises(ValueError, match=rf"config.eval.num_examples={keys + 1}: task level "
+                     rf"recurrence N=4 R=1 has only {keys} distinct validation sequences"):
+    src.eval_batches("validation", 0, keys + 1, 512, sh)
 
 
 def test_npz_source_train_and_padded_eval(tmp_path):

@@ -8,6 +8,7 @@ import functools
 import math
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -335,7 +336,8 @@ def test_sample_is_jittable_and_hashable():
 @pytest.mark.parametrize("overrides,match", [
     (dict(num_symbols=1), r"num_symbols=1.*integer >= 2"),
     (dict(num_symbols=2.5), r"num_symbols=2.5"),
-    (dict(max_delay=24), r"max_delay=24 must be < seq_len=24.*\[1, 23\]"),
+    (dict(max_delay=24), r"seq_len=24 is too short for max_delay=24.*integer >= 25"),
+    (dict(max_delay=6, seq_len=1), r"recurrence.seq_len=1 is too short.*integer >= 7"),
     (dict(num_delays=5), r"num_delays=5.*\[1, 4\]"),
     (dict(num_rules=7), r"num_rules=7 exceeds the 6 distinct rules.*\[1, 6\]"),
     (dict(num_rules=0), r"num_rules=0"),
@@ -368,7 +370,8 @@ def test_make_task_requires_name_and_ignores_descriptions():
     (dict(name="induction", num_symbols=1), r"induction.num_symbols=1"),
     (dict(name="selective_copy", region_len=3, num_data=4), r"selective_copy.region_len=3"),
     (dict(name="modular", block_len=0), r"modular.block_len=0.*>= 1"),
-    (dict(name="dyck", max_depth=30, seq_len=47), r"dyck.max_depth=30.*\[1, 24\]"),
+    (dict(name="dyck", max_depth=30, seq_len=47), r"dyck.seq_len=47.*>= 59.*\[1, 24\]"),
+    (dict(name="dyck", num_types=1), r"dyck.num_types=1.*>= 2"),
     (dict(name="dyck", num_type=2), r"unknown field\(s\) \['num_type'\].*'num_types'"),
 ])
 def test_other_families_bad_config(cfg, match):
@@ -377,7 +380,8 @@ def test_other_families_bad_config(cfg, match):
 
 
 @pytest.mark.parametrize("family,cfg,x,weights", [
-    ("recall", dict(num_keys=4, num_values=4, num_pairs=2, num_queries=2),
+    ("recall", dict(num_keys=4, num_values=4, num_pairs=2, num_queries=2,
+                    split_fractions=(0.5, 0.25, 0.25)),  # 4 split keys: one per query pair
      [2, 5, 0, 7, 8, 0, 7, 2, 5], [0, 0, 0, 0, 0, 1, 0, 1]),
     ("induction", dict(num_symbols=3, context_len=6, copy_len=3),
      [1, 2, 1, 0, 2, 1, 3, 1, 0, 2], [0, 0, 0, 0, 0, 0, 0, 0, 1]),
@@ -443,3 +447,92 @@ def test_tfds_round_trip(tmp_path, monkeypatch):
   monkeypatch.setattr(tfds_builder, "generate_split", no_generation)
   again = tfds_builder.load_split(config, "test", tmp_path)
   np.testing.assert_array_equal(again["inputs"], loaded["test"]["inputs"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Splits: train, validation and test share no sequence
+# ------------------------------------------------------------------------------------------------
+
+STUDY_BUDGET = (600, 64)     # configs/sweep.py: steps x batch
+DEFAULT_BUDGET = (3000, 32)  # configs/default.py: steps x batch
+EVAL_DRAW = 2048             # validation and test sequences drawn per level (fewer if the split
+                             # has fewer distinct sequences)
+CHECKED_ROWS = 48            # rows per split re-derived by the plain-Python checkers
+
+
+def _rows(x_NT):
+  """The rows of an int array as a set of bytes (exact sequence identity)."""
+  x_NT = np.ascontiguousarray(x_NT, dtype=np.int32)
+  return {r.tobytes() for r in x_NT}
+
+
+def overlap_count(a_NT, b_MT):
+  """How many distinct rows of `b_MT` occur verbatim in `a_NT`."""
+  return len(_rows(a_NT) & _rows(b_MT))
+
+
+def _full(batch):
+  inputs, targets = np.asarray(batch.inputs), np.asarray(batch.targets)
+  return np.concatenate([inputs.reshape(-1, inputs.shape[-1]),
+                         targets.reshape(-1, targets.shape[-1])[:, -1:]], axis=1)
+
+
+@functools.cache
+def _split_draws(name, index):
+  """Level `index` of ladder `name`: the training streams of the study and default budgets (seed
+  0, keys as ea_jax.data derives them), EVAL_DRAW validation and test sequences (seed 1, the
+  generator source's distinct eval draw), and the split index `split_of` gives to checked rows."""
+  from ea_jax import data
+  task = tasks.make_task(tasks.ladder(name)[index])
+  n_val = min(EVAL_DRAW, task.num_split_keys("validation"))
+  n_test = min(EVAL_DRAW, task.num_split_keys("test"))
+
+  @jax.jit
+  def draw():
+    train_key = data.stream_key(0, "train")
+
+    def stream(steps, batch):
+      keys = jax.vmap(lambda s: jax.random.fold_in(train_key, s))(jnp.arange(steps))
+      return jax.vmap(lambda k: task.sample(k, batch, "train"))(keys)
+    study, default = stream(*STUDY_BUDGET), stream(*DEFAULT_BUDGET)
+    val = task.sample_distinct(data.stream_key(1, "validation"), jnp.arange(n_val), "validation")
+    test = task.sample_distinct(data.stream_key(1, "test"), jnp.arange(n_test), "test")
+    return study, default, val, test
+  study, default, val, test = jax.device_get(draw())
+  return task, {"study": _full(study), "default": _full(default), "validation": _full(val),
+                "test": _full(test)}, (study, val, test)
+
+
+@pytest.mark.parametrize("name,index,cfg", LEVELS, ids=LEVEL_IDS)
+def test_splits_share_no_sequence_at_the_training_budgets(name, index, cfg):
+  del cfg
+  task, x, (study, val, test) = _split_draws(name, index)
+  for train in ("study", "default"):
+    for held_out in ("validation", "test"):
+      assert overlap_count(x[train], x[held_out]) == 0, (train, held_out)
+  assert overlap_count(x["validation"], x["test"]) == 0
+  # Evaluation draws hold no repetition.
+  assert len(_rows(x["validation"])) == len(x["validation"])
+  assert len(_rows(x["test"])) == len(x["test"])
+  # Every split's sequences are valid sequences of the family, with the sampler's weights, and
+  # `split_of` reads back the split they were drawn from.
+  study_w = np.asarray(study.weights).reshape(-1, task.seq_len)
+  for want, rows, weights in ((0, x["study"], study_w), (1, x["validation"], val.weights),
+                              (2, x["test"], test.weights)):
+    rows, weights = rows[:CHECKED_ROWS], np.asarray(weights)[:CHECKED_ROWS]
+    np.testing.assert_array_equal(weights, CHECKERS[task.family](task, rows))
+    np.testing.assert_array_equal(np.asarray(task.split_of(rows)), want)
+
+
+def test_overlap_counter_finds_shared_sequences():
+  """Meta-test: with the splits deliberately shared (validation drawn from the train split) the
+  counter reports the repeats that a set computation over the raw rows finds."""
+  task = tasks.make_task(tasks.ladder("recurrence")[0])  # 3277 training prefixes
+  train = _full(task.sample(jax.random.key(0), 4096, "train"))
+  shared = _full(task.sample(jax.random.key(1), 512, "train"))
+  found = overlap_count(train, shared)
+  brute = len({tuple(r) for r in shared.tolist()} & {tuple(r) for r in train.tolist()})
+  assert found == brute and found > 100
+  mixed = np.concatenate([_full(task.sample(jax.random.key(2), 64, "validation")), shared[:5]])
+  assert overlap_count(train, mixed) == len({tuple(r) for r in shared[:5].tolist()}
+                                            & {tuple(r) for r in train.tolist()})

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from ea_jax.tasks import base
+from ea_jax.tasks import splits
 
 FAMILY = "dyck"
 
@@ -42,42 +43,89 @@ class DyckTask(base.TaskBase):
   num_types: int = 2
   max_depth: int = 4
   seq_len: int = 47
+  split_fractions: tuple = base.split_fractions_field()
 
   family = FAMILY
 
   def __post_init__(self):
     f = FAMILY
-    k = base.check_int(f, "num_types", self.num_types, 1)
+    # One type leaves no free digits to split on (the types of the openings are the split key).
+    k = base.check_int(f, "num_types", self.num_types, 2)
+    depth = base.check_int(f, "max_depth", self.max_depth, 1)
     seq_len = base.check_int(f, "seq_len", self.seq_len, 1)
-    depth = base.check_int(f, "max_depth", self.max_depth, 1, (seq_len + 1) // 2)
-    for name, value in (("num_types", k), ("max_depth", depth), ("seq_len", seq_len)):
-      object.__setattr__(self, name, value)
+    if seq_len < 2 * depth - 1:  # reaching max_depth and closing again takes 2 * max_depth
+      raise ValueError(f"{f}.seq_len={seq_len} is too short for max_depth={depth}; allowed: an "
+                       f"integer >= {2 * depth - 1} (or max_depth in [1, {(seq_len + 1) // 2}])")
+    base.finish(self, f, dict(num_types=k, max_depth=depth, seq_len=seq_len))
 
   @property
   def vocab_size(self) -> int:
     return 2 * self.num_types
 
-  def _sample(self, rng, batch_size):
-    b, k, big_d, big_t = batch_size, self.num_types, self.max_depth, self.seq_len + 1
-    k_coin, k_type = jax.random.split(rng)
-    coin_TB = jax.random.bernoulli(k_coin, 0.5, (big_t, b))
-    type_TB = jax.random.randint(k_type, (big_t, b), 0, k, dtype=jnp.int32)
-    rows_B = jnp.arange(b)
+  @property
+  def num_openings(self) -> int:
+    """Every string has ceil(T / 2) openings (it ends at depth 0 if T is even, else 1)."""
+    return (self.seq_len + 2) // 2
+
+  # Splits: the free digits are the types of the openings in order; the first j form the split
+  # key's digits, the open/close pattern and the other types are hashed.
+
+  def _free_digits(self):
+    return self.num_types, self.num_openings
+
+  def _key_from(self, close_T, types_O):
+    space = self.split_space
+    j = space.digits
+    return space, j, splits.hash_values(jnp.concatenate([close_T.astype(jnp.int32), types_O[j:]]))
+
+  def _split_key(self, x_T):
+    k = self.num_types
+    open_pos_O = jnp.nonzero(x_T < k, size=self.num_openings)[0]
+    space, j, h = self._key_from(x_T >= k, x_T[open_pos_O])
+    return space.key(space.from_digits(x_T[open_pos_O][:j]), h)
+
+  def _sequence(self, key, s):
+    k, big_d, big_t = self.num_types, self.max_depth, self.seq_len + 1
+    k_coin, k_type = jax.random.split(key)
+    coin_T = jax.random.bernoulli(k_coin, 0.5, (big_t,))
+    types_O = jax.random.randint(k_type, (self.num_openings,), 0, k, dtype=jnp.int32)
 
     def step(carry, inputs):
-      stack_BD, depth_B = carry
-      r, coin_B, type_B = inputs
-      forced_B = (depth_B > 0) & ((depth_B == big_d) | (depth_B >= r - 1))
-      close_B = forced_B | ((depth_B > 0) & coin_B)
-      top_B = stack_BD[rows_B, jnp.maximum(depth_B - 1, 0)]
-      token_B = jnp.where(close_B, k + top_B, type_B)
-      slot_B = jnp.minimum(depth_B, big_d - 1)  # where an opening is pushed (unused on close)
-      pushed_BD = stack_BD.at[rows_B, slot_B].set(type_B)
-      stack_BD = jnp.where(close_B[:, None], stack_BD, pushed_BD)
-      depth_B = jnp.where(close_B, depth_B - 1, depth_B + 1)
-      return (stack_BD, depth_B), (token_B, forced_B)
+      stack_D, depth, opened = carry  # the stack holds opening numbers, not types
+      r, coin = inputs
+      forced = (depth > 0) & ((depth == big_d) | (depth >= r - 1))
+      close = forced | ((depth > 0) & coin)
+      top = stack_D[jnp.maximum(depth - 1, 0)]
+      which = jnp.where(close, top, opened)  # the opening this bracket opens or closes
+      pushed_D = stack_D.at[jnp.minimum(depth, big_d - 1)].set(opened)
+      stack_D = jnp.where(close, stack_D, pushed_D)
+      depth = jnp.where(close, depth - 1, depth + 1)
+      opened = jnp.where(close, opened, opened + 1)
+      return (stack_D, depth, opened), (close, which, forced)
 
     remaining_T = big_t - jnp.arange(big_t)
-    init = (jnp.zeros((b, big_d), jnp.int32), jnp.zeros((b,), jnp.int32))
-    _, (x_TB, forced_TB) = jax.lax.scan(step, init, (remaining_T, coin_TB, type_TB))
-    return base.next_token_batch(x_TB.T, forced_TB.T[:, 1:])
+    init = (jnp.zeros((big_d,), jnp.int32), jnp.int32(0), jnp.int32(0))
+    _, (close_T, which_T, forced_T) = jax.lax.scan(step, init, (remaining_T, coin_T))
+    space, j, h = self._key_from(close_T, types_O)
+    types_O = types_O.at[:j].set(space.to_digits(space.offset(s, h)))
+    x_T = jnp.where(close_T, k, 0) + types_O[which_T]
+    return x_T, forced_T[1:]
+
+  def num_patterns(self) -> int:
+    """Distinct open/close patterns the walk can produce (dynamic programming over depth)."""
+    big_d, big_t = self.max_depth, self.seq_len + 1
+    ways = {0: 1}
+    for t in range(big_t):
+      r, nxt = big_t - t, {}
+      for d, w in ways.items():
+        moves = [+1] if d == 0 else [-1] if (d == big_d or d >= r - 1) else [+1, -1]
+        for mv in moves:
+          nxt[d + mv] = nxt.get(d + mv, 0) + w
+      ways = nxt
+    return sum(ways.values())
+
+  def num_sequences(self, split):
+    """Exact: patterns x types of the openings, a split holding its share of the key digits."""
+    space = self.split_space
+    return self.num_patterns() * self.num_types ** (self.num_openings - space.digits) * \
+        space.num_keys(split)

@@ -28,11 +28,14 @@ Letters: B batch, n context length, m copy length, K = n - m + 1 candidate start
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ea_jax.tasks import base
+from ea_jax.tasks import splits
 
 FAMILY = "induction"
 
@@ -44,6 +47,7 @@ class InductionTask(base.TaskBase):
   num_symbols: int = 8
   context_len: int = 32
   copy_len: int = 8
+  split_fractions: tuple = base.split_fractions_field()
 
   family = FAMILY
 
@@ -52,8 +56,7 @@ class InductionTask(base.TaskBase):
     v = base.check_int(f, "num_symbols", self.num_symbols, 2)
     m = base.check_int(f, "copy_len", self.copy_len, 2)
     n = base.check_int(f, "context_len", self.context_len, m)
-    for name, value in (("num_symbols", v), ("context_len", n), ("copy_len", m)):
-      object.__setattr__(self, name, value)
+    base.finish(self, f, dict(num_symbols=v, context_len=n, copy_len=m))
 
   @property
   def sep_id(self) -> int:
@@ -67,15 +70,62 @@ class InductionTask(base.TaskBase):
   def seq_len(self) -> int:
     return self.context_len + self.copy_len  # T - 1
 
-  def _sample(self, rng, batch_size):
-    b, n, m = batch_size, self.context_len, self.copy_len
-    k_ctx, k_start = jax.random.split(rng)
-    c_BN = jax.random.randint(k_ctx, (b, n), 0, self.num_symbols, dtype=jnp.int32)
-    start_B = jax.random.randint(k_start, (b,), 0, n - m + 1)
-    copy_BM = jnp.take_along_axis(c_BN, start_B[:, None] + jnp.arange(m)[None, :], axis=1)
-    sep_B1 = jnp.full((b, 1), self.sep_id, jnp.int32)
-    x_BT = jnp.concatenate([c_BN, sep_B1, copy_BM], axis=1)
-    return base.next_token_batch(x_BT, scored_targets(c_BN, copy_BM))
+  # Splits: the free digits are the context symbols; the first j form the split key's digits,
+  # the others are hashed. The start of the copy is not part of the key (it cannot always be
+  # read back: a segment may occur twice).
+
+  def _free_digits(self):
+    return self.num_symbols, self.context_len
+
+  def _context_key(self, c_N):
+    space = self.split_space
+    j = space.digits
+    return space.key(space.from_digits(c_N[:j]), splits.hash_values(c_N[j:]))
+
+  def _split_key(self, x_T):
+    return self._context_key(x_T[:self.context_len])
+
+  def _sequence(self, key, s):
+    n, m, space = self.context_len, self.copy_len, self.split_space
+    k_ctx, k_start = jax.random.split(key)
+    c_N = jax.random.randint(k_ctx, (n,), 0, self.num_symbols, dtype=jnp.int32)
+    j = space.digits
+    c_N = c_N.at[:j].set(space.to_digits(space.offset(s, splits.hash_values(c_N[j:]))))
+    start = jax.random.randint(k_start, (), 0, n - m + 1)
+    copy_M = jax.lax.dynamic_slice(c_N, (start,), (m,))
+    x_T = jnp.concatenate([c_N, jnp.full((1,), self.sep_id, jnp.int32), copy_M])
+    return x_T, scored_targets(c_N[None, :], copy_M[None, :])[0]
+
+  def num_sequences_is_exact(self, split):
+    del split
+    return self.num_symbols ** self.context_len <= EXACT_COUNT_LIMIT
+
+  def num_sequences(self, split):
+    """Distinct sequences of `split`: exact (by enumerating every context) when V**n <=
+    EXACT_COUNT_LIMIT, else the lower bound "one sequence per context" (a context gives one
+    sequence per distinct length-m window of it)."""
+    space = self.split_space
+    if self.num_sequences_is_exact(split):
+      return _count_by_enumeration(self)[splits.SPLITS.index(split)]
+    return space.num_keys(split) * self.num_symbols ** (self.context_len - space.digits)
+
+
+EXACT_COUNT_LIMIT = 1 << 20
+
+
+@functools.lru_cache(maxsize=64)
+def _count_by_enumeration(task) -> tuple[int, int, int]:
+  v, n, m = task.num_symbols, task.context_len, task.copy_len
+  idx_C = np.arange(v ** n, dtype=np.int64)
+  c_CN = (idx_C[:, None] // (v ** np.arange(n, dtype=np.int64))[None, :]) % v
+  key_of = jax.jit(jax.vmap(task._context_key))  # pylint: disable=protected-access
+  split_C = np.asarray(task.split_space.split_index_of_key(key_of(c_CN.astype(np.int32))))
+  # Window k of context c as a base-v number; distinct windows per context.
+  win_CK = np.stack([np.sum(c_CN[:, k:k + m] * (v ** np.arange(m, dtype=np.int64)), axis=1)
+                     for k in range(n - m + 1)], axis=1)
+  win_CK.sort(axis=1)
+  distinct_C = 1 + np.sum(win_CK[:, 1:] != win_CK[:, :-1], axis=1)
+  return tuple(int(c) for c in np.bincount(split_C, weights=distinct_C, minlength=3))
 
 
 def scored_targets(c_BN: jax.Array, copy_BM: jax.Array) -> jax.Array:

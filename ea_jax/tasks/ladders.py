@@ -1,9 +1,9 @@
 """Named complexity ladders: ordered lists of task configs, easiest first.
 
-Every level is an `ml_collections.ConfigDict` with the family `name`, its dials, a numeric
-`complexity` (the x-axis of ladder plots; defined per family, see each family's module docstring)
-and a human-readable `label`. Sequences are at most 64 tokens long so that a level trains in
-minutes on a CPU. The lowest recurrence levels are learnt by a 2-layer, width-64 model in a few
+Every level is an `ml_collections.ConfigDict` with the family `name`, its dials, the
+`split_fractions` (train, validation, test) dial, a numeric `complexity` (the x-axis of ladder
+plots; defined per family, see each family's module docstring) and a human-readable `label`.
+Sequences are at most 64 tokens long so that a level trains in minutes on a CPU. The lowest recurrence levels are learnt by a 2-layer, width-64 model in a few
 hundred steps; the top levels are hard at that size. Measured with such a model (4 heads, EA
 rational, batch 64, AdamW peak lr 3e-3, cosine): N=5 R=1 reaches 99.6% scored-token accuracy
 after 500 steps, N=5 R=2 96% after 1000, N=6 R=3 83% after 1000, N=8 R=3 88% after 2000.
@@ -29,6 +29,8 @@ import math
 
 import ml_collections
 
+from ea_jax.tasks import splits
+
 # Shared recurrence geometry: 48 targets, rules = 2 delays out of 1..6 (15 possible rules).
 RECURRENCE_SEQ_LEN = 48
 RECURRENCE_MAX_DELAY = 6
@@ -36,8 +38,9 @@ RECURRENCE_NUM_DELAYS = 2
 
 
 def _level(name: str, complexity: float, label: str, **dials) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(name=name, **dials, complexity=float(complexity),
-                                        label=label))
+  return ml_collections.ConfigDict(dict(name=name, **dials,
+                                        split_fractions=splits.DEFAULT_SPLIT_FRACTIONS,
+                                        complexity=float(complexity), label=label))
 
 
 def _recurrence_level(num_symbols: int, num_rules: int) -> ml_collections.ConfigDict:

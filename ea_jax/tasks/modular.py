@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from ea_jax.tasks import base
+from ea_jax.tasks import splits
 
 FAMILY = "modular"
 
@@ -39,6 +40,7 @@ class ModularTask(base.TaskBase):
   num_symbols: int = 5
   block_len: int = 3
   num_blocks: int = 10
+  split_fractions: tuple = base.split_fractions_field()
 
   family = FAMILY
 
@@ -47,8 +49,7 @@ class ModularTask(base.TaskBase):
     n = base.check_int(f, "num_symbols", self.num_symbols, 2)
     k = base.check_int(f, "block_len", self.block_len, 1)
     j = base.check_int(f, "num_blocks", self.num_blocks, 1)
-    for name, value in (("num_symbols", n), ("block_len", k), ("num_blocks", j)):
-      object.__setattr__(self, name, value)
+    base.finish(self, f, dict(num_symbols=n, block_len=k, num_blocks=j))
 
   @property
   def eq_id(self) -> int:
@@ -62,12 +63,35 @@ class ModularTask(base.TaskBase):
   def seq_len(self) -> int:
     return self.num_blocks * (self.block_len + 2) - 1  # T - 1
 
-  def _sample(self, rng, batch_size):
-    b, n, k, j = batch_size, self.num_symbols, self.block_len, self.num_blocks
-    a_BJK = jax.random.randint(rng, (b, j, k), 0, n, dtype=jnp.int32)
-    sums_BJ = jnp.cumsum(jnp.sum(a_BJK, axis=2), axis=1) % n
-    eq_BJ1 = jnp.full((b, j, 1), self.eq_id, jnp.int32)
-    x_BT = jnp.concatenate([a_BJK, eq_BJ1, sums_BJ[:, :, None]], axis=2).reshape(b, j * (k + 2))
+  # Splits: the free digits are the J * k summed symbols in order; the first j form the split
+  # key's digits, the others are hashed.
+
+  def _free_digits(self):
+    return self.num_symbols, self.num_blocks * self.block_len
+
+  def _symbols_key(self, a_F):
+    space = self.split_space
+    j = space.digits
+    return space.key(space.from_digits(a_F[:j]), splits.hash_values(a_F[j:]))
+
+  def _split_key(self, x_T):
+    k = self.block_len
+    return self._symbols_key(x_T.reshape(self.num_blocks, k + 2)[:, :k].reshape(-1))
+
+  def _sequence(self, key, s):
+    n, k, nb, space = self.num_symbols, self.block_len, self.num_blocks, self.split_space
+    a_F = jax.random.randint(key, (nb * k,), 0, n, dtype=jnp.int32)
+    j = space.digits
+    a_F = a_F.at[:j].set(space.to_digits(space.offset(s, splits.hash_values(a_F[j:]))))
+    a_JK = a_F.reshape(nb, k)
+    sums_J = jnp.cumsum(jnp.sum(a_JK, axis=1)) % n
+    eq_J1 = jnp.full((nb, 1), self.eq_id, jnp.int32)
+    x_T = jnp.concatenate([a_JK, eq_J1, sums_J[:, None]], axis=1).reshape(-1)
     # The sum of block i sits at x index i (k + 2) + k + 1, i.e. target index i (k + 2) + k.
-    scored_L = (jnp.arange(self.seq_len) % (k + 2)) == k
-    return base.next_token_batch(x_BT, jnp.broadcast_to(scored_L[None, :], (b, self.seq_len)))
+    return x_T, (jnp.arange(self.seq_len) % (k + 2)) == k
+
+  def num_sequences(self, split):
+    """Exact: every arrangement of the J * k symbols is a distinct sequence."""
+    space = self.split_space
+    free = self.num_blocks * self.block_len - space.digits
+    return self.num_symbols ** free * space.num_keys(split)

@@ -27,11 +27,13 @@ Letters: B batch, P pairs, Q queries, W key width (1 or 2), T = L + 1 tokens.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
 
 from ea_jax.tasks import base
+from ea_jax.tasks import splits
 
 FAMILY = "recall"
 
@@ -45,6 +47,7 @@ class RecallTask(base.TaskBase):
   num_pairs: int = 8
   num_queries: int = 8
   conjunctive: bool = False
+  split_fractions: tuple = base.split_fractions_field()
 
   family = FAMILY
 
@@ -58,13 +61,12 @@ class RecallTask(base.TaskBase):
                          "conjunctive=True")
       keys = base.check_int(f, "num_keys", self.num_keys, pairs // 2)
     else:
-      pairs = base.check_int(f, "num_pairs", self.num_pairs, 1)
+      pairs = base.check_int(f, "num_pairs", self.num_pairs, 2)
       keys = base.check_int(f, "num_keys", self.num_keys, pairs)
     values = base.check_int(f, "num_values", self.num_values, pairs)
     queries = base.check_int(f, "num_queries", self.num_queries, 1)
-    for name, value in (("num_keys", keys), ("num_values", values), ("num_pairs", pairs),
-                        ("num_queries", queries)):
-      object.__setattr__(self, name, value)
+    base.finish(self, f, dict(num_keys=keys, num_values=values, num_pairs=pairs,
+                              num_queries=queries))
 
   @property
   def key_width(self) -> int:
@@ -82,29 +84,69 @@ class RecallTask(base.TaskBase):
   def seq_len(self) -> int:
     return (self.num_pairs + self.num_queries) * (self.key_width + 1)  # T - 1
 
-  def _sample(self, rng, batch_size):
-    b, p, q, w = batch_size, self.num_pairs, self.num_queries, self.key_width
-    k_key, k_key2, k_val, k_order, k_query = jax.random.split(rng, 5)
+  # Splits: the free digits are the queries, as the context position (0..P-1) of the
+  # association each asks for; the first j are the split key's digits, the context and the
+  # other queries are hashed.
+
+  def _free_digits(self):
+    return self.num_pairs, self.num_queries
+
+  def _key_from(self, context_PI, chosen_Q):
+    space = self.split_space
+    j = space.digits
+    rest = jnp.concatenate([context_PI.reshape(-1), chosen_Q[j:]])
+    return space, j, splits.hash_values(rest)
+
+  def _split_key(self, x_T):
+    p, q, w = self.num_pairs, self.num_queries, self.key_width
+    context_PI = x_T[:p * (w + 1)].reshape(p, w + 1)
+    queries_QI = x_T[p * (w + 1) + 1:].reshape(q, w + 1)
+    same_QP = jnp.all(queries_QI[:, None, :w] == context_PI[None, :, :w], axis=2)
+    chosen_Q = jnp.argmax(same_QP, axis=1).astype(jnp.int32)
+    space, j, h = self._key_from(context_PI, chosen_Q)
+    return space.key(space.from_digits(chosen_Q[:j]), h)
+
+  def _sequence(self, key, s):
+    p, q, w = self.num_pairs, self.num_queries, self.key_width
+    k_key, k_key2, k_val, k_order, k_query = jax.random.split(key, 5)
     if self.conjunctive:
       m = p // 2
-      first_BM = base.distinct_indices(k_key, b, self.num_keys, m)
-      second_BM = base.distinct_indices(k_key2, b, self.num_keys, m)
-      idx_M = jnp.arange(m)
-      first_BP = jnp.concatenate([first_BM, first_BM], axis=1)
-      second_BP = jnp.concatenate([second_BM, second_BM[:, (idx_M + 1) % m]], axis=1)
-      keys_BPW = jnp.stack([first_BP, second_BP], axis=2)
+      first_M = base.distinct_indices(k_key, self.num_keys, m)
+      second_M = base.distinct_indices(k_key2, self.num_keys, m)
+      first_P = jnp.concatenate([first_M, first_M])
+      second_P = jnp.concatenate([second_M, second_M[(jnp.arange(m) + 1) % m]])
+      keys_PW = jnp.stack([first_P, second_P], axis=1)
     else:
-      keys_BPW = base.distinct_indices(k_key, b, self.num_keys, p)[:, :, None]
-    values_BP = self.num_keys + base.distinct_indices(k_val, b, self.num_values, p)
-    items_BPI = jnp.concatenate([keys_BPW, values_BP[:, :, None]], axis=2)  # I = W + 1
-    order_BP = base.distinct_indices(k_order, b, p, p)
-    context_BPI = jnp.take_along_axis(items_BPI, order_BP[:, :, None], axis=1)
-    chosen_BQ = jax.random.randint(k_query, (b, q), 0, p)
-    queries_BQI = jnp.take_along_axis(items_BPI, chosen_BQ[:, :, None], axis=1)
-    sep_B1 = jnp.full((b, 1), self.sep_id, jnp.int32)
-    x_BT = jnp.concatenate([context_BPI.reshape(b, p * (w + 1)), sep_B1,
-                            queries_BQI.reshape(b, q * (w + 1))], axis=1)
+      keys_PW = base.distinct_indices(k_key, self.num_keys, p)[:, None]
+    values_P = self.num_keys + base.distinct_indices(k_val, self.num_values, p)
+    items_PI = jnp.concatenate([keys_PW, values_P[:, None]], axis=1)  # I = W + 1
+    context_PI = items_PI[base.distinct_indices(k_order, p, p)]
+    chosen_Q = jax.random.randint(k_query, (q,), 0, p, dtype=jnp.int32)
+    space, j, h = self._key_from(context_PI, chosen_Q)
+    chosen_Q = chosen_Q.at[:j].set(space.to_digits(space.offset(s, h)))
+    queries_QI = context_PI[chosen_Q]
+    sep_1 = jnp.full((1,), self.sep_id, jnp.int32)
+    x_T = jnp.concatenate([context_PI.reshape(-1), sep_1, queries_QI.reshape(-1)])
     # Targets are x_1..x_{T-1}; query i's value sits at x index p(w+1) + 1 + i(w+1) + w.
     answer_Q = p * (w + 1) + 1 + jnp.arange(q) * (w + 1) + w
     scored_L = jnp.zeros((self.seq_len,), bool).at[answer_Q - 1].set(True)
-    return base.next_token_batch(x_BT, jnp.broadcast_to(scored_L[None, :], (b, self.seq_len)))
+    return x_T, scored_L
+
+  def num_contexts(self) -> int:
+    """Distinct context listings (the P associations in listed order)."""
+    p, k, v = self.num_pairs, self.num_keys, self.num_values
+    values = math.perm(v, p)  # distinct values in listed order
+    if not self.conjunctive:
+      return math.perm(k, p) * values  # distinct keys in listed order
+    m = p // 2
+    # Key pairs: an m-set of first tokens, an m-set of second tokens and a Hamiltonian cycle of
+    # the complete bipartite graph K_{m,m} on them ((m!)^2 / (2m) cycles); then listed in any
+    # of P! orders.
+    cycles = math.factorial(m) * math.factorial(m - 1) // 2
+    return math.comb(k, m) ** 2 * cycles * math.factorial(p) * values
+
+  def num_sequences(self, split):
+    """Exact: contexts x queries; a split holds its share of the first j queries' values."""
+    space = self.split_space
+    return self.num_contexts() * self.num_pairs ** (self.num_queries - space.digits) * \
+        space.num_keys(split)

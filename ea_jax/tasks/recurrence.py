@@ -27,6 +27,7 @@ rule-determined positions.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Optional
 
@@ -35,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ea_jax.tasks import base
+from ea_jax.tasks import splits
 
 FAMILY = "recurrence"
 # Below this many possible rules the rules are a prefix of a permutation of all of them.
@@ -92,6 +94,7 @@ class RecurrenceTask(base.TaskBase):
   seq_len: int = 48
   rule_seed: int = 0
   rules: Optional[Any] = None  # optional explicit rules: a sequence of delay tuples
+  split_fractions: tuple = base.split_fractions_field()
   rule_delays: tuple = dataclasses.field(init=False, default=())  # the rules in use
 
   family = FAMILY
@@ -99,12 +102,11 @@ class RecurrenceTask(base.TaskBase):
   def __post_init__(self):
     f = FAMILY
     n = base.check_int(f, "num_symbols", self.num_symbols, 2)
-    seq_len = base.check_int(f, "seq_len", self.seq_len, 2)
     max_delay = base.check_int(f, "max_delay", self.max_delay, 1)
-    if max_delay >= seq_len:
-      raise ValueError(f"{f}.max_delay={max_delay} must be < seq_len={seq_len} (delays >= "
-                       "seq_len leave nothing to predict); allowed: an integer in "
-                       f"[1, {seq_len - 1}]")
+    seq_len = base.check_int(f, "seq_len", self.seq_len, 1)
+    if seq_len < max_delay + 1:  # x_{max_delay}, the first rule-determined symbol, is a target
+      raise ValueError(f"{f}.seq_len={seq_len} is too short for max_delay={max_delay} (nothing "
+                       f"left to predict); allowed: an integer >= {max_delay + 1}")
     num_delays = base.check_int(f, "num_delays", self.num_delays, 1, max_delay)
     total = num_possible_rules(max_delay, num_delays)
     num_rules = base.check_int(f, "num_rules", self.num_rules, 1)
@@ -117,12 +119,10 @@ class RecurrenceTask(base.TaskBase):
       rules = draw_rules(num_rules, max_delay, num_delays, seed)
     else:
       rules = _check_rules(self.rules, num_rules, max_delay, num_delays)
-    for name, value in (("num_symbols", n), ("seq_len", seq_len), ("max_delay", max_delay),
-                        ("num_delays", num_delays), ("num_rules", num_rules), ("rule_seed", seed)):
-      object.__setattr__(self, name, value)
-    if self.rules is not None:
       object.__setattr__(self, "rules", rules)
     object.__setattr__(self, "rule_delays", rules)
+    base.finish(self, f, dict(num_symbols=n, seq_len=seq_len, max_delay=max_delay,
+                              num_delays=num_delays, num_rules=num_rules, rule_seed=seed))
 
   @property
   def vocab_size(self) -> int:
@@ -136,7 +136,7 @@ class RecurrenceTask(base.TaskBase):
     return coef
 
   def transfer_RTD(self) -> np.ndarray:
-    """int32 [R, T, D]: x_BT = transfer[rule] @ prefix (mod N), prefix = x_0..x_{D-1}.
+    """int32 [R, T, D]: x_T = transfer[rule] @ prefix (mod N), prefix = x_0..x_{D-1}.
 
     The recurrence is linear mod N, so each rule's whole sequence is a fixed integer matrix
     (entries reduced mod N) applied to the random prefix; sampling then needs no sequential loop.
@@ -149,14 +149,83 @@ class RecurrenceTask(base.TaskBase):
         out[r, s] = sum(out[r, s - d] for d in delays) % n
     return out.astype(np.int32)
 
-  def _sample(self, rng, batch_size):
-    n, big_d = self.num_symbols, self.max_delay
-    k_rule, k_prefix = jax.random.split(rng)
-    rule_B = jax.random.randint(k_rule, (batch_size,), 0, self.num_rules)
-    prefix_BD = jax.random.randint(k_prefix, (batch_size, big_d), 0, n, dtype=jnp.int32)
-    transfer_BTD = jnp.asarray(self.transfer_RTD())[rule_B]
-    x_BT = jnp.sum(transfer_BTD * prefix_BD[:, None, :], axis=2) % n
-    return base.next_token_batch(x_BT, scored_targets(x_BT, jnp.asarray(self.coefficients_RD()), n))
+  # Splits: the free digits are the prefix x_0..x_{D-1}; the first j of them (all of them on
+  # every ladder level) are the split key's digits, the others are hashed. The rule is not part
+  # of the key: it cannot always be read back (from an all-zero prefix every rule gives the
+  # all-zero sequence), and the split must be a function of the sequence.
+
+  def _free_digits(self):
+    return self.num_symbols, self.max_delay
+
+  def _prefix_key(self, prefix_D):
+    space = self.split_space
+    j = space.digits
+    return space.key(space.from_digits(prefix_D[:j]), splits.hash_values(prefix_D[j:]))
+
+  def _split_key(self, x_T):
+    return self._prefix_key(x_T[:self.max_delay])
+
+  def _sequence(self, key, s):
+    n, big_d, space = self.num_symbols, self.max_delay, self.split_space
+    k_rule, k_prefix = jax.random.split(key)
+    rule = jax.random.randint(k_rule, (), 0, self.num_rules)
+    prefix_D = jax.random.randint(k_prefix, (big_d,), 0, n, dtype=jnp.int32)
+    j = space.digits
+    a = space.offset(s, splits.hash_values(prefix_D[j:]))
+    prefix_D = prefix_D.at[:j].set(space.to_digits(a))
+    x_T = jnp.sum(jnp.asarray(self.transfer_RTD())[rule] * prefix_D[None, :], axis=1) % n
+    scored_L = scored_targets(x_T[None, :], jnp.asarray(self.coefficients_RD()), n)[0]
+    return x_T, scored_L
+
+  def num_sequences_is_exact(self, split):
+    del split
+    return self.num_rules == 1 or _enumeration_size(self) <= EXACT_COUNT_LIMIT
+
+  def num_sequences(self, split):
+    """Distinct sequences of `split`: exact when R * N**D <= EXACT_COUNT_LIMIT (or R = 1), else
+    the lower bound "one sequence per prefix" (sequences with different prefixes differ)."""
+    space = self.split_space
+    free = self.num_symbols ** (self.max_delay - space.digits)  # prefixes per split key
+    if self.num_rules == 1:
+      return space.num_keys(split) * free
+    if _enumeration_size(self) > EXACT_COUNT_LIMIT:
+      return space.num_keys(split) * free
+    return _count_by_enumeration(self)[splits.SPLITS.index(split)]
+
+
+# Exact counting enumerates every prefix under every rule; above this many (prefix, rule) pairs
+# num_sequences is the documented lower bound.
+EXACT_COUNT_LIMIT = 1 << 23
+_COUNT_CHUNK = 1 << 16
+
+
+def _enumeration_size(task) -> int:
+  return task.num_rules * task.num_symbols ** task.max_delay
+
+
+@functools.lru_cache(maxsize=64)
+def _count_by_enumeration(task) -> tuple[int, int, int]:
+  """Distinct sequences per split, enumerating every prefix: a prefix gives one sequence per
+  class of rules that produce the same sequence from it."""
+  n, big_d = task.num_symbols, task.max_delay
+  transfer_RTD = task.transfer_RTD().astype(np.int64)
+  key_of = jax.jit(jax.vmap(task._prefix_key))  # pylint: disable=protected-access
+  counts = np.zeros(3, np.int64)
+  powers_D = n ** np.arange(big_d, dtype=np.int64)
+  total = n ** big_d
+  for start in range(0, total, _COUNT_CHUNK):
+    idx_P = np.arange(start, min(start + _COUNT_CHUNK, total), dtype=np.int64)
+    prefix_PD = (idx_P[:, None] // powers_D[None, :]) % n
+    split_P = np.asarray(task.split_space.split_index_of_key(key_of(prefix_PD.astype(np.int32))))
+    x_PRT = np.einsum("rtd,pd->prt", transfer_RTD, prefix_PD) % n
+    distinct_P = np.ones(len(idx_P), np.int64)  # rule 0 always counts
+    for r in range(1, task.num_rules):
+      same_as_earlier = np.zeros(len(idx_P), bool)
+      for r2 in range(r):
+        same_as_earlier |= np.all(x_PRT[:, r] == x_PRT[:, r2], axis=1)
+      distinct_P += ~same_as_earlier
+    counts += np.bincount(split_P, weights=distinct_P, minlength=3).astype(np.int64)
+  return tuple(int(c) for c in counts)
 
 
 def scored_targets(x_BT: jax.Array, coef_RD: jax.Array, num_symbols: int) -> jax.Array:

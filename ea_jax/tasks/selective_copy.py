@@ -22,11 +22,13 @@ Letters: B batch, n region length, M data symbols.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
 
 from ea_jax.tasks import base
+from ea_jax.tasks import splits
 
 FAMILY = "selective_copy"
 
@@ -38,6 +40,7 @@ class SelectiveCopyTask(base.TaskBase):
   num_symbols: int = 8
   region_len: int = 32
   num_data: int = 8
+  split_fractions: tuple = base.split_fractions_field()
 
   family = FAMILY
 
@@ -46,8 +49,7 @@ class SelectiveCopyTask(base.TaskBase):
     v = base.check_int(f, "num_symbols", self.num_symbols, 2)
     m = base.check_int(f, "num_data", self.num_data, 1)
     n = base.check_int(f, "region_len", self.region_len, m)
-    for name, value in (("num_symbols", v), ("region_len", n), ("num_data", m)):
-      object.__setattr__(self, name, value)
+    base.finish(self, f, dict(num_symbols=v, region_len=n, num_data=m))
 
   @property
   def blank_id(self) -> int:
@@ -65,14 +67,37 @@ class SelectiveCopyTask(base.TaskBase):
   def seq_len(self) -> int:
     return self.region_len + self.num_data  # T - 1
 
-  def _sample(self, rng, batch_size):
-    b, n, m = batch_size, self.region_len, self.num_data
-    k_pos, k_sym = jax.random.split(rng)
-    pos_BM = jnp.sort(base.distinct_indices(k_pos, b, n, m), axis=1)
-    data_BM = jax.random.randint(k_sym, (b, m), 0, self.num_symbols, dtype=jnp.int32)
-    rows_B1 = jnp.arange(b)[:, None]
-    region_BN = jnp.full((b, n), self.blank_id, jnp.int32).at[rows_B1, pos_BM].set(data_BM)
-    mark_B1 = jnp.full((b, 1), self.mark_id, jnp.int32)
-    x_BT = jnp.concatenate([region_BN, mark_B1, data_BM], axis=1)
-    scored_L = jnp.arange(self.seq_len) >= n  # targets x_{n+1}..x_{n+M}
-    return base.next_token_batch(x_BT, jnp.broadcast_to(scored_L[None, :], (b, self.seq_len)))
+  # Splits: the free digits are the data symbols; the first j form the split key's digits, the
+  # data positions and the other symbols are hashed.
+
+  def _free_digits(self):
+    return self.num_symbols, self.num_data
+
+  def _key_from(self, pos_M, data_M):
+    space = self.split_space
+    j = space.digits
+    return space, j, splits.hash_values(jnp.concatenate([pos_M, data_M[j:]]))
+
+  def _split_key(self, x_T):
+    n, m = self.region_len, self.num_data
+    pos_M = jnp.nonzero(x_T[:n] != self.blank_id, size=m)[0].astype(jnp.int32)
+    data_M = x_T[n + 1:]
+    space, j, h = self._key_from(pos_M, data_M)
+    return space.key(space.from_digits(data_M[:j]), h)
+
+  def _sequence(self, key, s):
+    n, m = self.region_len, self.num_data
+    k_pos, k_sym = jax.random.split(key)
+    pos_M = jnp.sort(base.distinct_indices(k_pos, n, m))
+    data_M = jax.random.randint(k_sym, (m,), 0, self.num_symbols, dtype=jnp.int32)
+    space, j, h = self._key_from(pos_M, data_M)
+    data_M = data_M.at[:j].set(space.to_digits(space.offset(s, h)))
+    region_N = jnp.full((n,), self.blank_id, jnp.int32).at[pos_M].set(data_M)
+    x_T = jnp.concatenate([region_N, jnp.full((1,), self.mark_id, jnp.int32), data_M])
+    return x_T, jnp.arange(self.seq_len) >= n  # targets x_{n+1}..x_{n+M}
+
+  def num_sequences(self, split):
+    """Exact: layouts C(n, M) x data symbols V**M, a split holding its share of the key digits."""
+    space = self.split_space
+    return math.comb(self.region_len, self.num_data) * \
+        self.num_symbols ** (self.num_data - space.digits) * space.num_keys(split)

@@ -83,7 +83,7 @@ def generate_split(task_config: Mapping[str, Any], split: str, num_examples: int
   split_key = jax.random.fold_in(jax.random.key(seed), SPLITS.index(split))
   chunks = []
   for i in range(0, num_examples, _CHUNK):
-    batch = task.sample(jax.random.fold_in(split_key, i // _CHUNK), _CHUNK)
+    batch = task.sample(jax.random.fold_in(split_key, i // _CHUNK), _CHUNK, split)
     chunks.append(jax.device_get(batch))
   return {field: np.concatenate([getattr(c, field) for c in chunks])[:num_examples]
           for field in ("inputs", "targets", "weights")}
