@@ -375,6 +375,14 @@ def test_make_task_requires_name_and_ignores_descriptions():
     (dict(name="modular", block_len=0), r"modular.block_len=0.*>= 1"),
     (dict(name="dyck", max_depth=30, seq_len=47), r"dyck.seq_len=47.*>= 59.*\[1, 24\]"),
     (dict(name="dyck", num_types=1), r"dyck.num_types=1.*>= 2"),
+    (dict(name="modular", split_fractions=(0.8, 0.1, 0.2)), r"modular.split_fractions=.*sums "
+     r"to 1.1; allowed: 3 positive numbers"),
+    (dict(name="modular", split_fractions=(0.9, 0.1, 0.0)), r"modular.split_fractions=.*3 "
+     r"positive numbers"),
+    (dict(name="modular", split_fractions=(0.5, 0.5)), r"modular.split_fractions=\(0.5, 0.5\)"),
+    (dict(name="recall", num_keys=4, num_values=4, num_pairs=2, num_queries=2),
+     r"recall.split_fractions=\(0.8, 0.1, 0.1\) leaves split 'test' empty: this level has only "
+     r"4 split keys"),
     (dict(name="dyck", num_type=2), r"unknown field\(s\) \['num_type'\].*'num_types'"),
 ])
 def test_other_families_bad_config(cfg, match):
