@@ -19,6 +19,7 @@ import math
 import os
 from typing import Callable, Mapping, NamedTuple
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -326,6 +327,45 @@ def _tfds_vocab_size(name: str, raw: Mapping[str, Mapping[str, np.ndarray]]) -> 
   return 1 + max(max(int(np.max(r["inputs"])), int(np.max(r["targets"]))) for r in raw.values())
 
 
+def _npz_source(config, splits, vocab_size):
+  """Train from `train_path`, validation from `eval_path`, test from `test_path`.
+
+  Validation and test from one file is refused unless `test_path` is set to `eval_path`
+  explicitly (then a warning says that they coincide); rows a held-out file shares with the
+  training file are counted in a warning.
+  """
+  train, vocab = None, vocab_size
+  if "train" in splits:
+    train, vocab = load_npz(config.data.train_path, field="config.data.train_path",
+                            vocab_size=vocab_size)
+  evals = {}
+  for split, field in (("validation", "eval_path"), ("test", "test_path")):
+    if split not in splits:
+      continue
+    path = config.data.get(field, "")
+    if split == "test" and not path:
+      raise ValueError("config.data.test_path is empty: the npz source needs a test file of its "
+                       "own (config.data.eval_path is the validation file); allowed: a path to a "
+                       ".npz file, or test_path=eval_path to evaluate on the validation file")
+    if split == "test" and path == config.data.eval_path:
+      logging.warning("config.data.test_path == config.data.eval_path (%s): the test split is "
+                      "the validation split", path)
+    evals[split], ev_vocab = load_npz(path, field=f"config.data.{field}", vocab_size=vocab)
+    vocab = vocab if vocab is not None else ev_vocab
+    if train is not None:
+      shared = len(_row_set(evals[split]) & _row_set(train))
+      if shared:
+        logging.warning("config.data.%s shares %d of its %d sequences with "
+                        "config.data.train_path", field, shared, evals[split].inputs.shape[0])
+  return ArraySource(train, evals, vocab)
+
+
+def _row_set(batch: Batch) -> set:
+  """The distinct (inputs, last target) rows of a numpy batch, as bytes."""
+  x = np.concatenate([batch.inputs, batch.targets[:, -1:]], axis=1).astype(np.int32)
+  return {r.tobytes() for r in np.ascontiguousarray(x)}
+
+
 def make_source(config, *, splits=("train",) + EVAL_SPLITS, vocab_size: int | None = None):
   """The data source named by `config.data.source`.
 
@@ -343,17 +383,7 @@ def make_source(config, *, splits=("train",) + EVAL_SPLITS, vocab_size: int | No
                        f"vocabulary is {vocab_size}")
     return src
   if source == "npz":
-    train, vocab = None, vocab_size
-    if "train" in splits:
-      train, vocab = load_npz(config.data.train_path, field="config.data.train_path",
-                              vocab_size=vocab_size)
-    evals = {}
-    if any(s in splits for s in EVAL_SPLITS):
-      ev, ev_vocab = load_npz(config.data.eval_path, field="config.data.eval_path",
-                              vocab_size=vocab)
-      vocab = vocab if vocab is not None else ev_vocab
-      evals = {s: ev for s in EVAL_SPLITS}
-    return ArraySource(train, evals, vocab)
+    return _npz_source(config, splits, vocab_size)
   if source == "tfds":
     from ea_jax.tasks import tfds_builder
     name = config.data.tfds_config

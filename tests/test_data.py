@@ -82,16 +82,16 @@ def test_eval_file_checked_against_training_vocab(tmp_path):
     data.load_npz(_save(tmp_path, "e.npz", arrays), field="config.data.eval_path", vocab_size=5)
 
 
-def test_array_batch_order_is_a_function_of_seed_and_step():
+def test_array_batch_order_walks_per_epoch_permutations():
   n, bs = 10, 4
-  a = [data.array_batch_indices(3, s, bs, n) for s in range(5)]
-  b = [data.array_batch_indices(3, s, bs, n) for s in range(5)]
-  for x, y in zip(a, b):
-    np.testing.assert_array_equal(x, y)
-  flat = np.concatenate(a)  # 20 examples = two epochs, each a permutation of the 10 rows
+  flat = np.concatenate([data.array_batch_indices(3, s, bs, n) for s in range(5)])
+  # Reference: example c is row perm(seed, epoch = c // n)[c % n], the permutations drawn by
+  # numpy's generator seeded with (seed, epoch).
+  perms = [np.random.default_rng([3, e]).permutation(n) for e in range(2)]
+  np.testing.assert_array_equal(flat, np.concatenate(perms))
   assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
-  assert not np.array_equal(flat, np.concatenate(
-      [data.array_batch_indices(4, s, bs, n) for s in range(5)]))
+  # A later step alone (a resumed run) gives the rows of its place in the sequence.
+  np.testing.assert_array_equal(data.array_batch_indices(3, 3, bs, n), flat[12:16])
 
 
 def _one_device_sharding(batch_size):
@@ -148,7 +148,8 @@ def test_npz_source_train_and_padded_eval(tmp_path):
   ev = _arrays(n=5, seed=2)
   config = train_helpers.load_config("tiny", {
       "data.source": "npz", "data.train_path": _save(tmp_path, "t.npz", train),
-      "data.eval_path": _save(tmp_path, "e.npz", ev)})
+      "data.eval_path": _save(tmp_path, "e.npz", ev),
+      "data.test_path": _save(tmp_path, "x.npz", _arrays(n=3, seed=3))})
   src = data.make_source(config)
   assert src.seq_len == 5
   sh = _one_device_sharding(4)
@@ -184,3 +185,67 @@ def test_tfds_source_reads_frozen_level(tmp_path):
   with pytest.raises(ValueError, match="tfds_data_dir is empty"):
     data.make_source(train_helpers.load_config("tiny", {"data.source": "tfds",
                                                         "data.tfds_config": name}))
+
+
+def test_npz_test_split_needs_its_own_file(tmp_path, caplog):
+  paths = {k: _save(tmp_path, f"{k}.npz", _arrays(n=4, seed=i))
+           for i, k in enumerate(("train", "val", "test"))}
+  base = {"data.source": "npz", "data.train_path": paths["train"],
+          "data.eval_path": paths["val"]}
+  # Training needs no test file.
+  data.make_source(train_helpers.load_config("tiny", base), splits=("train", "validation"))
+  with pytest.raises(ValueError, match=r"config.data.test_path is empty.*test_path=eval_path"):
+    data.make_source(train_helpers.load_config("tiny", base), splits=("test",))
+  src = data.make_source(train_helpers.load_config("tiny", {**base,
+                                                            "data.test_path": paths["test"]}))
+  np.testing.assert_array_equal(src.evals["test"].inputs, _arrays(n=4, seed=2)["inputs"])
+  np.testing.assert_array_equal(src.evals["validation"].inputs, _arrays(n=4, seed=1)["inputs"])
+  with caplog.at_level("WARNING"):
+    same = data.make_source(train_helpers.load_config("tiny", {**base,
+                                                               "data.test_path": paths["val"]}))
+  assert "test split is the validation split" in caplog.text
+  np.testing.assert_array_equal(same.evals["test"].inputs, same.evals["validation"].inputs)
+
+
+def test_npz_rows_shared_with_training_are_counted(tmp_path, caplog):
+  train = _arrays(n=6, seed=1)
+  ev = {k: v[[0, 2, 4]] for k, v in train.items()}  # three training rows
+  config = train_helpers.load_config("tiny", {
+      "data.source": "npz", "data.train_path": _save(tmp_path, "t.npz", train),
+      "data.eval_path": _save(tmp_path, "e.npz", ev)})
+  with caplog.at_level("WARNING"):
+    data.make_source(config, splits=("train", "validation"))
+  assert "config.data.eval_path shares 3 of its 3 sequences" in caplog.text
+
+
+def test_finite_training_set_repeats_in_epochs_of_distinct_sequences():
+  config = train_helpers.load_config("tiny", {"data.train_size": 10})
+  src = data.make_source(config, splits=("train",))
+  sh = _one_device_sharding(4)
+  get = src.train_batches(3, 4, sh)
+  x = np.concatenate([_full(get(step)) for step in range(10)])  # 40 rows = 4 epochs of 10
+  epochs = [x[i:i + 10] for i in range(0, 40, 10)]
+  first = {tuple(r) for r in epochs[0].tolist()}
+  assert len(first) == 10  # distinct sequences
+  for e in epochs[1:]:
+    assert {tuple(r) for r in e.tolist()} == first  # each epoch is the same set, reordered
+  assert not np.array_equal(epochs[0], epochs[1])
+  np.testing.assert_array_equal(np.asarray(src.task.split_of(x)), 0)
+  # Resume: a fresh source (a restarted process) gives step 7 the same batch.
+  again = data.make_source(config, splits=("train",)).train_batches(3, 4, sh)(7)
+  np.testing.assert_array_equal(np.asarray(again.inputs), x[28:32, :-1])
+  # The streaming source draws (almost surely) more than 10 distinct sequences in 40 rows.
+  stream = data.make_source(train_helpers.load_config("tiny"), splits=("train",))
+  streamed = np.concatenate([_full(stream.train_batches(3, 4, sh)(s)) for s in range(10)])
+  assert len({tuple(r) for r in streamed.tolist()}) > 10
+
+
+@pytest.mark.parametrize("size,match", [
+    (-1, r"config.data.train_size=-1; allowed: 0 \(streaming\)"),
+    (10 ** 9, r"config.data.train_size=1000000000: task level recurrence N=5 R=2 has only "
+              r"12500 distinct train sequences"),
+])
+def test_bad_train_size(size, match):
+  config = train_helpers.load_config("tiny", {"data.train_size": size})
+  with pytest.raises(ValueError, match=match):
+    data.make_source(config, splits=("train",))

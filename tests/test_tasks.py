@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 
 from ea_jax import tasks
+from ea_jax.tasks import ladders
 from ea_jax.tasks import recurrence
 
-CHECK_BATCH = 64  # rows re-derived in plain Python per level
+CHECK_BATCH = 64  # rows re-derived in plain Python per level (a study training batch)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -213,28 +214,22 @@ def test_default_task_is_a_recurrence_ladder_level():
   assert cfg.to_dict() in [lvl.to_dict() for lvl in tasks.ladder("recurrence")]
 
 
-@functools.cache
 def _ladder_samples(name):
-  """(tasks, batches at key 17, again at key 17, at key 18) for every level of ladder `name`.
-
-  All levels are sampled inside one jit per ladder (one compilation per ladder).
-  """
-  level_tasks = [tasks.make_task(cfg) for cfg in tasks.ladder(name)]
-  sample_all = jax.jit(lambda key: [t.sample(key, CHECK_BATCH) for t in level_tasks])
-  first = jax.device_get(sample_all(jax.random.key(17)))
-  again = jax.device_get(sample_all(jax.random.key(17)))
-  other = jax.device_get(sample_all(jax.random.key(18)))
-  return level_tasks, first, again, other
+  """(tasks, the first and the second training batch of the study's stream) per level of ladder
+  `name` (see `_split_draws`: one compilation per ladder)."""
+  level_tasks, draws = _split_draws(name)
+  step = lambda d, i: tasks.Batch(*(np.asarray(a)[i] for a in d["study"]))
+  return (level_tasks, [step(d, 0) for d in draws], [step(d, 1) for d in draws])
 
 
 @pytest.mark.parametrize("name,index,cfg", LEVELS, ids=LEVEL_IDS)
 def test_level_sampling_and_scoring(name, index, cfg):
-  level_tasks, first, again, other = _ladder_samples(name)
+  level_tasks, first, other = _ladder_samples(name)
   task, batch = level_tasks[index], first[index]
   assert task == tasks.make_task(cfg)
-  for a, b in zip(batch, again[index]):
-    np.testing.assert_array_equal(a, b)
-  assert not np.array_equal(batch.inputs, other[index].inputs)
+  # Another key gives other sequences (at most a few coincide on the smallest levels).
+  x, y = _sequences(batch), _sequences(other[index])
+  assert overlap_count(x, y) < CHECK_BATCH // 4
 
   assert isinstance(batch, tasks.Batch)
   for arr, dtype in zip(batch, (np.int32, np.int32, np.float32)):
@@ -252,7 +247,7 @@ def test_level_sampling_and_scoring(name, index, cfg):
 @pytest.mark.parametrize("name", tasks.ladder_names())
 def test_checkers_reject_a_corrupted_scored_target(name):
   """The checkers can fail: changing one scored target of a valid row is caught."""
-  level_tasks, first, _, _ = _ladder_samples(name)
+  level_tasks, first, _ = _ladder_samples(name)
   task, batch = level_tasks[0], first[0]
   x_BT = _sequences(batch)[:4].copy()
   t = int(np.argmax(batch.weights[0]))  # first scored target of row 0 is x[0, t + 1]
@@ -262,8 +257,10 @@ def test_checkers_reject_a_corrupted_scored_target(name):
 
 
 def test_sampling_inside_a_larger_jit_matches_direct_sampling():
-  level_tasks, first, _, _ = _ladder_samples("recurrence")
-  direct = level_tasks[0].sample(jax.random.key(17), CHECK_BATCH)
+  from ea_jax import data
+  level_tasks, first, _ = _ladder_samples("recurrence")
+  direct = level_tasks[0].sample(jax.random.fold_in(data.stream_key(0, "train"), 0),
+                                 CHECK_BATCH, "train")
   for a, b in zip(direct, first[0]):
     np.testing.assert_array_equal(np.asarray(a), b)
 
@@ -284,7 +281,6 @@ def test_recurrence_rules_are_distinct_deterministic_and_nested():
   task = tasks.make_task(_recurrence_cfg(num_rules=6))
   assert len(set(task.rule_delays)) == 6 == math.comb(4, 2)
   assert all(len(r) == 2 and all(1 <= d <= 4 for d in r) for r in task.rule_delays)
-  assert tasks.make_task(_recurrence_cfg(num_rules=6)).rule_delays == task.rule_delays
   small = tasks.make_task(_recurrence_cfg(num_rules=3))
   assert task.rule_delays[:3] == small.rule_delays
   seeds = {tasks.make_task(_recurrence_cfg(num_rules=3, rule_seed=s)).rule_delays
@@ -317,20 +313,27 @@ def test_recurrence_weights_on_worked_example():
   np.testing.assert_array_equal(np.asarray(scored[0]), [False, False, True, True, True])
 
 
-def test_sample_is_jittable_and_hashable():
+def test_tasks_compare_by_their_dials():
   task = tasks.make_task(tasks.default_task())
-  assert hash(task) == hash(tasks.make_task(tasks.default_task()))
+  same = tasks.make_task(dict(tasks.default_task()))
+  assert task == same and hash(task) == hash(same)  # a jit cache key: equal dials, one program
+  assert task != tasks.make_task(tasks.ladder("recurrence")[1])
+  assert task != tasks.make_task({**dict(tasks.default_task()),
+                                  "split_fractions": (0.7, 0.2, 0.1)})
+
+
+def test_sample_accepts_traced_and_legacy_keys():
+  task = tasks.make_task(tasks.default_task())
   key = jax.random.key(5)
-  direct = task.sample(key, 8)
-  jitted = jax.jit(task.sample, static_argnums=1)(key, 8)
-  closed = jax.jit(lambda k: task.sample(jax.random.fold_in(k, 0), 8))(key)
-  for a, b in zip(direct, jitted):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  assert closed.inputs.shape == (8, task.seq_len)
+  traced = jax.jit(lambda k: task.sample(jax.random.fold_in(k, 0), 8, "test"))(key)
+  direct = task.sample(jax.random.fold_in(key, 0), 8, "test")
+  np.testing.assert_array_equal(np.asarray(traced.inputs), np.asarray(direct.inputs))
   raw = task.sample(jax.random.PRNGKey(5), 8)  # legacy uint32 keys work too
-  assert raw.inputs.shape == (8, task.seq_len)
+  np.testing.assert_array_equal(np.asarray(task.split_of(_sequences(raw))), 0)
   with pytest.raises(ValueError, match="batch_size"):
     task.sample(key, 0)
+  with pytest.raises(ValueError, match=r"split='dev'; allowed: \('train', 'validation', 'test'\)"):
+    task.sample(key, 8, "dev")
 
 
 @pytest.mark.parametrize("overrides,match", [
@@ -372,6 +375,14 @@ def test_make_task_requires_name_and_ignores_descriptions():
     (dict(name="modular", block_len=0), r"modular.block_len=0.*>= 1"),
     (dict(name="dyck", max_depth=30, seq_len=47), r"dyck.seq_len=47.*>= 59.*\[1, 24\]"),
     (dict(name="dyck", num_types=1), r"dyck.num_types=1.*>= 2"),
+    (dict(name="modular", split_fractions=(0.8, 0.1, 0.2)), r"modular.split_fractions=.*sums "
+     r"to 1.1; allowed: 3 positive numbers"),
+    (dict(name="modular", split_fractions=(0.9, 0.1, 0.0)), r"modular.split_fractions=.*3 "
+     r"positive numbers"),
+    (dict(name="modular", split_fractions=(0.5, 0.5)), r"modular.split_fractions=\(0.5, 0.5\)"),
+    (dict(name="recall", num_keys=4, num_values=4, num_pairs=2, num_queries=2),
+     r"recall.split_fractions=\(0.8, 0.1, 0.1\) leaves split 'test' empty: this level has only "
+     r"4 split keys"),
     (dict(name="dyck", num_type=2), r"unknown field\(s\) \['num_type'\].*'num_types'"),
 ])
 def test_other_families_bad_config(cfg, match):
@@ -439,8 +450,14 @@ def test_tfds_round_trip(tmp_path, monkeypatch):
     x_BT = np.concatenate([arrays["inputs"], arrays["targets"][:, -1:]], axis=1)
     np.testing.assert_array_equal(arrays["weights"], check_dyck(task, x_BT))
     loaded[split] = arrays
-  assert not np.array_equal(loaded["validation"]["inputs"], loaded["test"]["inputs"])
-  assert list((tmp_path / "ea_ladder" / config.name / "1.0.0").glob("*array_record*"))
+  # The prepared splits are pairwise disjoint and each lies in its own part of the level.
+  x = {s: np.concatenate([a["inputs"], a["targets"][:, -1:]], axis=1) for s, a in loaded.items()}
+  for i, a in enumerate(tasks.SPLITS):
+    np.testing.assert_array_equal(np.asarray(task.split_of(x[a])), i)
+    for b in tasks.SPLITS[i + 1:]:
+      assert overlap_count(x[a], x[b]) == 0, (a, b)
+  prepared = tmp_path / "ea_ladder" / config.name / tfds_builder.DATASET_VERSION
+  assert list(prepared.glob("*array_record*"))
 
   def no_generation(*args, **kwargs):
     raise AssertionError("the prepared dataset should be read, not generated again")
@@ -478,50 +495,56 @@ def _full(batch):
 
 
 @functools.cache
-def _split_draws(name, index):
-  """Level `index` of ladder `name`: the training streams of the study and default budgets (seed
-  0, keys as ea_jax.data derives them), EVAL_DRAW validation and test sequences (seed 1, the
-  generator source's distinct eval draw), and the split index `split_of` gives to checked rows."""
+def _split_draws(name):
+  """Per level of ladder `name`: the study budget's training stream (seed 0, keys as ea_jax.data
+  derives them), EVAL_DRAW validation and test sequences (seed 1, the generator source's distinct
+  eval draw); the default config's training stream for the default task's level. All levels of a
+  ladder are drawn by one jit (one compilation per ladder)."""
   from ea_jax import data
-  task = tasks.make_task(tasks.ladder(name)[index])
-  n_val = min(EVAL_DRAW, task.num_split_keys("validation"))
-  n_test = min(EVAL_DRAW, task.num_split_keys("test"))
+  level_tasks = [tasks.make_task(cfg) for cfg in tasks.ladder(name)]
+  train_key = data.stream_key(0, "train")
 
-  @jax.jit
-  def draw():
-    train_key = data.stream_key(0, "train")
+  def stream(task, steps, batch):
+    keys = jax.vmap(lambda s: jax.random.fold_in(train_key, s))(jnp.arange(steps))
+    return jax.vmap(lambda k: task.sample(k, batch, "train"))(keys)
 
-    def stream(steps, batch):
-      keys = jax.vmap(lambda s: jax.random.fold_in(train_key, s))(jnp.arange(steps))
-      return jax.vmap(lambda k: task.sample(k, batch, "train"))(keys)
-    study, default = stream(*STUDY_BUDGET), stream(*DEFAULT_BUDGET)
-    val = task.sample_distinct(data.stream_key(1, "validation"), jnp.arange(n_val), "validation")
-    test = task.sample_distinct(data.stream_key(1, "test"), jnp.arange(n_test), "test")
-    return study, default, val, test
-  study, default, val, test = jax.device_get(draw())
-  return task, {"study": _full(study), "default": _full(default), "validation": _full(val),
-                "test": _full(test)}, (study, val, test)
+  def held_out(task, split):
+    n = min(EVAL_DRAW, task.num_split_keys(split))
+    return task.sample_distinct(data.stream_key(1, split), jnp.arange(n), split)
+
+  def draw_level(task):
+    out = {"study": stream(task, *STUDY_BUDGET), "validation": held_out(task, "validation"),
+           "test": held_out(task, "test")}
+    if task == tasks.make_task(tasks.default_task()):
+      out["default"] = stream(task, *DEFAULT_BUDGET)
+    return out
+  draws = jax.device_get(jax.jit(lambda: [draw_level(t) for t in level_tasks])())
+  return level_tasks, draws
 
 
 @pytest.mark.parametrize("name,index,cfg", LEVELS, ids=LEVEL_IDS)
 def test_splits_share_no_sequence_at_the_training_budgets(name, index, cfg):
-  del cfg
-  task, x, (study, val, test) = _split_draws(name, index)
-  for train in ("study", "default"):
+  level_tasks, draws = _split_draws(name)
+  task, batches = level_tasks[index], draws[index]
+  assert task == tasks.make_task(cfg)
+  x = {k: _full(b) for k, b in batches.items()}
+  assert x["study"].shape == (STUDY_BUDGET[0] * STUDY_BUDGET[1], task.seq_len + 1)
+  for train in [k for k in ("study", "default") if k in x]:
     for held_out in ("validation", "test"):
       assert overlap_count(x[train], x[held_out]) == 0, (train, held_out)
   assert overlap_count(x["validation"], x["test"]) == 0
   # Evaluation draws hold no repetition.
-  assert len(_rows(x["validation"])) == len(x["validation"])
-  assert len(_rows(x["test"])) == len(x["test"])
-  # Every split's sequences are valid sequences of the family, with the sampler's weights, and
-  # `split_of` reads back the split they were drawn from.
-  study_w = np.asarray(study.weights).reshape(-1, task.seq_len)
-  for want, rows, weights in ((0, x["study"], study_w), (1, x["validation"], val.weights),
-                              (2, x["test"], test.weights)):
-    rows, weights = rows[:CHECKED_ROWS], np.asarray(weights)[:CHECKED_ROWS]
+  for split in ("validation", "test"):
+    assert len(x[split]) == min(EVAL_DRAW, task.num_split_keys(split))
+    assert len(_rows(x[split])) == len(x[split])
+  # Every split's sequences are valid sequences of the family with the sampler's weights (the
+  # plain-Python checkers are slow: CHECKED_ROWS rows per split).
+  for key in ("study", "validation", "test"):
+    rows = x[key][:CHECKED_ROWS]
+    weights = np.asarray(batches[key].weights).reshape(-1, task.seq_len)[:CHECKED_ROWS]
     np.testing.assert_array_equal(weights, CHECKERS[task.family](task, rows))
-    np.testing.assert_array_equal(np.asarray(task.split_of(rows)), want)
+  if (name, index) == (ladders.DEFAULT_LADDER, ladders.DEFAULT_LEVEL):
+    assert x["default"].shape == (DEFAULT_BUDGET[0] * DEFAULT_BUDGET[1], task.seq_len + 1)
 
 
 def test_overlap_counter_finds_shared_sequences():
@@ -536,3 +559,67 @@ def test_overlap_counter_finds_shared_sequences():
   mixed = np.concatenate([_full(task.sample(jax.random.key(2), 64, "validation")), shared[:5]])
   assert overlap_count(train, mixed) == len({tuple(r) for r in shared[:5].tolist()}
                                             & {tuple(r) for r in train.tolist()})
+
+
+THIRDS = (1 / 3, 1 / 3, 1 / 3)
+HALF = (0.5, 0.25, 0.25)
+# Tiny levels whose every sequence can be enumerated: (config, per-position token ranges of a
+# superset of the family's sequences, which the checker then filters).
+TINY_LEVELS = {
+    "recurrence": (dict(name="recurrence", num_symbols=3, num_rules=2, max_delay=2, num_delays=1,
+                        seq_len=5, split_fractions=THIRDS), [range(3)] * 6),
+    "recall": (dict(name="recall", num_keys=2, num_values=2, num_pairs=2, num_queries=2,
+                    split_fractions=HALF),
+               [range(2), range(2, 4)] * 2 + [range(4, 5)] + [range(2), range(2, 4)] * 2),
+    "induction": (dict(name="induction", num_symbols=2, context_len=4, copy_len=2,
+                       split_fractions=HALF), [range(2)] * 4 + [range(2, 3)] + [range(2)] * 2),
+    "selective_copy": (dict(name="selective_copy", num_symbols=3, region_len=3, num_data=1,
+                            split_fractions=THIRDS), [range(4)] * 3 + [range(4, 5), range(3)]),
+    "modular": (dict(name="modular", num_symbols=2, block_len=1, num_blocks=3,
+                     split_fractions=HALF), [range(2), range(2, 3), range(2)] * 3),
+    "dyck": (dict(name="dyck", num_types=2, max_depth=2, seq_len=5, split_fractions=HALF),
+             [range(4)] * 6),
+}
+
+
+def _valid(task, x):
+  try:
+    CHECKERS[task.family](task, np.asarray([x]))
+  except (AssertionError, KeyError, ValueError, IndexError):
+    return False
+  return True
+
+
+@pytest.mark.parametrize("family", sorted(TINY_LEVELS))
+def test_num_sequences_matches_brute_force_enumeration(family):
+  """Every string of a superset, filtered by the family's checker, is the family's support; its
+  members by `split_of` are each split, whose size must be `num_sequences(split)`; sampling a
+  split many times must find exactly those sequences (and nothing else)."""
+  import itertools
+  cfg, ranges = TINY_LEVELS[family]
+  task = tasks.make_task(cfg)
+  assert len(ranges) == task.seq_len + 1
+  support = np.asarray([x for x in itertools.product(*ranges) if _valid(task, x)], np.int32)
+  split_of = np.asarray(task.split_of(support))
+  assert sum(task.num_sequences(s) for s in tasks.SPLITS) == len(support)
+  for i, split in enumerate(tasks.SPLITS):
+    members = _rows(support[split_of == i])
+    assert task.num_sequences_is_exact(split)
+    assert task.num_sequences(split) == len(members), split
+    drawn = _full(task.sample(jax.random.key(i), 200 * len(members), split))
+    assert _rows(drawn) == members, split
+
+
+def test_conjunctive_recall_count_matches_exhaustive_sampling():
+  """Conjunctive recall is too large to enumerate by strings (2304 sequences); sampling 40 times
+  a split's size must find exactly num_sequences(split) distinct valid sequences."""
+  task = tasks.make_task(dict(name="recall", num_keys=2, num_values=4, num_pairs=4,
+                              num_queries=1, conjunctive=True, split_fractions=HALF))
+  assert [task.num_sequences(s) for s in tasks.SPLITS] == [1152, 576, 576]
+  seen = set()
+  for i, split in enumerate(tasks.SPLITS):
+    drawn = _full(task.sample(jax.random.key(i), 40 * task.num_sequences(split), split))
+    check_recall(task, drawn[:256])
+    rows = _rows(drawn)
+    assert len(rows) == task.num_sequences(split) and not rows & seen
+    seen |= rows

@@ -10,7 +10,8 @@ A task is a frozen, hashable dataclass (its fields are the family's dials, plus
 `split_fractions`); `task.sample(rng, batch_size, split="train")` is pure, a function of
 (key, split) alone, and can be called inside or outside `jax.jit`. The splits are disjoint by
 construction (`ea_jax.tasks.splits`): each family implements, for one sequence,
-  `_sequence(key, s) -> (x_T, scored_L)`   a sequence whose split key is `s`;
+  `_num_bits()`                            uint32 random words it consumes per sequence;
+  `_sequence(bits_W, s) -> (x_T, scored_L)`  a sequence from those words whose split key is `s`;
   `_split_key(x_T) -> s`                   the split key read back from a sequence;
   `_free_digits() -> (base, count)`        its free digits;
   `num_sequences(split)`                   distinct sequences of a split.
@@ -114,28 +115,35 @@ class TaskBase:
       raise ValueError(f"index_B has shape {index_B.shape}; allowed: a vector of indices")
     return _jitted_sample_distinct(self, rng, index_B, np.int32(lo), np.int32(hi))
 
-  def _build(self, keys_B, s_B) -> Batch:
-    x_BT, scored_BL = jax.vmap(self._sequence)(keys_B, s_B)
+  def _build(self, bits_BW, s_B) -> Batch:
+    x_BT, scored_BL = jax.vmap(self._sequence)(bits_BW, s_B)
     return next_token_batch(x_BT, scored_BL)
 
   def _sample_range(self, rng, batch_size, lo, hi):
-    k_rank, k_rows = jax.random.split(rng)
-    u_B = jax.random.randint(k_rank, (batch_size,), lo, hi, dtype=jnp.int32)
-    return self._build(jax.random.split(k_rows, batch_size), self.split_space.key_of_rank(u_B))
+    # One draw of random bits for the whole batch (one threefry instance: it dominates the
+    # compile time of a sampler); column 0 picks the rank inside the split.
+    bits_BW = jax.random.bits(rng, (batch_size, 1 + self._num_bits()), jnp.uint32)
+    u_B = lo + uniform_ints(bits_BW[:, 0], hi - lo)
+    return self._build(bits_BW[:, 1:], self.split_space.key_of_rank(u_B))
 
   def _sample_distinct_range(self, rng, index_B, lo, hi):
     space = self.split_space
     k_order, k_rows = jax.random.split(rng)
     order_keys = tuple(jax.random.bits(k_order, (splits_lib.ROUNDS,), jnp.uint32))
     u_B = lo + splits_lib.permute(index_B, hi - lo, order_keys, max_size=space.size)
-    keys_B = jax.vmap(lambda i: jax.random.fold_in(k_rows, i))(index_B)
-    return self._build(keys_B, space.key_of_rank(u_B))
+    bits_BW = jax.vmap(lambda i: jax.random.bits(jax.random.fold_in(k_rows, i),
+                                                 (self._num_bits(),), jnp.uint32))(index_B)
+    return self._build(bits_BW, space.key_of_rank(u_B))
 
   # Family hooks.
   def _free_digits(self) -> tuple[int, int]:
     raise NotImplementedError
 
-  def _sequence(self, key, s):
+  def _num_bits(self) -> int:
+    """How many uint32 words of random bits `_sequence` consumes per sequence."""
+    raise NotImplementedError
+
+  def _sequence(self, bits_W, s):
     raise NotImplementedError
 
   def _split_key(self, x_T):
@@ -189,6 +197,15 @@ def build(cls, family: str, fields: Mapping[str, Any]):
   return cls(**fields)
 
 
-def distinct_indices(rng: jax.Array, n: int, m: int) -> jax.Array:
-  """int32 [m]: m distinct values from 0..n-1 in random order."""
-  return jnp.argsort(jax.random.uniform(rng, (n,)))[:m].astype(jnp.int32)
+# Per-sequence randomness comes as uint32 words (`jax.random.bits`); these turn words into draws.
+
+
+def uniform_ints(bits: jax.Array, n) -> jax.Array:
+  """int32 in [0, n) from uint32 words: `bits mod n` (bias below n / 2**32, e.g. 1e-8 at n = 40)."""
+  return (bits % jnp.asarray(n).astype(jnp.uint32)).astype(jnp.int32)
+
+
+def distinct_indices(bits_N: jax.Array, m: int) -> jax.Array:
+  """int32 [m]: m distinct values from 0..n-1 in random order (n = len(bits_N)): the first m of
+  the permutation that sorts n random words (ties, probability < n**2 / 2**33, keep index order)."""
+  return jnp.argsort(bits_N)[:m].astype(jnp.int32)

@@ -84,11 +84,13 @@ class DyckTask(base.TaskBase):
     space, j, h = self._key_from(x_T >= k, x_T[open_pos_O])
     return space.key(space.from_digits(x_T[open_pos_O][:j]), h)
 
-  def _sequence(self, key, s):
+  def _num_bits(self):
+    return self.seq_len + 1 + self.num_openings
+
+  def _sequence(self, bits_W, s):
     k, big_d, big_t = self.num_types, self.max_depth, self.seq_len + 1
-    k_coin, k_type = jax.random.split(key)
-    coin_T = jax.random.bernoulli(k_coin, 0.5, (big_t,))
-    types_O = jax.random.randint(k_type, (self.num_openings,), 0, k, dtype=jnp.int32)
+    coin_T = (bits_W[:big_t] >> 31) == 1  # fair coins: the top bit
+    types_O = base.uniform_ints(bits_W[big_t:], k)
 
     def step(carry, inputs):
       stack_D, depth, opened = carry  # the stack holds opening numbers, not types

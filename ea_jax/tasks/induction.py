@@ -85,13 +85,15 @@ class InductionTask(base.TaskBase):
   def _split_key(self, x_T):
     return self._context_key(x_T[:self.context_len])
 
-  def _sequence(self, key, s):
+  def _num_bits(self):
+    return self.context_len + 1
+
+  def _sequence(self, bits_W, s):
     n, m, space = self.context_len, self.copy_len, self.split_space
-    k_ctx, k_start = jax.random.split(key)
-    c_N = jax.random.randint(k_ctx, (n,), 0, self.num_symbols, dtype=jnp.int32)
+    c_N = base.uniform_ints(bits_W[:n], self.num_symbols)
     j = space.digits
     c_N = c_N.at[:j].set(space.to_digits(space.offset(s, splits.hash_values(c_N[j:]))))
-    start = jax.random.randint(k_start, (), 0, n - m + 1)
+    start = base.uniform_ints(bits_W[n], n - m + 1)
     copy_M = jax.lax.dynamic_slice(c_N, (start,), (m,))
     x_T = jnp.concatenate([c_N, jnp.full((1,), self.sep_id, jnp.int32), copy_M])
     return x_T, scored_targets(c_N[None, :], copy_M[None, :])[0]

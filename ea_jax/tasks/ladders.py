@@ -3,8 +3,9 @@
 Every level is an `ml_collections.ConfigDict` with the family `name`, its dials, the
 `split_fractions` (train, validation, test) dial, a numeric `complexity` (the x-axis of ladder
 plots; defined per family, see each family's module docstring) and a human-readable `label`.
-Sequences are at most 64 tokens long so that a level trains in minutes on a CPU. The lowest recurrence levels are learnt by a 2-layer, width-64 model in a few
-hundred steps; the top levels are hard at that size. Measured with such a model (4 heads, EA
+Sequences are at most 64 tokens long so that a level trains in minutes on a CPU. The lowest
+recurrence levels are learnt by a 2-layer, width-64 model in a few hundred steps; the top levels
+are hard at that size. Measured with such a model (4 heads, EA
 rational, batch 64, AdamW peak lr 3e-3, cosine): N=5 R=1 reaches 99.6% scored-token accuracy
 after 500 steps, N=5 R=2 96% after 1000, N=6 R=3 83% after 1000, N=8 R=3 88% after 2000.
 

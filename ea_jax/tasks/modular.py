@@ -78,9 +78,12 @@ class ModularTask(base.TaskBase):
     k = self.block_len
     return self._symbols_key(x_T.reshape(self.num_blocks, k + 2)[:, :k].reshape(-1))
 
-  def _sequence(self, key, s):
+  def _num_bits(self):
+    return self.num_blocks * self.block_len
+
+  def _sequence(self, bits_W, s):
     n, k, nb, space = self.num_symbols, self.block_len, self.num_blocks, self.split_space
-    a_F = jax.random.randint(key, (nb * k,), 0, n, dtype=jnp.int32)
+    a_F = base.uniform_ints(bits_W, n)
     j = space.digits
     a_F = a_F.at[:j].set(space.to_digits(space.offset(s, splits.hash_values(a_F[j:]))))
     a_JK = a_F.reshape(nb, k)

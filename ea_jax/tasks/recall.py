@@ -106,22 +106,27 @@ class RecallTask(base.TaskBase):
     space, j, h = self._key_from(context_PI, chosen_Q)
     return space.key(space.from_digits(chosen_Q[:j]), h)
 
-  def _sequence(self, key, s):
-    p, q, w = self.num_pairs, self.num_queries, self.key_width
-    k_key, k_key2, k_val, k_order, k_query = jax.random.split(key, 5)
+  def _num_bits(self):
+    return self.key_width * self.num_keys + self.num_values + self.num_pairs + self.num_queries
+
+  def _sequence(self, bits_W, s):
+    p, q, w, nk, nv = self.num_pairs, self.num_queries, self.key_width, self.num_keys, \
+        self.num_values
+    bits_key, bits_val = bits_W[:w * nk], bits_W[w * nk:w * nk + nv]
+    bits_order, bits_query = bits_W[w * nk + nv:w * nk + nv + p], bits_W[w * nk + nv + p:]
     if self.conjunctive:
       m = p // 2
-      first_M = base.distinct_indices(k_key, self.num_keys, m)
-      second_M = base.distinct_indices(k_key2, self.num_keys, m)
+      first_M = base.distinct_indices(bits_key[:nk], m)
+      second_M = base.distinct_indices(bits_key[nk:], m)
       first_P = jnp.concatenate([first_M, first_M])
       second_P = jnp.concatenate([second_M, second_M[(jnp.arange(m) + 1) % m]])
       keys_PW = jnp.stack([first_P, second_P], axis=1)
     else:
-      keys_PW = base.distinct_indices(k_key, self.num_keys, p)[:, None]
-    values_P = self.num_keys + base.distinct_indices(k_val, self.num_values, p)
+      keys_PW = base.distinct_indices(bits_key, p)[:, None]
+    values_P = nk + base.distinct_indices(bits_val, p)
     items_PI = jnp.concatenate([keys_PW, values_P[:, None]], axis=1)  # I = W + 1
-    context_PI = items_PI[base.distinct_indices(k_order, p, p)]
-    chosen_Q = jax.random.randint(k_query, (q,), 0, p, dtype=jnp.int32)
+    context_PI = items_PI[base.distinct_indices(bits_order, p)]
+    chosen_Q = base.uniform_ints(bits_query, p)
     space, j, h = self._key_from(context_PI, chosen_Q)
     chosen_Q = chosen_Q.at[:j].set(space.to_digits(space.offset(s, h)))
     queries_QI = context_PI[chosen_Q]

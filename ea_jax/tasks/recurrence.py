@@ -165,11 +165,13 @@ class RecurrenceTask(base.TaskBase):
   def _split_key(self, x_T):
     return self._prefix_key(x_T[:self.max_delay])
 
-  def _sequence(self, key, s):
+  def _num_bits(self):
+    return 1 + self.max_delay
+
+  def _sequence(self, bits_W, s):
     n, big_d, space = self.num_symbols, self.max_delay, self.split_space
-    k_rule, k_prefix = jax.random.split(key)
-    rule = jax.random.randint(k_rule, (), 0, self.num_rules)
-    prefix_D = jax.random.randint(k_prefix, (big_d,), 0, n, dtype=jnp.int32)
+    rule = base.uniform_ints(bits_W[0], self.num_rules)
+    prefix_D = base.uniform_ints(bits_W[1:], n)
     j = space.digits
     a = space.offset(s, splits.hash_values(prefix_D[j:]))
     prefix_D = prefix_D.at[:j].set(space.to_digits(a))

@@ -85,11 +85,13 @@ class SelectiveCopyTask(base.TaskBase):
     space, j, h = self._key_from(pos_M, data_M)
     return space.key(space.from_digits(data_M[:j]), h)
 
-  def _sequence(self, key, s):
+  def _num_bits(self):
+    return self.region_len + self.num_data
+
+  def _sequence(self, bits_W, s):
     n, m = self.region_len, self.num_data
-    k_pos, k_sym = jax.random.split(key)
-    pos_M = jnp.sort(base.distinct_indices(k_pos, n, m))
-    data_M = jax.random.randint(k_sym, (m,), 0, self.num_symbols, dtype=jnp.int32)
+    pos_M = jnp.sort(base.distinct_indices(bits_W[:n], m))
+    data_M = base.uniform_ints(bits_W[n:], self.num_symbols)
     space, j, h = self._key_from(pos_M, data_M)
     data_M = data_M.at[:j].set(space.to_digits(space.offset(s, h)))
     region_N = jnp.full((n,), self.blank_id, jnp.int32).at[pos_M].set(data_M)

@@ -1,9 +1,10 @@
 """Frozen train/validation/test splits of every ladder level as a TFDS dataset (`ea_ladder`).
 
 One `LadderConfig` (a `tfds.core.BuilderConfig`) per ladder level, named
-`builder_config_name(ladder, level)`, e.g. "recurrence-2". Each split is drawn from the level's
-generator with a fixed seed (chunk i of split s uses `fold_in(fold_in(key(seed), s), i)`), written
-as ArrayRecord and read back without TensorFlow through `tfds.data_source`:
+`builder_config_name(ladder, level)`, e.g. "recurrence-2". Each split is drawn from its own part
+of the level (`task.sample(..., split)`, see `ea_jax.tasks.splits`) with a fixed seed (chunk i of
+split s uses `fold_in(fold_in(key(seed), s), i)`), checked to lie in that part, written as
+ArrayRecord and read back without TensorFlow through `tfds.data_source`:
 
   arrays = load_split("recurrence-2", "test", "/tmp/tfds")   # prepares the level if missing
   arrays["inputs"].shape == (512, 48)
@@ -30,6 +31,7 @@ DATASET_NAME = "ea_ladder"
 SPLITS = ("train", "validation", "test")
 DEFAULT_SPLIT_SIZES = (("train", 4096), ("validation", 512), ("test", 512))
 DEFAULT_SEED = 0
+DATASET_VERSION = "2.0.0"
 _CHUNK = 512  # examples sampled per jitted call while generating
 
 
@@ -61,9 +63,9 @@ def make_config(ladder_name: str, level_index: int, *, split_sizes=None,
   if sizes != DEFAULT_SPLIT_SIZES or seed != DEFAULT_SEED:
     name += f"-n{'.'.join(str(n) for _, n in sizes)}-s{seed}"
   task = {k: v for k, v in level.to_dict().items() if k not in registry.DESCRIPTIVE_FIELDS}
-  return LadderConfig(name=name, version="1.0.0", description=f"{ladder_name}: {level.label} "
-                      f"(complexity {level.complexity:.3f})", task=task, split_sizes=sizes,
-                      seed=seed)
+  description = f"{ladder_name}: {level.label} (complexity {level.complexity:.3f})"
+  return LadderConfig(name=name, version=DATASET_VERSION, description=description, task=task,
+                      split_sizes=sizes, seed=seed)
 
 
 def _check_split_sizes(split_sizes) -> tuple:
@@ -85,15 +87,22 @@ def generate_split(task_config: Mapping[str, Any], split: str, num_examples: int
   for i in range(0, num_examples, _CHUNK):
     batch = task.sample(jax.random.fold_in(split_key, i // _CHUNK), _CHUNK, split)
     chunks.append(jax.device_get(batch))
-  return {field: np.concatenate([getattr(c, field) for c in chunks])[:num_examples]
-          for field in ("inputs", "targets", "weights")}
+  arrays = {field: np.concatenate([getattr(c, field) for c in chunks])[:num_examples]
+            for field in ("inputs", "targets", "weights")}
+  x_NT = np.concatenate([arrays["inputs"], arrays["targets"][:, -1:]], axis=1)
+  wrong = np.asarray(task.split_of(x_NT)) != SPLITS.index(split)
+  if wrong.any():  # cannot happen by construction; a prepared split is never written unchecked
+    raise RuntimeError(f"{int(wrong.sum())} generated {split} sequences are not in the {split} "
+                       "split")
+  return arrays
 
 
 class EaLadder(tfds.core.GeneratorBasedBuilder):
   """Frozen splits of the complexity-ladder tasks (one config per ladder level)."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  VERSION = tfds.core.Version(DATASET_VERSION)
+  RELEASE_NOTES = {"1.0.0": "Initial release.",
+                   "2.0.0": "Each split drawn from its own part of the level: disjoint splits."}
   BUILDER_CONFIGS = [make_config(name, i) for name in ladders.ladder_names()
                      for i in range(len(ladders.ladder(name)))]
 
