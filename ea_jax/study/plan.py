@@ -238,6 +238,12 @@ def run_config(config, run: Run):
   c.model.mlp_dim = config.mlp_ratio * run.width
   c.train.seed = run.seed
   c.train.learning_rate = float(run.learning_rate)
+  # A level whose validation or test split is smaller than eval.num_examples is evaluated on
+  # the whole split (every sequence once) instead of being refused.
+  from ea_jax import tasks
+  task = tasks.make_task(c.task)
+  c.eval.num_examples = int(min(c.eval.num_examples, task.num_sequences("validation"),
+                                task.num_sequences("test")))
   if run.stage == "tune":
     c.eval.seed = int(config.tune.eval_seed)
   return c

@@ -78,8 +78,8 @@ def execute(job: tuple) -> dict:
   if summary.get("ended_by") == "sigterm" or summary.get("stopped") == "sigterm":
     if _IN_WORKER:   # SIGTERM sent to this worker: report, then leave the pool
       threading.Timer(1.0, os._exit, (0,)).start()
-    return {**info, "status": "error", "error": "interrupted by SIGTERM (a rerun resumes it)",
-            "traceback": "", "wall_seconds": time.time() - t0}
+    return {**info, "status": "error", "error": "interrupted by SIGTERM", "traceback": "",
+            "wall_seconds": time.time() - t0, "stopped": True}
   result = {**info, "status": status, "summary": summary, "wall_seconds": time.time() - t0}
   files.write_json(os.path.join(run_dir, RESULT_FILE), result, only_process_0=False)
   return result
@@ -152,8 +152,9 @@ def _run_tracked(target: Callable[[tuple], dict], track_dir: str, job: tuple) ->
     os.remove(path)
 
 
-def _failure(job: tuple, message: str) -> dict:
-  return {**job[2], "status": "error", "error": message, "traceback": "", "wall_seconds": 0.0}
+def _failure(job: tuple, message: str, *, stopped: bool = False) -> dict:
+  return {**job[2], "status": "error", "error": message, "traceback": "", "wall_seconds": 0.0,
+          "stopped": stopped}
 
 
 class Executor:
@@ -224,7 +225,7 @@ class Executor:
     if self.workers == 0:
       for j in jobs:
         if self.stopping:
-          yield _failure(j, "not started: the study was stopped (a rerun runs it)")
+          yield _failure(j, "not started: the study was stopped", stopped=True)
           continue
         yield self.target(j)
       return
@@ -233,7 +234,7 @@ class Executor:
       batch, queue = queue[:self.tasks_per_pool], queue[self.tasks_per_pool:]
       if self.stopping:
         for j, _ in batch:
-          yield _failure(j, "not started: the study was stopped (a rerun runs it)")
+          yield _failure(j, "not started: the study was stopped", stopped=True)
         continue
       retry = []
       yield from self._run_batch(batch, retry)
@@ -270,14 +271,15 @@ class Executor:
         pending = set()
       culprits = self._culprits() if lost else set()
       if lost:
+        self._kill_pool()
+      if lost and not self.stopping:
         self.log(f"a worker process died (exit codes "
                  f"{[p.exitcode for p in self.pool_processes]}) while running "
                  f"{sorted(culprits) or 'an unknown run'}; a fresh pool takes over its "
                  f"{len(lost)} unfinished run(s)")
-        self._kill_pool()
       for job, losses in lost:
         if self.stopping:
-          yield _failure(job, "stopped before it finished (a rerun resumes it)")
+          yield _failure(job, "stopped before it finished", stopped=True)
         elif culprits and job[2]["run_id"] not in culprits:
           retry.append((job, losses))   # a bystander of another run's worker death: no charge
         elif losses < self.retries:
@@ -366,11 +368,14 @@ def execute_runs(config, workdir: str, runs: Sequence[plan_lib.Run], executor: E
   # Seed by seed (a study cut short still has whole seeds), and within a seed the costliest
   # first (harder levels and wider models rarely stop early), so the pool drains evenly.
   todo.sort(key=lambda j: (j[2]["seed"], -j[2]["width"], -j[2]["complexity"]))
-  errors, t0 = [], time.time()
+  errors, stopped, t0 = [], 0, time.time()
   for i, result in enumerate(executor.map(todo), 1):
     name = result["run_id"]
     if on_result is not None:
       on_result()
+    if result.get("stopped"):
+      stopped += 1
+      continue
     if result["status"] == "error":
       errors.append(result)
       log(f"[{i}/{len(todo)}] {name}: ERROR {result['error']}")
@@ -385,6 +390,9 @@ def execute_runs(config, workdir: str, runs: Sequence[plan_lib.Run], executor: E
              f"step {s.get('step')}")
     log(f"[{i}/{len(todo)}] {name}: {acc} ({result['wall_seconds']:.0f}s, "
         f"{time.time() - t0:.0f}s elapsed)")
+  if stopped:
+    log(f"stopped with {stopped} run(s) unfinished (each resumes from its checkpoint, if any, "
+        "on a rerun)")
   return results, errors
 
 
@@ -537,9 +545,10 @@ def run_study(config, workdir: str, *, workers: int = 2, stage: str = "all", sha
           errors += errs
         else:
           choices, tuning_rows, _ = tune(config, workdir, _NoRuns(), log=lambda *_: None)
-        log("tuned settings: " + ", ".join(
-            f"{v} w{w}: lr {c['learning_rate']:g} {c['pos_encoding']}"
-            f"{'' if c['interior'] else ' (edge)'}" for (v, w), c in sorted(choices.items())))
+        if choices:
+          log("tuned settings: " + ", ".join(
+              f"{v} w{w}: lr {c['learning_rate']:g} {c['pos_encoding']}"
+              f"{'' if c['interior'] else ' (edge)'}" for (v, w), c in sorted(choices.items())))
       if stage in ("all", "main") and not errors and not executor.stopping:
         runs = plan_lib.shard(study_runs_with_settings(config, choices), shard_index,
                               num_shards)
