@@ -1,15 +1,28 @@
-"""Attention benchmark: forward+backward time and XLA temp memory per implementation, and decode.
+"""Attention benchmark: the machine's fp32 matmul peak, then forward+backward time, achieved
+FLOP/s and fraction of that peak, compile time and XLA temp memory per implementation; decode.
 
+  python benchmarks/attention.py --seq_lens=2048,8192 --small_seq_lens= --decode_contexts=
   python benchmarks/attention.py                 # full table (~10 min on a 2-core CPU)
   python benchmarks/attention.py --quick         # smoke run (seconds)
-  python benchmarks/attention.py --seq_lens=512,2048 --repeats=3 --small_seq_lens= --decode_contexts=
+  python benchmarks/attention.py --profile       # where a chunked block's time goes
 
+Peak: the median time of one jitted n x n x n float32 matmul (--peak_n), 2 n^3 FLOP, measured in
+the same run, before the attention rows.
 Training table: median wall time and process CPU time of jit(value_and_grad(sum(out^2))) w.r.t.
 (q, k, v) after one warm-up call, causal, B x T x N x H inputs with K = N key/value heads; the
-implementations of one T are timed round-robin, so that load from other jobs hits them alike, and
-"vs xla" is the ratio of CPU times (the robust one on a shared machine). "temp" is XLA's temporary
-buffer size from compiled.memory_analysis(). Rows whose estimated temp memory exceeds --mem_limit_gb
-are skipped before compiling. "xla" is jax.nn.dot_product_attention(implementation="xla").
+implementations of one T are timed round-robin, so that load from other jobs hits them alike.
+"vs xla" is the ratio of wall times to jax.nn.dot_product_attention(implementation="xla") in the
+same round. "compile s" is lower+compile of the fwd+bwd program. "temp" is XLA's temporary buffer
+size from compiled.memory_analysis(). Rows whose estimated temp memory exceeds --mem_limit_gb
+are compiled but not run.
+FLOP counts (useful work, written out in `useful_flops`): causal attention has
+P = T (T + 1) / 2 allowed (query, key) pairs per head ("causal halving": the materialised forms
+execute T^2 pairs and are still credited P). The quadratic forms do 2 matmuls forward (S = Q K^T,
+O = W V) and 5 backward (S recomputed, dP = dO V^T, dQ, dK, dV): 7 * 2 H FLOP per pair and head.
+The linear form (square kernel, chunk C, F = H (H + 1) / 2 features) does per token and head:
+forward 2 F H (read the state) + 2 F H (update it) + 2 F (read z) + 2 * 2 H (C + 1) / 2
+(the in-chunk quadratic part); the backward rematerialises the forward and does twice its matmul
+work: 4x the forward count in all.
 Decode table: time per generated token (a jitted scan of --decode_steps one-token steps) at a given
 context length (median wall time), for the KV cache (EA and DPA) and the square-kernel EA
 recurrent state.
@@ -45,8 +58,28 @@ _IMPLS = {
         q, k, v, is_causal=True, kernel="square", implementation="chunked"), 0.0),
     "ea_sq_linear": ("ea", lambda q, k, v: attn.expressive_attention(
         q, k, v, is_causal=True, kernel="square", implementation="linear"), 0.0),
+    "ea_auto": ("ea", lambda q, k, v: attn.expressive_attention(q, k, v, is_causal=True), 0.0),
 }
-_DEFAULT_IMPLS = "xla,dpa_naive,dpa_chunked,ea_naive,ea_chunked,ea_sq_chunked,ea_sq_linear"
+_DEFAULT_IMPLS = ("xla,dpa_naive,dpa_chunked,ea_naive,ea_chunked,ea_sq_chunked,ea_sq_linear,"
+                  "ea_auto")
+
+
+def useful_flops(name, B, T, N, H):
+  """FLOP of one causal fwd+bwd call credited to `name` (see the module docstring)."""
+  if name == "ea_sq_linear":
+    C = min(attn.linear.LINEAR_CHUNK, T)
+    F = attn.num_square_features(H)
+    forward = B * N * T * (2 * F * H + 2 * F * H + 2 * F + 2 * 2 * H * (C + 1) / 2)
+    return 4 * forward
+  pairs = T * (T + 1) / 2  # causal halving
+  return 7 * 2 * H * pairs * B * N
+
+
+def _peak_matmul(n):
+  """A compiled float32 n x n @ n x n and its operands (2 n^3 FLOP)."""
+  rng = np.random.default_rng(0)
+  a, b = (jnp.asarray(rng.normal(size=(n, n)), jnp.float32) for _ in range(2))
+  return jax.jit(jnp.matmul).lower(a, b).compile(), a, b
 
 
 def _inputs(batch, seq_len, heads, head_dim, dtype=jnp.float32, seed=0):
@@ -80,31 +113,110 @@ def _race(fns, repeats, slow_s):
 
 
 def bench_train(args, B, N, H, seq_lens):
-  print(f"\n## forward+backward, causal, float32, B={B} N=K={N} H={H}")
-  print(f"{'T':>6} {'implementation':>14} {'wall ms':>9} {'cpu ms':>9} {'temp GB':>8} {'vs xla':>7}")
+  """Prints the fwd+bwd table; returns ({(T, name): median wall s}, {T: peak FLOP/s})."""
+  print(f"\n## forward+backward, causal, float32, B={B} N=K={N} H={H}; \"of peak\" against the "
+        f"{args.peak_n}^3 matmul timed in the same rounds")
+  print(f"{'T':>6} {'implementation':>14} {'wall ms':>9} {'cpu ms':>9} {'GFLOP':>7} "
+        f"{'GFLOP/s':>8} {'of peak':>7} {'compile s':>9} {'temp GB':>8} {'vs xla':>7}")
+  walls, peaks = {}, {}
   for T in seq_lens:
     q, k, v = _inputs(B, T, N, H)
     rows = []
     for name in args.impls:
       _, fn, bytes_per_score = _IMPLS[name]
       estimate = bytes_per_score * B * N * T * T / 2**30
-      if estimate > args.mem_limit_gb:
-        rows.append((name, None, estimate))
-        continue
       loss = lambda q, k, v, fn=fn: jnp.sum(jnp.square(fn(q, k, v)))
+      t0 = time.perf_counter()
       compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(q, k, v).compile()
-      temp = compiled.memory_analysis().temp_size_in_bytes / 2**30
-      rows.append((name, lambda c=compiled: jax.block_until_ready(c(q, k, v)), temp))
-    timed = iter(_race([fn for _, fn, _ in rows if fn is not None], args.repeats, args.slow_s))
-    results = [(name, next(timed) if fn is not None else None, mem) for name, fn, mem in rows]
-    base = dict((name, t) for name, t, _ in results if t is not None).get("xla")
-    for name, t, mem in results:
-      if t is None:
-        print(f"{T:>6} {name:>14} {'skipped':>9} {'':>9} {f'~{mem:.0f}':>8} {'':>7}", flush=True)
+      compile_s = time.perf_counter() - t0
+      if estimate > args.mem_limit_gb:
+        rows.append((name, None, estimate, compile_s))
         continue
-      ratio = f"{base[1] / t[1]:.1f}x" if base else ""
-      print(f"{T:>6} {name:>14} {t[0] * 1e3:>9.1f} {t[1] * 1e3:>9.1f} {mem:>8.3f} {ratio:>7}",
+      temp = compiled.memory_analysis().temp_size_in_bytes / 2**30
+      rows.append((name, lambda c=compiled: jax.block_until_ready(c(q, k, v)), temp, compile_s))
+    # The peak matmul runs in the same rounds as the attention rows (same load).
+    mm, a, b = _peak_matmul(args.peak_n)
+    fns = [fn for _, fn, _, _ in rows if fn is not None]
+    timed = _race(fns + [lambda: jax.block_until_ready(mm(a, b))], args.repeats, args.slow_s)
+    peak = 2.0 * args.peak_n**3 / timed[-1][0]
+    peaks[T] = peak
+    print(f"{T:>6} {'matmul peak':>14} {timed[-1][0] * 1e3:>9.1f} {timed[-1][1] * 1e3:>9.1f} "
+          f"{2.0 * args.peak_n**3 / 1e9:>7.1f} {peak / 1e9:>8.1f} {1.0:>7.2f}", flush=True)
+    timed = iter(timed[:-1])
+    results = [(name, next(timed) if fn is not None else None, mem, cs)
+               for name, fn, mem, cs in rows]
+    base = dict((name, t) for name, t, _, _ in results if t is not None).get("xla")
+    for name, t, mem, compile_s in results:
+      flop = useful_flops(name, B, T, N, H)
+      if t is None:
+        print(f"{T:>6} {name:>14} {'skipped':>9} {'':>9} {flop / 1e9:>7.1f} {'':>8} {'':>7} "
+              f"{compile_s:>9.2f} {f'~{mem:.0f}':>8} {'':>7}", flush=True)
+        continue
+      walls[(T, name)] = t[0]
+      ratio = f"{t[0] / base[0]:.3f}" if base else ""
+      rate = flop / t[0]
+      peak = peaks[T]
+      print(f"{T:>6} {name:>14} {t[0] * 1e3:>9.1f} {t[1] * 1e3:>9.1f} {flop / 1e9:>7.1f} "
+            f"{rate / 1e9:>8.1f} {rate / peak:>7.2f} {compile_s:>9.2f} {mem:>8.3f} {ratio:>7}",
             flush=True)
+  return walls, peaks
+
+
+def print_goals(walls, peaks, B, N, H):
+  """The goals of the attention roofline, from the rows of this run."""
+  print("\n## goals (wall-time ratios from the same rounds)")
+  def show(label, num, den, goal):
+    if num in walls and den in walls:
+      r = walls[num] / walls[den]
+      print(f"{label}: {r:.3f} (goal {goal})")
+  show("ea_auto / xla at T=2048", (2048, "ea_auto"), (2048, "xla"), "<= 0.10")
+  show("ea_sq_linear / ea_sq_chunked at T=8192", (8192, "ea_sq_linear"), (8192, "ea_sq_chunked"),
+       "<= 0.25")
+  if (2048, "ea_chunked") in walls:
+    frac = useful_flops("ea_chunked", B, 2048, N, H) / walls[(2048, "ea_chunked")] / peaks[2048]
+    print(f"ea_chunked at T=2048, fraction of the matmul peak: {frac:.2f} (goal >= 0.50)")
+
+
+def profile_block(args):
+  """Where one chunked block step goes: the parts of an EA block, timed separately.
+
+  One step is h heads x (R = C query rows) x (C keys) x H, as in chunked.py's loop bodies; each
+  part runs --profile_iters times inside one jitted fori_loop (so dispatch is not counted).
+  """
+  C, H = attn.chunked.CHUNK_ROWS, args.head_dim
+  h = max(1, attn.chunked._STEP_SCORES_CPU // (C * C))  # pylint: disable=protected-access
+  iters = args.profile_iters
+  rng = np.random.default_rng(0)
+  q, k, v, do = (jnp.asarray(rng.normal(size=(h, C, H)), jnp.float32) for _ in range(4))
+  s0 = jnp.asarray(rng.normal(size=(h, C, C)), jnp.float32)
+  allowed = jnp.arange(C)[None, :] <= jnp.arange(C)[:, None]
+  parts = {
+      "S = Q K^T (matmul)": lambda s, q, k, v: s + jnp.einsum("hrd,hcd->hrc", q, k) * 1e-9,
+      "O += W V (matmul)": lambda s, q, k, v: s.at[:, :, :H].add(
+          1e-9 * jnp.einsum("hrc,hcd->hrd", s, v)),
+      "f(s) rational (elementwise)": lambda s, q, k, v: s + 1e-9 * attn.ea_kernel(s, "rational"),
+      "f(s) square (elementwise)": lambda s, q, k, v: s + 1e-9 * attn.ea_kernel(s, "square"),
+      "causal where (mask)": lambda s, q, k, v: jnp.where(allowed, s, 0.0) + 1e-9,
+      "row sum": lambda s, q, k, v: s + 1e-9 * jnp.sum(s, axis=-1, keepdims=True),
+      "fwd block body (all of the above)": lambda s, q, k, v: s.at[:, :, :H].add(
+          1e-9 * jnp.einsum("hrc,hcd->hrd", jnp.where(allowed, attn.ea_kernel(
+              jnp.einsum("hrd,hcd->hrc", q + s[..., :H], k), "rational"), 0.0), v)),
+      "transpose of a [h,C,C] block (layout)": lambda s, q, k, v: jnp.swapaxes(s, 1, 2) + 1e-9,
+  }
+  print(f"\n## profile of one chunked step: h={h} heads, C={C} rows x {C} keys, H={H} "
+        f"(median of {args.repeats} runs of {iters} iterations)")
+  print(f"{'part':>36} {'us/step':>9} {'GFLOP/s':>8}")
+  flops = {"S = Q K^T (matmul)": 2 * h * C * C * H, "O += W V (matmul)": 2 * h * C * C * H,
+           "fwd block body (all of the above)": 4 * h * C * C * H}
+  for name, body in parts.items():
+    fn = jax.jit(lambda s, q, k, v, body=body: jax.lax.fori_loop(
+        0, iters, lambda i, s: body(s, q, k, v), s))
+    fn = fn.lower(s0, q, k, v).compile()
+    run = lambda: jax.block_until_ready(fn(s0, q, k, v))
+    run()
+    t = float(np.median([_timed(run)[0] for _ in range(args.repeats)])) / iters
+    rate = f"{flops[name] / t / 1e9:.1f}" if name in flops else ""
+    print(f"{name:>36} {t * 1e6:>9.1f} {rate:>8}", flush=True)
 
 
 def bench_decode(args):
@@ -119,8 +231,9 @@ def bench_decode(args):
     for kind in ("ea", "dpa"):
       cache = attn.init_kv_cache(B, ctx + steps, N, H)
       filled = jnp.asarray(rng.normal(size=(B, ctx, N, H)), jnp.float32)
-      cache = attn.KVCache(cache.key.at[:, :ctx].set(filled), cache.value.at[:, :ctx].set(filled),
-                           jnp.asarray(ctx, jnp.int32))
+      cache = cache._replace(key=cache.key.at[:, :ctx].set(filled),
+                             value=cache.value.at[:, :ctx].set(filled),
+                             length=jnp.asarray(ctx, jnp.int32))
       fns.append(functools.partial(_run_kv, cache, q, k, v, kind=kind))
     state = attn.init_recurrent_state(B, N, H)
     state = attn.RecurrentState(state.kv + 1.0, state.z + 1.0)  # contents do not change the cost
@@ -169,6 +282,9 @@ def main(argv=None):
                  help="calls whose warm-up takes longer than this are timed once")
   p.add_argument("--decode_contexts", type=_ints, default=_ints("512,2048,8192,32768"))
   p.add_argument("--decode_steps", type=int, default=16)
+  p.add_argument("--peak_n", type=int, default=2048, help="size of the peak-measuring matmul")
+  p.add_argument("--profile", action="store_true", help="only the block profile")
+  p.add_argument("--profile_iters", type=int, default=200)
   args = p.parse_args(argv)
   for name in args.impls:
     if name not in _IMPLS:
@@ -176,12 +292,17 @@ def main(argv=None):
   if args.quick:
     args.seq_lens, args.small_seq_lens, args.repeats = [256], [64], 2
     args.decode_contexts, args.decode_steps = [256, 1024], 4
-  print(f"# jax {jax.__version__}, backend {jax.default_backend()}, "
+  print(f"# jax {jax.__version__}, backend {jax.default_backend()}, {os.cpu_count()} CPUs, "
         f"load average at start {os.getloadavg()[0]:.2f}")
+  if args.profile:
+    profile_block(args)
+    print(f"# load average at end {os.getloadavg()[0]:.2f}")
+    return
   if args.small_seq_lens:
     bench_train(args, args.small_batch, args.heads, args.small_head_dim, args.small_seq_lens)
   if args.seq_lens:
-    bench_train(args, args.batch, args.heads, args.head_dim, args.seq_lens)
+    walls, peaks = bench_train(args, args.batch, args.heads, args.head_dim, args.seq_lens)
+    print_goals(walls, peaks, args.batch, args.heads, args.head_dim)
   if args.decode_contexts:
     bench_decode(args)
   print(f"# load average at end {os.getloadavg()[0]:.2f}")

@@ -27,9 +27,9 @@ import jax.numpy as jnp
 
 from ea_jax import attention as attn
 
-ATTENTIONS = ("ea", "dpa")
-EA_KERNELS = ("rational", "square")
-ATTENTION_IMPLS = (None, "naive", "chunked", "linear", "pallas")
+ATTENTIONS = attn.KINDS
+EA_KERNELS = attn.KERNELS
+ATTENTION_IMPLS = attn.IMPLEMENTATIONS
 POS_ENCODINGS = ("rope", "learned", "none")
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")

@@ -21,8 +21,8 @@ CASES = ("causal", "mask", "gqa", "t_ne_s", "bf16")
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch):
   """Small blocks so that short test sequences span several blocks (and a padded last one)."""
-  monkeypatch.setattr(A, "CHUNK_ROWS", 16)
-  monkeypatch.setattr(A, "LINEAR_CHUNK", 8)
+  monkeypatch.setattr(A.chunked, "CHUNK_ROWS", 16)
+  monkeypatch.setattr(A.linear, "LINEAR_CHUNK", 8)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -72,7 +72,7 @@ def ref_attention(q, k, v, kind, **kw):
 def run(impl, kind, kernel, q, k, v, *, mask=None, is_causal=False, scale=None, eps=1e-6):
   """The function under test, jitted (block sizes are part of the cache key)."""
   return _run(q, k, v, mask, impl=impl, kind=kind, kernel=kernel, is_causal=is_causal,
-              scale=scale, eps=eps, blocks=(A.CHUNK_ROWS, A.LINEAR_CHUNK))
+              scale=scale, eps=eps, blocks=(A.chunked.CHUNK_ROWS, A.linear.LINEAR_CHUNK))
 
 
 @functools.partial(jax.jit, static_argnames=("impl", "kind", "kernel", "is_causal", "scale",
@@ -95,8 +95,21 @@ def make(rng, B=2, T=37, S=None, N=2, K=None, H=8, dtype=jnp.float32, scale=1.0)
   return tuple(jnp.asarray(x, dtype) for x in (q, k, v))
 
 
-def applicable(impl, kind, kernel, causal, mask):
-  return impl != "linear" or (kind == "ea" and kernel == "square" and causal and mask is None)
+def applicable(impl, kind, kernel, causal, has_mask):
+  """Whether implementation `impl` accepts this variant ("linear": causal square-kernel EA only)."""
+  return impl != "linear" or (kind == "ea" and kernel == "square" and causal and not has_mask)
+
+
+def valid_params(impls, variants, cases=(None,), causal_of=lambda case: True,
+                 masked_of=lambda case: False):
+  """(impl, kind, kernel[, case]) combinations that `impl` accepts (no skipped parametrisations)."""
+  out = []
+  for impl in impls:
+    for kind, kernel in variants:
+      for case in cases:
+        if applicable(impl, kind, kernel, causal_of(case), masked_of(case)):
+          out.append((impl, kind, kernel) if case is None else (impl, kind, kernel, case))
+  return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -104,9 +117,8 @@ def applicable(impl, kind, kernel, causal, mask):
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("kind,kernel", VARIANTS)
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl,kind,kernel,case", valid_params(
+    IMPLS, VARIANTS, CASES, causal_of=lambda c: c != "mask", masked_of=lambda c: c == "mask"))
 def test_matches_reference(impl, kind, kernel, case):
   rng = np.random.default_rng(0)
   dtype = jnp.bfloat16 if case == "bf16" else jnp.float32
@@ -116,8 +128,6 @@ def test_matches_reference(impl, kind, kernel, case):
   causal = case != "mask"
   if case == "mask":
     mask = jnp.asarray(rng.random((2, 1, 37, 37)) > 0.4)
-  if not applicable(impl, kind, kernel, causal, mask):
-    pytest.skip("linear: square-kernel causal EA without mask only")
   out = run(impl, kind, kernel, q, k, v, mask=mask, is_causal=causal)
   assert out.dtype == dtype and out.shape == q.shape
   want = ref_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
@@ -171,27 +181,21 @@ def test_per_head_mask_with_gqa():
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("kernel", ("rational", "square"))
-def test_ea_unchanged_when_a_key_flips_sign(impl, kernel):
-  if impl == "linear" and kernel == "rational":
-    pytest.skip("linear: square kernel only")
+@pytest.mark.parametrize("impl,kind,kernel", valid_params(IMPLS, VARIANTS[:2]))
+def test_ea_unchanged_when_a_key_flips_sign(impl, kind, kernel):
   rng = np.random.default_rng(3)
   q, k, v = make(rng)
   flip = jnp.where(jnp.arange(37)[None, :, None, None] % 3 == 1, -1.0, 1.0)
-  out = run(impl, "ea", kernel, q, k, v, is_causal=True)
-  out_flipped = run(impl, "ea", kernel, q, k * flip, v, is_causal=True)
+  out = run(impl, kind, kernel, q, k, v, is_causal=True)
+  out_flipped = run(impl, kind, kernel, q, k * flip, v, is_causal=True)
   np.testing.assert_allclose(out_flipped, out, atol=1e-5, rtol=1e-5)
   # ...whereas dot-product attention does change (the invariance is not vacuous).
   dpa = run("naive", "dpa", None, q, k, v, is_causal=True)
   assert not np.allclose(run("naive", "dpa", None, q, k * flip, v, is_causal=True), dpa, atol=1e-3)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("kind,kernel", VARIANTS)
+@pytest.mark.parametrize("impl,kind,kernel", valid_params(IMPLS, VARIANTS))
 def test_future_token_never_changes_past_output(impl, kind, kernel):
-  if not applicable(impl, kind, kernel, True, None):
-    pytest.skip("linear: square-kernel causal EA only")
   rng = np.random.default_rng(4)
   q, k, v = make(rng, N=4, K=2)
   t = 20
@@ -205,8 +209,7 @@ def test_future_token_never_changes_past_output(impl, kind, kernel):
   assert not np.allclose(out[:, t:], out2[:, t:])
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("kind,kernel", VARIANTS)
+@pytest.mark.parametrize("impl,kind,kernel", valid_params(IMPLS, VARIANTS))
 def test_empty_rows_are_zero_and_large_inputs_stay_exact(impl, kind, kernel):
   rng = np.random.default_rng(5)
   # Causal with T > S: the first T - S = 12 queries see no key; the mask empties row 20 too.
@@ -214,8 +217,6 @@ def test_empty_rows_are_zero_and_large_inputs_stay_exact(impl, kind, kernel):
   mask = np.ones((1, 1, 30, 18), bool)
   mask[..., 20, :] = False
   mask = None if impl == "linear" else jnp.asarray(mask)
-  if not applicable(impl, kind, kernel, True, mask):
-    pytest.skip("linear: square-kernel causal EA only")
   out = run(impl, kind, kernel, q, k, v, mask=mask, is_causal=True)
   want = ref_attention(q, k, v, kind, mask=mask, causal=True, kernel=kernel)
   assert np.all(np.isfinite(out))
@@ -230,16 +231,13 @@ def test_empty_rows_are_zero_and_large_inputs_stay_exact(impl, kind, kernel):
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("kind,kernel", VARIANTS)
+@pytest.mark.parametrize("impl,kind,kernel", valid_params(IMPLS, VARIANTS))
 def test_check_grads_float64(impl, kind, kernel, monkeypatch):
-  monkeypatch.setattr(A, "CHUNK_ROWS", 4)
-  monkeypatch.setattr(A, "LINEAR_CHUNK", 4)
+  monkeypatch.setattr(A.chunked, "CHUNK_ROWS", 4)
+  monkeypatch.setattr(A.linear, "LINEAR_CHUNK", 4)
   with jax.enable_x64(True):
     rng = np.random.default_rng(7)
     q, k, v = make(rng, B=1, T=7, S=9, N=2, K=1, H=3, dtype=jnp.float64)
-    if not applicable(impl, kind, kernel, True, None):
-      pytest.skip("linear: square-kernel causal EA only")
     mask = None if impl == "linear" else jnp.asarray(rng.random((1, 2, 7, 9)) > 0.3)
     f = functools.partial(run, impl, kind, kernel, mask=mask, is_causal=True)
     jtu.check_grads(f, (q, k, v), order=1, modes=("rev",), atol=1e-6, rtol=1e-6, eps=1e-6)
@@ -254,9 +252,9 @@ def _grads(q, k, v, mask, ct, *, impl, kind, kernel, is_causal, blocks):
   return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
 
 
-@pytest.mark.parametrize("impl", ("chunked", "linear"))
-@pytest.mark.parametrize("kind,kernel", VARIANTS)
-@pytest.mark.parametrize("case", ("causal_gqa", "mask_t_ne_s"))
+@pytest.mark.parametrize("impl,kind,kernel,case", valid_params(
+    ("chunked", "linear"), VARIANTS, ("causal_gqa", "mask_t_ne_s"),
+    causal_of=lambda c: c == "causal_gqa", masked_of=lambda c: c == "mask_t_ne_s"))
 def test_gradients_match_naive(impl, kind, kernel, case):
   rng = np.random.default_rng(8)
   if case == "causal_gqa":
@@ -268,11 +266,10 @@ def test_gradients_match_naive(impl, kind, kernel, case):
     mask[:, :, 9] = False  # gradients stay finite on rows with nothing to attend to ...
     kw = dict(mask=jnp.asarray(mask))
   q = q.at[:, :5].set(0.0)  # ... and at q = 0
-  if not applicable(impl, kind, kernel, kw.get("is_causal", False), kw.get("mask")):
-    pytest.skip("linear: square-kernel causal EA without mask only")
   ct = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
   got = _grads(q, k, v, kw.get("mask"), ct, impl=impl, kind=kind, kernel=kernel,
-               is_causal=kw.get("is_causal", False), blocks=(A.CHUNK_ROWS, A.LINEAR_CHUNK))
+               is_causal=kw.get("is_causal", False),
+               blocks=(A.chunked.CHUNK_ROWS, A.linear.LINEAR_CHUNK))
   want = _grads(q, k, v, kw.get("mask"), ct, impl="naive", kind=kind, kernel=kernel,
                 is_causal=kw.get("is_causal", False), blocks=None)
   for g, w, name in zip(got, want, "qkv"):
@@ -337,11 +334,32 @@ def test_square_features_reproduce_squared_dot_product():
   np.testing.assert_allclose(jnp.sum(phi[0] * phi[1], -1), np.sum(x * y, -1) ** 2, rtol=1e-5)
 
 
-def test_kv_cache_full_raises():
+def test_kv_cache_full_raises_outside_jit():
   cache = A.init_kv_cache(1, 2, 1, 4)._replace(length=jnp.asarray(2, jnp.int32))
   x = jnp.zeros((1, 1, 1, 4))
   with pytest.raises(ValueError, match="full"):
     A.kv_cache_step(cache, x, x, x, kind="ea")
+
+
+@pytest.mark.parametrize("kind,kernel", VARIANTS)
+def test_kv_cache_past_its_end_under_jit_drops_the_token_and_flags_it(kind, kernel):
+  rng = np.random.default_rng(17)
+  B, S, N, K, H = 2, 5, 4, 2, 8
+  q, k, v = make(rng, B=B, T=S + 2, N=N, K=K, H=H)
+  step = jax.jit(functools.partial(A.kv_cache_step, kind=kind, kernel=kernel or "rational"))
+  cache = A.init_kv_cache(B, S, K, H)
+  for t in range(S):
+    _, cache = step(cache, q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1])
+  assert not bool(cache.overflowed) and int(cache.length) == S
+  full = cache
+  for t in (S, S + 1):
+    out, cache = step(cache, q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1])
+    assert bool(cache.overflowed) and int(cache.length) == S
+    np.testing.assert_array_equal(cache.key, full.key)
+    np.testing.assert_array_equal(cache.value, full.value)
+    # The query attends over the S cached tokens only (not over its own dropped token).
+    want = ref_attention(q[:, t:t + 1], k[:, :S], v[:, :S], kind, kernel=kernel)
+    np.testing.assert_allclose(out, want, atol=1e-5, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -351,25 +369,199 @@ def test_kv_cache_full_raises():
 
 def test_auto_rule():
   choose = A.choose_implementation
-  big = dict(T=4096, S=4096, H=32, has_mask=False)
+  big = dict(T=4096, S=4096, H=32)
   for backend in ("gpu", "tpu"):
-    assert choose("ea", is_causal=True, backend=backend, **big) == "pallas"
-    assert choose("ea", is_causal=False, backend=backend, **big) == "pallas"
-    assert choose("ea", is_causal=True, backend=backend, **{**big, "has_mask": True}) != "pallas"
-    assert choose("dpa", is_causal=True, backend=backend, **big) != "pallas"
-  for kind in ("ea", "dpa"):
-    for kernel in ("rational", "square"):
+    for causal in (False, True):
+      for kernel in A.KERNELS:
+        assert choose("ea", is_causal=causal, has_mask=False, kernel=kernel, backend=backend,
+                      **big) == "pallas"
+        assert choose("ea", is_causal=causal, has_mask=True, kernel=kernel, backend=backend,
+                      **big) == "chunked"
+    assert choose("dpa", is_causal=True, has_mask=False, backend=backend, **big) == "chunked"
+    assert choose("dpa", T=512, S=512, H=32, is_causal=True, has_mask=False,
+                  backend=backend) == "naive"
+    assert choose("ea", T=512, S=512, H=32, is_causal=True, has_mask=True,
+                  backend=backend) == "naive"
+  # CPU: always "chunked"; never "linear", whose error on nearly orthogonal queries exceeds 1e-4
+  # (test_auto_rule_is_exact_on_ill_conditioned_queries, test_linear_stays_within_its_bound).
+  for kind in A.KINDS:
+    for kernel in A.KERNELS:
       for causal in (False, True):
-        for T in (16, 128, 1024, 8192):
-          got = choose(kind, T=T, S=T, H=32, is_causal=causal, has_mask=False, kernel=kernel,
-                       backend="cpu")
-          assert got in ("naive", "chunked", "linear")
-          assert got != "linear" or (kind == "ea" and kernel == "square" and causal)
-  assert choose("ea", kernel="square", is_causal=True, backend="cpu", **big) == "linear"
+        for has_mask in (False, True):
+          for T in (16, 128, 1024, 8192, 32768):
+            got = choose(kind, T=T, S=T, H=32, is_causal=causal, has_mask=has_mask,
+                         kernel=kernel, backend="cpu")
+            assert got == "chunked", (kind, kernel, causal, has_mask, T, got)
   rng = np.random.default_rng(13)
   q, k, v = make(rng)
   np.testing.assert_allclose(A.expressive_attention(q, k, v, is_causal=True),
                              ref_attention(q, k, v, "ea", causal=True), atol=2e-5)
+
+
+def test_dpa_matches_jax_nn_dot_product_attention():
+  """An external oracle: jax.nn.dot_product_attention (XLA), with a mask, GQA, causal, T != S.
+
+  jax.nn's is_causal aligns to the start (tril of [T, S]); ours aligns to the end (query i at key
+  position S - T + i), so for T != S the oracle gets that mask explicitly.
+  """
+  rng = np.random.default_rng(16)
+  for T, S, causal in ((21, 45, True), (40, 23, False)):
+    q, k, v = make(rng, T=T, S=S, N=4, K=2)
+    mask = jnp.asarray(rng.random((2, 4, T, S)) > 0.2) if not causal else None
+    end_aligned = jnp.arange(S)[None, :] <= jnp.arange(T)[:, None] + (S - T)
+    oracle_mask = end_aligned[None, None] if causal and T != S else mask
+    want = jax.nn.dot_product_attention(q, k, v, mask=oracle_mask, is_causal=causal and T == S,
+                                        implementation="xla")
+    for impl in ("naive", "chunked"):
+      got = run(impl, "dpa", None, q, k, v, mask=mask, is_causal=causal)
+      np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5, err_msg=f"{impl} T={T} S={S}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Ill-conditioned inputs: queries nearly orthogonal to every key
+# ----------------------------------------------------------------------------------------------
+
+
+def nearly_orthogonal(T, H, f, *, N=2, subspace=8, seed=0):
+  """Keys in a random `subspace`-dim subspace of R^H; queries with a fraction f of their norm in
+  it (the rest orthogonal to it); float32 [1,T,N,H] each."""
+  rng = np.random.default_rng(seed)
+  basis = np.linalg.qr(rng.normal(size=(H, H)))[0]
+  inside, outside = basis[:, :subspace], basis[:, subspace:]
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  a = unit(rng.normal(size=(T, N, subspace)) @ inside.T)
+  b = unit(rng.normal(size=(T, N, H - subspace)) @ outside.T)
+  q = np.sqrt(H) * (f * a + np.sqrt(1 - f * f) * b)
+  k = np.sqrt(H) * unit(rng.normal(size=(T, N, subspace)) @ inside.T)
+  v = rng.normal(size=(T, N, H))
+  return tuple(jnp.asarray(x[None], jnp.float32) for x in (q, k, v))
+
+
+def causal_square_ea_float64(q, k, v, eps=1e-6):
+  """The float64 truth from the float32 inputs (one head at a time)."""
+  q, k, v = (np.asarray(x, np.float64)[0] for x in (q, k, v))
+  T, N, H = q.shape
+  out = np.zeros((T, N, H))
+  for n in range(N):
+    s = (q[:, n] / np.sqrt(H)) @ k[:, n].T
+    w = np.tril(s * s)
+    out[:, n] = (w @ v[:, n]) / (eps + w.sum(-1, keepdims=True))
+  return out[None]
+
+
+def normwise_error(out, want):
+  return float(np.max(np.abs(np.asarray(out, np.float64) - want)) / np.max(np.abs(want)))
+
+
+@pytest.fixture(scope="module")
+def ill_conditioned():
+  """f = 0.01, T = 2048, H = 32, B = 1, N = 2: the case the automatic rule must get right."""
+  q, k, v = nearly_orthogonal(2048, 32, 0.01)
+  return q, k, v, causal_square_ea_float64(q, k, v)
+
+
+def test_auto_rule_is_exact_on_ill_conditioned_queries(ill_conditioned):
+  q, k, v, want = ill_conditioned
+  for impl in (None, "naive", "chunked"):
+    with pytest.MonkeyPatch.context() as mp:
+      mp.setattr(A.chunked, "CHUNK_ROWS", 256)
+      out = jax.jit(lambda q, k, v, impl=impl: A.expressive_attention(
+          q, k, v, is_causal=True, kernel="square", implementation=impl))(q, k, v)
+    assert normwise_error(out, want) < 1e-4, impl
+
+
+def test_linear_stays_within_its_bound(ill_conditioned):
+  """linear's documented bound at f = 0.01 (linear.py: ~4e-4; float32 rounding would be ~1e-5)."""
+  q, k, v, want = ill_conditioned
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(A.linear, "LINEAR_CHUNK", 64)
+    out = A.expressive_attention(q, k, v, is_causal=True, kernel="square", implementation="linear")
+  err = normwise_error(out, want)
+  assert err < 1e-3, err
+
+
+RECURRENT_BOUND_F01 = 1e-3  # decode.recurrent_step's documented bound: ~3e-4 measured
+
+
+def test_recurrent_state_stays_within_its_bound():
+  """recurrent_step over T = 512 tokens at f = 0.1 against float64 (decode.py's bound)."""
+  q, k, v = nearly_orthogonal(512, 32, 0.1)
+  want = causal_square_ea_float64(q, k, v)
+
+  @jax.jit
+  def decode(q, k, v):
+    def body(state, x):
+      out, state = A.recurrent_step(state, *x)
+      return state, out
+    xs = tuple(jnp.swapaxes(x, 0, 1)[:, :, None] for x in (q, k, v))
+    return jnp.swapaxes(jax.lax.scan(body, A.init_recurrent_state(1, 2, 32), xs)[1][:, :, 0],
+                        0, 1)
+
+  assert normwise_error(decode(q, k, v), want) < RECURRENT_BOUND_F01
+
+
+# ----------------------------------------------------------------------------------------------
+# Chunked: structure and sharding
+# ----------------------------------------------------------------------------------------------
+
+
+def test_chunked_trace_does_not_grow_with_length():
+  """The block loops are loops: the fwd+bwd program is the same size at 4 and at 64 blocks."""
+  def size(T):
+    q = jnp.zeros((1, T, 2, 8))
+    loss = lambda q: jnp.sum(A.expressive_attention(q, q, q, is_causal=True,
+                                                    implementation="chunked"))
+    return str(jax.make_jaxpr(jax.grad(loss))(q)).count("dot_general")
+  # 4 products forward (unmasked and masked loop, 2 each), 10 backward; unrolled code would
+  # have them once per block.
+  assert size(64) == size(1024) == 14
+
+
+_MESH_SCRIPT = r"""
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["JAX_PLATFORMS"] = "cpu"
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from ea_jax import attention as A
+A.chunked.CHUNK_ROWS = 16
+rng = np.random.default_rng(0)
+B, T, N, K, H = 8, 72, 4, 2, 8           # 5 query blocks, the last one padded
+q = jnp.asarray(rng.normal(size=(B, T, N, H)), jnp.float32)
+k = jnp.asarray(rng.normal(size=(B, T, K, H)), jnp.float32)
+v = jnp.asarray(rng.normal(size=(B, T, K, H)), jnp.float32)
+mask = jnp.asarray(rng.random((B, 1, T, T)) < 0.8)
+for kind, kernel, m, causal in (("ea", "rational", None, True), ("dpa", "rational", mask, True)):
+  def loss(q, k, v, impl):
+    if kind == "ea":
+      o = A.expressive_attention(q, k, v, mask=m, is_causal=causal, kernel=kernel,
+                                 implementation=impl)
+    else:
+      o = A.dot_product_attention(q, k, v, mask=m, is_causal=causal, implementation=impl)
+    return jnp.sum(o * jnp.cos(o))
+  want = jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v, "naive")
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+  with jax.set_mesh(mesh):
+    put = lambda x: jax.device_put(x, NamedSharding(mesh, P("data")))
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)), static_argnums=3)
+    got = step(put(q), put(k), put(v), "chunked")
+    assert len(got[1][0].sharding.device_set) == 8
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    err = float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+    assert err < 2e-5, (kind, err)
+print("MESH_OK")
+"""
+
+
+def test_chunked_with_several_blocks_under_an_8_device_mesh():
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  proc = subprocess.run([sys.executable, "-c", _MESH_SCRIPT], cwd=root, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "MESH_OK" in proc.stdout
 
 
 def test_pallas_dispatch_passes_keyword_arguments(monkeypatch):
@@ -446,10 +638,10 @@ def test_random_shapes_match_reference(B, T, S, K, G, H, causal, masked, variant
   q, k, v = make(rng, B=B, T=T, S=S, N=K * G, K=K, H=H)
   mask = jnp.asarray(rng.random((B, 1, T, S)) > 0.3) if masked else None
   want = ref_attention(q, k, v, kind, mask=mask, causal=causal, kernel=kernel)
-  impls = ["chunked"] + (["linear"] if applicable("linear", kind, kernel, causal, mask) else [])
+  impls = ["chunked"] + (["linear"] if applicable("linear", kind, kernel, causal, masked) else [])
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(A, "CHUNK_ROWS", 8)
-    mp.setattr(A, "LINEAR_CHUNK", 4)
+    mp.setattr(A.chunked, "CHUNK_ROWS", 8)
+    mp.setattr(A.linear, "LINEAR_CHUNK", 4)
     for impl in impls:
       out = run(impl, kind, kernel, q, k, v, mask=mask, is_causal=causal)
       np.testing.assert_allclose(out, want, atol=3e-5, rtol=3e-5, err_msg=impl)

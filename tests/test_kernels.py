@@ -10,6 +10,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
+from ea_jax import attention
 from ea_jax.kernels import pallas_attention
 from ea_jax.kernels.pallas_attention import expressive_attention_pallas
 
@@ -182,7 +183,6 @@ def test_bad_arguments_name_the_argument():
 
 
 def test_attention_module_dispatches_to_pallas(monkeypatch):
-    attention = pytest.importorskip("ea_jax.attention")
     q, k, v, _ = _inputs(3, 1, 12, 12, 2, 1, 8, jnp.float32)
     calls = []
     real = pallas_attention.expressive_attention_pallas

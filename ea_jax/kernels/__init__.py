@@ -1,4 +1,5 @@
-"""Pallas kernels for expressive attention (imports only jax and numpy; import submodules explicitly).
+"""Pallas kernels for expressive attention (imports jax, numpy and the kernel names of
+ea_jax.attention; import submodules explicitly).
 
   pallas_attention  expressive_attention_pallas(...): the entry point (validation, padding,
                     backend choice, custom_vjp); used by ea_jax.attention's implementation="pallas"
