@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from ea_jax.attention import KERNELS  # the one list of kernel names
+from ea_jax.attention.reference import KERNELS  # the one list of kernel names
 
 
 def score(s, kernel: str):
