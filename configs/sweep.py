@@ -31,19 +31,19 @@ import os
 import ml_collections
 
 # The CPU study, cut to fit <= 75 minutes on 2 cores (docs/results/README.md says how it was
-# sized): widths 8-32 with 2 heads (head_dim 4-16), the recurrence_rules ladder's first three
-# levels, 3 paired seeds, at most 3000 steps a run.
+# sized): small widths 4-16 with 2 heads (head_dim 2-8), where capacity binds; the
+# recurrence_rules ladder's first three levels; 3 paired seeds; at most 2000 steps a run.
 CPU_STUDY = dict(
     ladders=("recurrence", "recurrence_rules"),
     # recurrence: N=5 R=1, N=5 R=2; recurrence_rules: N=5 R=1, R=2, R=3 (the first two are the
     # same tasks as the recurrence levels: 3 distinct tasks).
     levels=dict(recurrence=(1, 2), recurrence_rules=(0, 1, 2)),
-    widths=(8, 16, 32),
+    widths=(4, 8, 16),
     num_heads=2,
     seeds=(0, 1, 2),
     lr_grid=(3e-3, 1e-2, 3e-2),
-    pos_width=16,
-    num_steps=3000,
+    pos_width=8,
+    num_steps=2000,
     batch_size=32,
     eval_every=100,
     eval_examples=512,

@@ -52,7 +52,7 @@ def test_cpu_study_counts_each_task_once_and_shards_partition_it():
   runs = plan.study_runs(config)
   tasks = {r.task for r in runs}
   # recurrence levels 1-2 and recurrence_rules 0-2 share N=5 R=1 and N=5 R=2.
-  assert sorted(r.label for r in runs if r.variant == "dpa" and r.width == 8
+  assert sorted(r.label for r in runs if r.variant == "dpa" and r.width == 4
                 and r.seed == 0) == ["N=5 R=1", "N=5 R=2", "N=5 R=3"]
   assert len(runs) == len(tasks) * 3 * 3 * 3
   shared = [r for r in runs if len(r.levels) == 2]
