@@ -32,8 +32,10 @@ from ea_jax import checkpointing
 from ea_jax import data as data_lib
 from ea_jax import files
 from ea_jax import metrics as metrics_lib
+from ea_jax import provenance
 from ea_jax import sharding as sharding_lib
 from ea_jax import stopping
+from ea_jax import workdir_lock
 
 TRAIN_CONFIG_FILE = "train_config.json"
 SUMMARY_FILE = "train_summary.json"
@@ -64,8 +66,9 @@ def learning_rate_schedule(train_config) -> optax.Schedule:
   lr, warmup, total = train_config.learning_rate, train_config.warmup_steps, train_config.num_steps
   if total < 1:
     raise ValueError(f"config.train.num_steps={total}: must be >= 1")
-  if not 0 <= warmup <= total:
-    raise ValueError(f"config.train.warmup_steps={warmup}: must be in [0, num_steps={total}]")
+  if warmup < 0:
+    raise ValueError(f"config.train.warmup_steps={warmup}: must be >= 0")
+  warmup = min(warmup, total)  # a short run warms up over all of it (`_validate` warns)
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=lr, warmup_steps=warmup, decay_steps=max(total, warmup + 1),
       end_value=lr * train_config.min_lr_ratio)
@@ -261,6 +264,24 @@ def read_train_config(workdir: str) -> dict:
     return json.load(f)
 
 
+def describe(config, num_params: int | None = None) -> str:
+  """A short line naming a run's task, attention and size (for the mains' closing lines)."""
+  task, m = config.task, config.model
+  name = task.get("name", "?")
+  label = task.get("label")
+  length = task.get("seq_len")
+  what = f"{name} {label}" if label else name
+  if length is not None:
+    what += f" (length {length})"
+  if config.data.source != "generator":
+    what += f" [{config.data.source} data]"
+  attn = f"ea ({m.ea_kernel})" if m.attention == "ea" else m.attention
+  size = f"{m.num_layers} layers x {m.embed_dim} wide"
+  if num_params is not None:
+    size += f", {num_params:,} parameters"
+  return f"{what}, {attn} attention, {size}"
+
+
 def _flat_hparams(config) -> dict:
   flat = flax.traverse_util.flatten_dict(config.to_dict(), sep=".")
   return {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in flat.items()}
@@ -315,6 +336,16 @@ def _check_finite(step: int, m, last_good: int | None) -> None:
 
 
 def _validate(config) -> None:
+  """Checks the fields no other constructor checks; each error names its field."""
+  tc = config.train
+  if not tc.learning_rate > 0:
+    raise ValueError(f"config.train.learning_rate={tc.learning_rate}: must be > 0")
+  if tc.num_steps < 1:
+    raise ValueError(f"config.train.num_steps={tc.num_steps}: must be >= 1")
+  if tc.warmup_steps > tc.num_steps:
+    logging.warning("config.train.warmup_steps=%d > num_steps=%d: warming up over all %d steps "
+                    "(set --config.train.warmup_steps to choose)", tc.warmup_steps, tc.num_steps,
+                    tc.num_steps)
   if config.data.source not in data_lib.SOURCES:
     raise ValueError(f"config.data.source={config.data.source!r}; allowed: {data_lib.SOURCES}")
   if config.eval.split not in data_lib.EVAL_SPLITS:
@@ -354,8 +385,7 @@ class _Run:
   # -- init or restore ---------------------------------------------------------------------
 
   def open(self, stack: contextlib.ExitStack) -> None:
-    """Creates the workdir, restores the latest checkpoint (or initialises) and the history."""
-    os.makedirs(self.workdir, exist_ok=True)
+    """Restores the latest checkpoint (or initialises) and the eval history."""
     self.ckpts = checkpointing.Checkpoints(
         os.path.join(self.workdir, "checkpoints"), self.tc.keep_checkpoints,
         keep_steps=lambda: stopping.steps_to_keep(list(self.history)))
@@ -574,8 +604,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
     num_params. The keys `eval_loss`, `token_accuracy` and `sequence_accuracy` hold the *test*
     numbers at the selected step. After SIGTERM the test numbers are None.
   """
-  run = _Run(config, workdir)
-  with contextlib.ExitStack() as stack:  # closes the writer, then waits for pending saves
+  run = _Run(config, workdir)  # validates everything before anything is written
+  with contextlib.ExitStack() as stack:  # closes the writer, waits for saves, then unlocks
+    os.makedirs(run.workdir, exist_ok=True)
+    if jax.process_index() == 0:
+      stack.enter_context(workdir_lock.WorkdirLock(run.workdir))
+    stored = _stored_config(run.workdir)
+    if stored is not None:
+      provenance.check_resume(stored, config, run.workdir)
     stack.enter_context(jax.set_mesh(run.setup.mesh))
     run.open(stack)
     done = run.finished_summary()
@@ -583,14 +619,20 @@ def train_and_evaluate(config, workdir: str) -> dict:
       logging.info("already done: %s holds a finished run (step %d, ended by %s); nothing to do",
                    run.workdir, done["step"], done["ended_by"])
       return done
-    write_train_config(run.workdir, config, vocab_size=run.setup.vocab_size,
-                       max_len=run.setup.max_len)
+    if stored is None or provenance.differences(stored, config):
+      write_train_config(run.workdir, config, vocab_size=run.setup.vocab_size,
+                         max_len=run.setup.max_len)
     ended_by = run.loop(stack)
     summary = run.summary(ended_by)
   files.write_json(os.path.join(run.workdir, SUMMARY_FILE), summary)
   if ended_by == stopping.SIGTERM:
     logging.warning("stopped by SIGTERM after saving step %d", run.final_step)
   return summary
+
+
+def _stored_config(workdir: str) -> dict | None:
+  info = files.read_json(os.path.join(workdir, TRAIN_CONFIG_FILE))
+  return None if info is None else info["config"]
 
 
 def _truncate_history(workdir: str, upto: int) -> list[dict]:
