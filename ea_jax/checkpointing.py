@@ -124,8 +124,9 @@ class Checkpoints:
       raise CheckpointError(f"checkpoint {where} is unreadable or corrupt ({_brief(e)}); delete "
                             f"it to fall back to an earlier step") from e
     if not isinstance(tree, dict) or "params" not in tree:
-      raise CheckpointError(f"checkpoint {where} does not hold a train state (no 'params'); "
-                            f"found {type(tree).__name__}")
+      raise CheckpointError(f"checkpoint {where} does not hold a train state (no 'params', "
+                            f"found {type(tree).__name__}: its metadata is missing or damaged); "
+                            f"delete it to fall back to an earlier step")
     compare_param_shapes(tree["params"], abstract_state.params, where)
     try:
       return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))

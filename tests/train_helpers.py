@@ -4,7 +4,7 @@ Run as a script (`python tests/train_helpers.py '<json>'`) it trains in a fresh 
 tests can set XLA_FLAGS (fake devices) before JAX is imported -- and writes the losses and
 final parameters to an .npz file.
 """
-import importlib.util
+import importlib
 import json
 import os
 import sys
@@ -16,11 +16,7 @@ if REPO not in sys.path:
 
 def load_config(name: str = "tiny", overrides: dict | None = None):
   """configs/<name>.py's get_config() with dotted-key overrides applied (typos raise)."""
-  path = os.path.join(REPO, "configs", f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"config_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = importlib.import_module(f"configs.{name}").get_config()
   for key, value in (overrides or {}).items():
     *parents, leaf = key.split(".")
     node = config
