@@ -141,20 +141,17 @@ def evaluate(config, workdir: str, *, plot_attention: int = 0, split: str | None
                  max_len)
   eval_sh = setup.batch_sharding(ev.batch_size)
 
+  if step is not None:
+    steps = checkpointing.Checkpoints(os.path.join(workdir, "checkpoints"), keep=1000)
+    have = steps.all_steps()
+    steps.close()
+    if step not in have:
+      raise checkpointing.CheckpointError(
+          f"--step={step}: no such checkpoint in {workdir}/checkpoints; have {have}")
+  _, chosen, state = train_lib.restore(workdir, step, config=model_config)
+  params = state.params
+
   with jax.set_mesh(setup.mesh):
-    ckpts = checkpointing.Checkpoints(os.path.join(workdir, "checkpoints"), keep=1000)
-    try:
-      chosen = ckpts.latest_step() if step is None else step
-      if chosen is None:
-        raise checkpointing.CheckpointError(
-            f"no checkpoint in {ckpts.directory}: train first (python train.py "
-            f"--workdir={workdir} ...)")
-      if chosen not in ckpts.all_steps():
-        raise checkpointing.CheckpointError(
-            f"--step={chosen}: no such checkpoint in {ckpts.directory}; have {ckpts.all_steps()}")
-      params = ckpts.restore(chosen, setup.abstract_state()).params
-    finally:
-      ckpts.close()
     batches = source.eval_batches(split, ev.seed, ev.num_examples, ev.batch_size, eval_sh)
     eval_step = setup.eval_step(ev.batch_size)
     result = {"step": int(chosen), "split": split,

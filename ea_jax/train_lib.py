@@ -12,6 +12,7 @@ Letters: B batch, L sequence length, V vocabulary.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -24,6 +25,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from absl import logging
@@ -225,27 +227,52 @@ class Setup:
     return self._steps[key]
 
 
-_SETUPS: dict[str, Setup] = {}
-_MAX_SETUPS = 4
+def _setup_key(config, vocab_size: int, max_len: int) -> str:
+  """Every field the jitted functions depend on, as a canonical JSON string (hashable)."""
+  train = {k: v for k, v in config.train.to_dict().items() if k != "seed"}
+  return json.dumps({"model": config.model.to_dict(), "train": train,
+                     "mesh": config.mesh.to_dict(), "rules": config.logical_axis_rules.to_dict(),
+                     "vocab_size": vocab_size, "max_len": max_len,
+                     "devices": [str(d) for d in jax.devices()]}, sort_keys=True, default=str)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_setup(key: str) -> Setup:
+  fields = json.loads(key)
+  config = ml_collections.ConfigDict({"model": fields["model"], "train": fields["train"],
+                                      "mesh": fields["mesh"],
+                                      "logical_axis_rules": fields["rules"]})
+  return Setup(config, vocab_size=fields["vocab_size"], max_len=fields["max_len"])
 
 
 def get_setup(config, *, vocab_size: int, max_len: int) -> Setup:
   """A Setup for `config`, reused when model, optimizer, mesh and rules are unchanged.
 
-  The key holds every field the jitted functions depend on (all of config.model and
+  The cache key holds every field the jitted functions depend on (all of config.model and
   config.train except `seed`, the mesh, rules, vocabulary, max_len and the devices), so runs
   that differ only in seed, task dials of the same shape, or logging reuse compiled code.
   """
-  train = {k: v for k, v in config.train.to_dict().items() if k != "seed"}
-  key = json.dumps({"model": config.model.to_dict(), "train": train,
-                    "mesh": config.mesh.to_dict(), "rules": config.logical_axis_rules.to_dict(),
-                    "vocab_size": vocab_size, "max_len": max_len,
-                    "devices": [str(d) for d in jax.devices()]}, sort_keys=True, default=str)
-  if key not in _SETUPS:
-    if len(_SETUPS) >= _MAX_SETUPS:
-      _SETUPS.pop(next(iter(_SETUPS)))
-    _SETUPS[key] = Setup(config, vocab_size=vocab_size, max_len=max_len)
-  return _SETUPS[key]
+  return _cached_setup(_setup_key(config, vocab_size, max_len))
+
+
+def restore(workdir: str, step: int | None = None, config=None) -> tuple[Setup, int, TrainState]:
+  """(Setup, step, train state) of a run's checkpoint (default: the latest), restored straight
+  into the shardings `make_init` builds (`Setup.abstract_state`): no parameters are
+  initialised first. The model comes from `workdir/train_config.json` unless `config` is
+  given (e.g. one with another mesh)."""
+  info = read_train_config(workdir)
+  config = ml_collections.ConfigDict(info["config"]) if config is None else config
+  setup = get_setup(config, vocab_size=int(info["vocab_size"]), max_len=int(info["max_len"]))
+  with jax.set_mesh(setup.mesh):
+    ckpts = checkpointing.Checkpoints(os.path.join(workdir, "checkpoints"), keep=1000)
+    try:
+      step = ckpts.latest_step() if step is None else step
+      if step is None:
+        raise checkpointing.CheckpointError(f"no checkpoint in {ckpts.directory}: train first")
+      state = ckpts.restore(step, setup.abstract_state())
+    finally:
+      ckpts.close()
+  return setup, int(step), state
 
 
 def write_train_config(workdir: str, config, *, vocab_size: int, max_len: int) -> None:
@@ -293,7 +320,14 @@ def _flat_hparams(config) -> dict:
 
 
 class _Preemption:
-  """Sets a flag on SIGTERM (installed only from the main thread)."""
+  """Sets a flag on SIGTERM (installed only from the main thread).
+
+  orbax's `CheckpointManager.reached_preemption` / `multihost_utils.
+  reached_preemption_sync_point` rely on the preemption sync manager that only
+  `jax.distributed.initialize` starts: in a single process (checked with jax 0.10.2 on CPU) it
+  is None, the call returns False and SIGTERM still kills the process. So this small handler
+  stays; across processes the flag is agreed on with an allgather.
+  """
 
   def __init__(self):
     self.flag = False
