@@ -57,10 +57,35 @@ def main():
   import jax
   jax.config.update("jax_numpy_rank_promotion", "raise")
   import numpy as np
-  out = run_steps(load_config(args.get("config", "tiny"), args.get("overrides")), args["num_steps"])
+  config = load_config(args.get("config", "tiny"), args.get("overrides"))
+  out = run_steps(config, args["num_steps"])
   np.savez(args["out"], losses=out["losses"], **{"param:" + k: v for k, v in out["params"].items()})
   with open(args["out"] + ".json", "w") as f:
-    json.dump({"sharded": out["sharded"], "num_devices": out["num_devices"]}, f)
+    json.dump({"sharded": out["sharded"], "num_devices": out["num_devices"],
+               **sharding_checks(config)}, f)
+
+
+def sharding_checks(config) -> dict:
+  """On this process's devices: the error for a batch the batch shards do not divide, and
+  whether `host_to_global` puts exactly rows `shard.index` of the host array on each device."""
+  import jax
+  import numpy as np
+  from ea_jax import sharding
+  mesh = sharding.create_mesh(config.mesh)
+  rules = sharding.logical_rules(dict(config.logical_axis_rules))
+  try:
+    sharding.batch_sharding(mesh, rules, jax.device_count() + 1)
+    error = None
+  except ValueError as e:
+    error = str(e)
+  sh = sharding.batch_sharding(mesh, rules, 8)
+  host = np.arange(8 * 5, dtype=np.int32).reshape(8, 5)
+  arr = sharding.host_to_global(host, sh)
+  shards_right = all(np.array_equal(np.asarray(s.data), host[s.index])
+                     for s in arr.addressable_shards)
+  return {"indivisible_error": error, "host_to_global_shards_right": shards_right,
+          "host_to_global_equal": bool(np.array_equal(np.asarray(jax.device_get(arr)), host)),
+          "num_shards": len({str(s.index) for s in arr.addressable_shards})}
 
 
 if __name__ == "__main__":
