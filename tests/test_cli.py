@@ -125,14 +125,6 @@ def test_two_processes_match_one_process(one_process, tmp_path):
 
 
 def _restore(workdir, config):
-  from ea_jax import checkpointing
-  from ea_jax import data as data_lib
   from ea_jax import train_lib
-  src = data_lib.make_source(config, splits=("train",))
-  setup = train_lib.get_setup(config, vocab_size=src.vocab_size, max_len=src.seq_len)
-  with jax.set_mesh(setup.mesh):
-    state, _ = setup.init_state()
-    ckpts = checkpointing.Checkpoints(os.path.join(workdir, "checkpoints"), keep=10)
-    state = ckpts.restore(ckpts.latest_step(), checkpointing.abstract_like(state))
-    ckpts.close()
+  _, _, state = train_lib.restore(workdir, config=config)
   return jax.device_get(state.params)
