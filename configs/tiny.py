@@ -5,20 +5,11 @@
 
 Expected result: finishes 8 steps in a few seconds; loss falls below log(vocab_size).
 """
-import importlib.util
-import os
-
-
-def _default():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.py")
-  spec = importlib.util.spec_from_file_location("ea_jax_configs_default", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from configs import default
 
 
 def get_config(arg=None):
-  c = _default().get_config(arg)
+  c = default.get_config(arg)
   c.model.num_layers = 1
   c.model.num_heads = 2
   c.model.num_kv_heads = 2

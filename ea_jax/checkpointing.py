@@ -21,6 +21,13 @@ class CheckpointError(RuntimeError):
   """A checkpoint cannot be used with the current configuration or cannot be read."""
 
 
+def _brief(e: Exception) -> str:
+  """A library exception in a few words: its type and the first line of its message (orbax's
+  messages can hold a long dump of the storage layer)."""
+  first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+  return f"{type(e).__name__}: {first[:160]}"
+
+
 def abstract_like(tree: Any) -> Any:
   """ShapeDtypeStructs (with sharding) of a tree of jax.Arrays."""
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
@@ -90,7 +97,8 @@ class Checkpoints:
       self.manager = ocp.CheckpointManager(self.directory, options=options,
                                            item_handlers=ocp.StandardCheckpointHandler())
     except Exception as e:  # unreadable step metadata etc.
-      raise CheckpointError(f"cannot open checkpoints in {self.directory}: {e}") from e
+      raise CheckpointError(f"cannot open checkpoints in {self.directory} ({_brief(e)}); delete "
+                            f"the damaged step directory to fall back to an earlier step") from e
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -113,17 +121,18 @@ class Checkpoints:
       meta = self.manager.item_metadata(step)
       tree = getattr(meta, "tree", meta)
     except Exception as e:
-      raise CheckpointError(f"checkpoint {where} is unreadable or corrupt ({type(e).__name__}: "
-                            f"{e}); delete it to fall back to an earlier step") from e
+      raise CheckpointError(f"checkpoint {where} is unreadable or corrupt ({_brief(e)}); delete "
+                            f"it to fall back to an earlier step") from e
     if not isinstance(tree, dict) or "params" not in tree:
-      raise CheckpointError(f"checkpoint {where} does not hold a train state (no 'params'); "
-                            f"found {type(tree).__name__}")
+      raise CheckpointError(f"checkpoint {where} does not hold a train state (no 'params', "
+                            f"found {type(tree).__name__}: its metadata is missing or damaged); "
+                            f"delete it to fall back to an earlier step")
     compare_param_shapes(tree["params"], abstract_state.params, where)
     try:
       return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
     except Exception as e:
-      raise CheckpointError(f"checkpoint {where} could not be restored ({type(e).__name__}: "
-                            f"{e}); delete it to fall back to an earlier step") from e
+      raise CheckpointError(f"checkpoint {where} could not be restored ({_brief(e)}); delete "
+                            f"it to fall back to an earlier step") from e
 
   def wait(self) -> None:
     """Blocks until pending asynchronous saves are on disk (before restoring one of them)."""

@@ -2,10 +2,11 @@
 
 Letters: B batch, L sequence length, V vocabulary, N heads.
 
-The model is rebuilt from the *training* config stored in `workdir/train_config.json` (its
-vocabulary and max_len), so `config.task.seq_len` may differ from training (length
-generalisation). Data come from `config` (generator with a fixed eval seed per split, TFDS split,
-or the npz eval file). Writes `workdir/eval.json`:
+Model, task and data are the run's own, from `workdir/train_config.json` (with its vocabulary
+and max_len); what an evaluation may change is `provenance.EVAL_MAY_CHANGE` (split, number of
+examples, sequence length for length generalisation, execution layout). Writes
+`workdir/eval_<split>_L<seq_len>.json` (one file per split and length, so one evaluation never
+replaces another):
   step, split, num_examples, seq_len, loss, token_accuracy, sequence_accuracy,
   per_position_accuracy (list over positions, null where nothing is scored) and, for generator
   tasks, rollout_token_accuracy / rollout_sequence_accuracy: the model's own greedy predictions
@@ -27,36 +28,52 @@ from absl import logging
 from ea_jax import checkpointing
 from ea_jax import data as data_lib
 from ea_jax import files
+from ea_jax import provenance
 from ea_jax import train_lib
 
-EVAL_FILE = "eval.json"
+def _set(config: ml_collections.ConfigDict, name: str, value) -> None:
+  *parents, leaf = name.split(".")
+  node = config
+  for p in parents:
+    node = node[p]
+  with node.unlocked():
+    node[leaf] = value
 
 
-def training_config(config, workdir: str) -> tuple[ml_collections.ConfigDict, int, int]:
-  """(config to evaluate with, vocab_size, max_len), using the workdir's training config.
+def training_config(config, workdir: str, *, split: str | None = None,
+                    num_examples: int | None = None, seq_len: int | None = None
+                    ) -> tuple[ml_collections.ConfigDict, int, int]:
+  """(config to evaluate with, vocab_size, max_len): the run's own config from `workdir`.
 
-  Model and optimizer fields come from training (the checkpoint's shapes), and so does the task,
-  except `task.seq_len`, which `config` may change (length generalisation); other task fields of
-  `config` that differ from training are reported and ignored. Mesh, rules, data, eval and
-  `model.attention_impl` (if set) come from `config`.
+  Model, task, data and the eval set come from `workdir/train_config.json`. `config` (optional:
+  e.g. the training command's own) may change only `provenance.EVAL_MAY_CHANGE` (split, number
+  of examples, sequence length, execution layout); any other differing model / task / data /
+  eval field raises `provenance.ProvenanceError` naming it; `config.train` is ignored. The
+  keyword arguments override the split, the number of examples and the sequence length.
   """
   info = train_lib.read_train_config(workdir)
-  stored = ml_collections.ConfigDict(info["config"])
-  merged = ml_collections.ConfigDict(config.to_dict())
-  merged.model = stored.model
-  merged.train = stored.train
-  if config.model.get("attention_impl") is not None:
-    merged.model.attention_impl = config.model.attention_impl
-  task = ml_collections.ConfigDict(stored.task.to_dict())
-  ignored = {k: (config.task.get(k), v) for k, v in stored.task.items()
-             if k not in ("seq_len", "complexity", "label") and config.task.get(k) != v}
-  if ignored:
-    logging.warning("config.task differs from the training task of %s in %s (given, trained); "
-                    "evaluating the training task", workdir, ignored)
-  if "seq_len" in task and "seq_len" in config.task:
-    task.seq_len = config.task.seq_len
-  merged.task = task
+  merged = ml_collections.ConfigDict(info["config"])
+  if config is not None:
+    provenance.check_eval(info["config"], config, workdir)
+    given = provenance.flatten(config)
+    stored = provenance.flatten(info["config"])
+    for name, value in given.items():
+      if provenance.matches(name, provenance.EVAL_MAY_CHANGE) and stored.get(name) != value:
+        _set(merged, name, value)
+  for name, value in (("eval.split", split), ("eval.num_examples", num_examples),
+                      ("task.seq_len", seq_len)):
+    if value is not None:
+      _set(merged, name, value)
+  if merged.eval.split not in data_lib.EVAL_SPLITS:
+    raise ValueError(f"config.eval.split={merged.eval.split!r}; allowed: {data_lib.EVAL_SPLITS}")
+  if merged.eval.num_examples < 1:
+    raise ValueError(f"config.eval.num_examples={merged.eval.num_examples}: must be >= 1")
   return merged, int(info["vocab_size"]), int(info["max_len"])
+
+
+def eval_file_name(split: str, seq_len: int, step: int | None = None) -> str:
+  """`eval_<split>_L<seq_len>.json` (latest checkpoint) or `..._step<N>.json` (a chosen one)."""
+  return f"eval_{split}_L{seq_len}" + ("" if step is None else f"_step{step}") + ".json"
 
 
 def rollout_predictions(apply_fn, params, batch: data_lib.Batch) -> jax.Array:
@@ -96,42 +113,49 @@ def _is_next_token_layout(batch: data_lib.Batch) -> bool:
   return bool(np.all(inputs[:, 1:] == targets[:, :-1]))
 
 
-def evaluate(config, workdir: str, *, plot_attention: int = 0) -> dict:
-  """Evaluates the latest checkpoint in `workdir`; writes and returns `workdir/eval.json`.
+def evaluate(config, workdir: str, *, plot_attention: int = 0, split: str | None = None,
+             num_examples: int | None = None, seq_len: int | None = None,
+             step: int | None = None) -> dict:
+  """Evaluates a checkpoint of `workdir` with the run's own model, task and data.
+
+  Writes and returns `workdir/eval_<split>_L<seq_len>.json` (see `eval_file_name`).
 
   Args:
-    config: experiment config; its task / data / eval / mesh fields choose what to evaluate.
+    config: None (the run's config as stored), or a config checked against the run: only
+      `provenance.EVAL_MAY_CHANGE` may differ (see `training_config`).
     workdir: a training workdir (holds train_config.json and checkpoints/).
     plot_attention: if > 0, save attention maps of this many eval examples as PNGs under
       `workdir/attention/`.
+    split, num_examples, seq_len: override the split ("validation" / "test"), the number of
+      examples and the sequence length (length generalisation).
+    step: the checkpoint to evaluate (default: the latest).
   """
   workdir = os.path.abspath(workdir)
-  split = config.eval.split
-  if split not in data_lib.EVAL_SPLITS:
-    raise ValueError(f"config.eval.split={split!r}; allowed: {data_lib.EVAL_SPLITS}")
-  model_config, vocab_size, max_len = training_config(config, workdir)
+  model_config, vocab_size, max_len = training_config(
+      config, workdir, split=split, num_examples=num_examples, seq_len=seq_len)
+  split, ev = model_config.eval.split, model_config.eval
   setup = train_lib.get_setup(model_config, vocab_size=vocab_size, max_len=max_len)
   source = data_lib.make_source(model_config, splits=(split,), vocab_size=vocab_size)
   if source.seq_len != max_len:
     logging.info("evaluating at length %d; the model was trained at length %d", source.seq_len,
                  max_len)
-  eval_sh = setup.batch_sharding(config.eval.batch_size)
+  eval_sh = setup.batch_sharding(ev.batch_size)
+
+  if step is not None:
+    steps = checkpointing.Checkpoints(os.path.join(workdir, "checkpoints"), keep=1000)
+    have = steps.all_steps()
+    steps.close()
+    if step not in have:
+      raise checkpointing.CheckpointError(
+          f"--step={step}: no such checkpoint in {workdir}/checkpoints; have {have}")
+  _, chosen, state = train_lib.restore(workdir, step, config=model_config)
+  params = state.params
 
   with jax.set_mesh(setup.mesh):
-    state, _ = setup.init_state()
-    ckpts = checkpointing.Checkpoints(os.path.join(workdir, "checkpoints"), keep=1000)
-    step = ckpts.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint in {ckpts.directory}: train first "
-                              f"(python train.py --workdir={workdir})")
-    state = ckpts.restore(step, checkpointing.abstract_like(state))
-    ckpts.close()
-    params = state.params
-    batches = source.eval_batches(split, config.eval.seed, config.eval.num_examples,
-                                  config.eval.batch_size, eval_sh)
-    eval_step = setup.eval_step(config.eval.batch_size)
-    result = {"step": int(step), "split": split,
-              "num_examples": source.eval_size(split, config.eval.num_examples),
+    batches = source.eval_batches(split, ev.seed, ev.num_examples, ev.batch_size, eval_sh)
+    eval_step = setup.eval_step(ev.batch_size)
+    result = {"step": int(chosen), "split": split,
+              "num_examples": source.eval_size(split, ev.num_examples),
               "seq_len": source.seq_len,
               **train_lib.run_eval(eval_step, params, batches)}
 
@@ -139,7 +163,7 @@ def evaluate(config, workdir: str, *, plot_attention: int = 0) -> dict:
       with nn.logical_axis_rules(setup.rules):
         return setup.model.apply({"params": p}, tokens_BL)
 
-    if config.data.source == "generator" and _is_next_token_layout(batches[0]):
+    if model_config.data.source == "generator" and _is_next_token_layout(batches[0]):
       counts_fn = jax.jit(lambda p, b: _rollout_counts(apply_fn, p, b))
       c = sum(np.asarray(jax.device_get(counts_fn(params, b)), np.int64) for b in batches)
       result["rollout_token_accuracy"] = float(c[0] / max(c[1], 1))
@@ -148,11 +172,16 @@ def evaluate(config, workdir: str, *, plot_attention: int = 0) -> dict:
       result["attention_plots"] = _plot_attention(setup, params, batches, plot_attention, workdir)
 
   logging.info("eval step %d (%s, %d examples, length %d): loss %.4f  token_acc %.4f  "
-               "seq_acc %.4f%s", step, split, result["num_examples"], source.seq_len,
+               "seq_acc %.4f%s", chosen, split, result["num_examples"], source.seq_len,
                result["loss"], result["token_accuracy"], result["sequence_accuracy"],
                f"  rollout_seq_acc {result['rollout_sequence_accuracy']:.4f}"
                if "rollout_sequence_accuracy" in result else "")
-  files.write_json(os.path.join(workdir, EVAL_FILE), result)
+  path = os.path.join(workdir, eval_file_name(split, source.seq_len, step))
+  earlier = files.read_json(path)
+  if earlier is not None and earlier.get("step") != result["step"]:
+    logging.warning("%s held step %s; replacing it with step %d", path, earlier.get("step"),
+                    result["step"])
+  files.write_json(path, result)
   return result
 
 

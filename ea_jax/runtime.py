@@ -1,43 +1,61 @@
-"""Process start-up shared by train.py and eval.py: jax.distributed and log filtering."""
+"""Process start-up shared by train.py and eval.py: jax.distributed, log filtering, and the
+one-line reporting of the project's own errors."""
 from __future__ import annotations
 
 import logging as py_logging
+import os
+import sys
+from typing import Callable
 
 from absl import flags
 from absl import logging
 
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 class _DropLibraryInfo(py_logging.Filter):
-  """Drops INFO/DEBUG records from orbax (its per-save chatter), keeps warnings and errors."""
+  """Keeps warnings and errors from everywhere, INFO/DEBUG only from this project's files
+  (orbax's per-save chatter, clu's and other libraries' INFO lines are dropped)."""
 
   def filter(self, record: py_logging.LogRecord) -> bool:
-    return record.levelno >= py_logging.WARNING or "orbax" not in record.pathname
+    if record.levelno >= py_logging.WARNING:
+      return True
+    path = os.path.abspath(record.pathname)
+    return path.startswith(_ROOT + os.sep) and "site-packages" not in path
+
+
+_FILTER = _DropLibraryInfo()
 
 
 def quiet_library_logs() -> None:
-  py_logging.getLogger("absl").addFilter(_DropLibraryInfo())
+  logger = py_logging.getLogger("absl")
+  if _FILTER not in logger.filters:
+    logger.addFilter(_FILTER)
 
 
 def define_process_flags() -> None:
-  """Defines --coordinator_address, --num_processes and --process_id (multi-process runs)."""
+  """Defines --coordinator_address, --num_processes, --process_id (multi-process runs) and
+  --verbose (library INFO logs and tracebacks)."""
   flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
   flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
   flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
+  flags.DEFINE_bool("verbose", False, "Show libraries' INFO logs and full tracebacks of errors.")
 
 
 def initialize_from_flags() -> None:
   """`initialize` with the values of the flags from `define_process_flags`."""
   f = flags.FLAGS
-  initialize(f.coordinator_address, f.num_processes, f.process_id)
+  initialize(f.coordinator_address, f.num_processes, f.process_id, verbose=f.verbose)
 
 
 def initialize(coordinator_address: str | None, num_processes: int | None,
-               process_id: int | None) -> None:
+               process_id: int | None, *, verbose: bool = False) -> None:
   """Joins a multi-process job (CPU collectives through gloo) if a coordinator is given.
 
-  Must run before any JAX computation. With no coordinator it only quiets library logs.
+  Must run before any JAX computation. Unless `verbose`, libraries' INFO logs are dropped.
   """
-  quiet_library_logs()
+  if not verbose:
+    quiet_library_logs()
   given = [coordinator_address is not None, num_processes is not None, process_id is not None]
   if any(given) and not all(given):
     raise ValueError("multi-process runs need all of --coordinator_address, --num_processes and "
@@ -53,3 +71,31 @@ def initialize(coordinator_address: str | None, num_processes: int | None,
   logging.info("process %d of %d joined %s: %d local / %d global devices", jax.process_index(),
                jax.process_count(), coordinator_address, jax.local_device_count(),
                jax.device_count())
+
+
+def project_errors() -> tuple[type[BaseException], ...]:
+  """The errors that mean bad input or a bad workdir (not a bug): config, data, checkpoint,
+  provenance, lock, NaN. They are reported in one line."""
+  from ea_jax import checkpointing
+  from ea_jax import workdir_lock
+  return (ValueError, FileNotFoundError, FloatingPointError, checkpointing.CheckpointError,
+          workdir_lock.WorkdirLockedError)
+
+
+def one_line(error: BaseException, limit: int = 600) -> str:
+  """`error` as one line: its message's lines joined, cut to `limit` characters."""
+  text = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+  text = text or type(error).__name__
+  return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def run_reporting_errors(main: Callable[[], int | None]) -> int:
+  """Runs `main()`; a project error prints `error: <one line>` to stderr and returns 1 (with
+  --verbose the traceback is raised instead). Returns main's exit status otherwise."""
+  try:
+    return main() or 0
+  except project_errors() as e:
+    if flags.FLAGS.is_parsed() and flags.FLAGS["verbose"].value:
+      raise
+    print(f"error: {one_line(e)}\n(rerun with --verbose for the traceback)", file=sys.stderr)
+    return 1

@@ -159,27 +159,7 @@ def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
-def process_local_rows(sharding: NamedSharding, global_shape: tuple[int, ...]) -> slice:
-  """The contiguous range of leading-axis rows whose shards live on this process's devices."""
-  index_map = sharding.addressable_devices_indices_map(global_shape)
-  starts, stops = [], []
-  for idx in index_map.values():
-    s = idx[0]
-    starts.append(0 if s.start is None else s.start)
-    stops.append(global_shape[0] if s.stop is None else s.stop)
-  lo, hi = min(starts), max(stops)
-  covered = np.zeros(global_shape[0], bool)
-  for a, b in zip(starts, stops):
-    covered[a:b] = True
-  if not covered[lo:hi].all():
-    raise ValueError(f"this process's batch rows are not contiguous under {sharding}")
-  return slice(lo, hi)
-
-
 def host_to_global(array_np: np.ndarray, sharding: NamedSharding) -> jax.Array:
-  """A global array from a host array every process holds in full; each process feeds its rows.
-
-  Uses `jax.make_array_from_process_local_data` with only this process's slice of rows.
-  """
-  rows = process_local_rows(sharding, array_np.shape)
-  return jax.make_array_from_process_local_data(sharding, array_np[rows], array_np.shape)
+  """A global array from a host array every process holds in full; each process fills the
+  shards on its own devices (`jax.make_array_from_callback`)."""
+  return jax.make_array_from_callback(array_np.shape, sharding, lambda index: array_np[index])

@@ -12,6 +12,7 @@ Letters: B batch, L sequence length, V vocabulary.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -24,6 +25,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from absl import logging
@@ -32,8 +34,10 @@ from ea_jax import checkpointing
 from ea_jax import data as data_lib
 from ea_jax import files
 from ea_jax import metrics as metrics_lib
+from ea_jax import provenance
 from ea_jax import sharding as sharding_lib
 from ea_jax import stopping
+from ea_jax import workdir_lock
 
 TRAIN_CONFIG_FILE = "train_config.json"
 SUMMARY_FILE = "train_summary.json"
@@ -64,8 +68,9 @@ def learning_rate_schedule(train_config) -> optax.Schedule:
   lr, warmup, total = train_config.learning_rate, train_config.warmup_steps, train_config.num_steps
   if total < 1:
     raise ValueError(f"config.train.num_steps={total}: must be >= 1")
-  if not 0 <= warmup <= total:
-    raise ValueError(f"config.train.warmup_steps={warmup}: must be in [0, num_steps={total}]")
+  if warmup < 0:
+    raise ValueError(f"config.train.warmup_steps={warmup}: must be >= 0")
+  warmup = min(warmup, total)  # a short run warms up over all of it (`_validate` warns)
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=lr, warmup_steps=warmup, decay_steps=max(total, warmup + 1),
       end_value=lr * train_config.min_lr_ratio)
@@ -222,27 +227,52 @@ class Setup:
     return self._steps[key]
 
 
-_SETUPS: dict[str, Setup] = {}
-_MAX_SETUPS = 4
+def _setup_key(config, vocab_size: int, max_len: int) -> str:
+  """Every field the jitted functions depend on, as a canonical JSON string (hashable)."""
+  train = {k: v for k, v in config.train.to_dict().items() if k != "seed"}
+  return json.dumps({"model": config.model.to_dict(), "train": train,
+                     "mesh": config.mesh.to_dict(), "rules": config.logical_axis_rules.to_dict(),
+                     "vocab_size": vocab_size, "max_len": max_len,
+                     "devices": [str(d) for d in jax.devices()]}, sort_keys=True, default=str)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_setup(key: str) -> Setup:
+  fields = json.loads(key)
+  config = ml_collections.ConfigDict({"model": fields["model"], "train": fields["train"],
+                                      "mesh": fields["mesh"],
+                                      "logical_axis_rules": fields["rules"]})
+  return Setup(config, vocab_size=fields["vocab_size"], max_len=fields["max_len"])
 
 
 def get_setup(config, *, vocab_size: int, max_len: int) -> Setup:
   """A Setup for `config`, reused when model, optimizer, mesh and rules are unchanged.
 
-  The key holds every field the jitted functions depend on (all of config.model and
+  The cache key holds every field the jitted functions depend on (all of config.model and
   config.train except `seed`, the mesh, rules, vocabulary, max_len and the devices), so runs
   that differ only in seed, task dials of the same shape, or logging reuse compiled code.
   """
-  train = {k: v for k, v in config.train.to_dict().items() if k != "seed"}
-  key = json.dumps({"model": config.model.to_dict(), "train": train,
-                    "mesh": config.mesh.to_dict(), "rules": config.logical_axis_rules.to_dict(),
-                    "vocab_size": vocab_size, "max_len": max_len,
-                    "devices": [str(d) for d in jax.devices()]}, sort_keys=True, default=str)
-  if key not in _SETUPS:
-    if len(_SETUPS) >= _MAX_SETUPS:
-      _SETUPS.pop(next(iter(_SETUPS)))
-    _SETUPS[key] = Setup(config, vocab_size=vocab_size, max_len=max_len)
-  return _SETUPS[key]
+  return _cached_setup(_setup_key(config, vocab_size, max_len))
+
+
+def restore(workdir: str, step: int | None = None, config=None) -> tuple[Setup, int, TrainState]:
+  """(Setup, step, train state) of a run's checkpoint (default: the latest), restored straight
+  into the shardings `make_init` builds (`Setup.abstract_state`): no parameters are
+  initialised first. The model comes from `workdir/train_config.json` unless `config` is
+  given (e.g. one with another mesh)."""
+  info = read_train_config(workdir)
+  config = ml_collections.ConfigDict(info["config"]) if config is None else config
+  setup = get_setup(config, vocab_size=int(info["vocab_size"]), max_len=int(info["max_len"]))
+  with jax.set_mesh(setup.mesh):
+    ckpts = checkpointing.Checkpoints(os.path.join(workdir, "checkpoints"), keep=1000)
+    try:
+      step = ckpts.latest_step() if step is None else step
+      if step is None:
+        raise checkpointing.CheckpointError(f"no checkpoint in {ckpts.directory}: train first")
+      state = ckpts.restore(step, setup.abstract_state())
+    finally:
+      ckpts.close()
+  return setup, int(step), state
 
 
 def write_train_config(workdir: str, config, *, vocab_size: int, max_len: int) -> None:
@@ -261,6 +291,24 @@ def read_train_config(workdir: str) -> dict:
     return json.load(f)
 
 
+def describe(config, num_params: int | None = None) -> str:
+  """A short line naming a run's task, attention and size (for the mains' closing lines)."""
+  task, m = config.task, config.model
+  name = task.get("name", "?")
+  label = task.get("label")
+  length = task.get("seq_len")
+  what = f"{name} {label}" if label else name
+  if length is not None:
+    what += f" (length {length})"
+  if config.data.source != "generator":
+    what += f" [{config.data.source} data]"
+  attn = f"ea ({m.ea_kernel})" if m.attention == "ea" else m.attention
+  size = f"{m.num_layers} layers x {m.embed_dim} wide"
+  if num_params is not None:
+    size += f", {num_params:,} parameters"
+  return f"{what}, {attn} attention, {size}"
+
+
 def _flat_hparams(config) -> dict:
   flat = flax.traverse_util.flatten_dict(config.to_dict(), sep=".")
   return {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in flat.items()}
@@ -272,7 +320,14 @@ def _flat_hparams(config) -> dict:
 
 
 class _Preemption:
-  """Sets a flag on SIGTERM (installed only from the main thread)."""
+  """Sets a flag on SIGTERM (installed only from the main thread).
+
+  orbax's `CheckpointManager.reached_preemption` / `multihost_utils.
+  reached_preemption_sync_point` rely on the preemption sync manager that only
+  `jax.distributed.initialize` starts: in a single process (checked with jax 0.10.2 on CPU) it
+  is None, the call returns False and SIGTERM still kills the process. So this small handler
+  stays; across processes the flag is agreed on with an allgather.
+  """
 
   def __init__(self):
     self.flag = False
@@ -315,6 +370,16 @@ def _check_finite(step: int, m, last_good: int | None) -> None:
 
 
 def _validate(config) -> None:
+  """Checks the fields no other constructor checks; each error names its field."""
+  tc = config.train
+  if not tc.learning_rate > 0:
+    raise ValueError(f"config.train.learning_rate={tc.learning_rate}: must be > 0")
+  if tc.num_steps < 1:
+    raise ValueError(f"config.train.num_steps={tc.num_steps}: must be >= 1")
+  if tc.warmup_steps > tc.num_steps:
+    logging.warning("config.train.warmup_steps=%d > num_steps=%d: warming up over all %d steps "
+                    "(set --config.train.warmup_steps to choose)", tc.warmup_steps, tc.num_steps,
+                    tc.num_steps)
   if config.data.source not in data_lib.SOURCES:
     raise ValueError(f"config.data.source={config.data.source!r}; allowed: {data_lib.SOURCES}")
   if config.eval.split not in data_lib.EVAL_SPLITS:
@@ -354,8 +419,7 @@ class _Run:
   # -- init or restore ---------------------------------------------------------------------
 
   def open(self, stack: contextlib.ExitStack) -> None:
-    """Creates the workdir, restores the latest checkpoint (or initialises) and the history."""
-    os.makedirs(self.workdir, exist_ok=True)
+    """Restores the latest checkpoint (or initialises) and the eval history."""
     self.ckpts = checkpointing.Checkpoints(
         os.path.join(self.workdir, "checkpoints"), self.tc.keep_checkpoints,
         keep_steps=lambda: stopping.steps_to_keep(list(self.history)))
@@ -574,8 +638,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
     num_params. The keys `eval_loss`, `token_accuracy` and `sequence_accuracy` hold the *test*
     numbers at the selected step. After SIGTERM the test numbers are None.
   """
-  run = _Run(config, workdir)
-  with contextlib.ExitStack() as stack:  # closes the writer, then waits for pending saves
+  run = _Run(config, workdir)  # validates everything before anything is written
+  with contextlib.ExitStack() as stack:  # closes the writer, waits for saves, then unlocks
+    os.makedirs(run.workdir, exist_ok=True)
+    if jax.process_index() == 0:
+      stack.enter_context(workdir_lock.WorkdirLock(run.workdir))
+    stored = _stored_config(run.workdir)
+    if stored is not None:
+      provenance.check_resume(stored, config, run.workdir)
     stack.enter_context(jax.set_mesh(run.setup.mesh))
     run.open(stack)
     done = run.finished_summary()
@@ -583,14 +653,20 @@ def train_and_evaluate(config, workdir: str) -> dict:
       logging.info("already done: %s holds a finished run (step %d, ended by %s); nothing to do",
                    run.workdir, done["step"], done["ended_by"])
       return done
-    write_train_config(run.workdir, config, vocab_size=run.setup.vocab_size,
-                       max_len=run.setup.max_len)
+    if stored is None or provenance.differences(stored, config):
+      write_train_config(run.workdir, config, vocab_size=run.setup.vocab_size,
+                         max_len=run.setup.max_len)
     ended_by = run.loop(stack)
     summary = run.summary(ended_by)
   files.write_json(os.path.join(run.workdir, SUMMARY_FILE), summary)
   if ended_by == stopping.SIGTERM:
     logging.warning("stopped by SIGTERM after saving step %d", run.final_step)
   return summary
+
+
+def _stored_config(workdir: str) -> dict | None:
+  info = files.read_json(os.path.join(workdir, TRAIN_CONFIG_FILE))
+  return None if info is None else info["config"]
 
 
 def _truncate_history(workdir: str, upto: int) -> list[dict]:

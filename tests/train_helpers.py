@@ -4,7 +4,7 @@ Run as a script (`python tests/train_helpers.py '<json>'`) it trains in a fresh 
 tests can set XLA_FLAGS (fake devices) before JAX is imported -- and writes the losses and
 final parameters to an .npz file.
 """
-import importlib.util
+import importlib
 import json
 import os
 import sys
@@ -16,11 +16,7 @@ if REPO not in sys.path:
 
 def load_config(name: str = "tiny", overrides: dict | None = None):
   """configs/<name>.py's get_config() with dotted-key overrides applied (typos raise)."""
-  path = os.path.join(REPO, "configs", f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"config_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = importlib.import_module(f"configs.{name}").get_config()
   for key, value in (overrides or {}).items():
     *parents, leaf = key.split(".")
     node = config
@@ -61,10 +57,35 @@ def main():
   import jax
   jax.config.update("jax_numpy_rank_promotion", "raise")
   import numpy as np
-  out = run_steps(load_config(args.get("config", "tiny"), args.get("overrides")), args["num_steps"])
+  config = load_config(args.get("config", "tiny"), args.get("overrides"))
+  out = run_steps(config, args["num_steps"])
   np.savez(args["out"], losses=out["losses"], **{"param:" + k: v for k, v in out["params"].items()})
   with open(args["out"] + ".json", "w") as f:
-    json.dump({"sharded": out["sharded"], "num_devices": out["num_devices"]}, f)
+    json.dump({"sharded": out["sharded"], "num_devices": out["num_devices"],
+               **sharding_checks(config)}, f)
+
+
+def sharding_checks(config) -> dict:
+  """On this process's devices: the error for a batch the batch shards do not divide, and
+  whether `host_to_global` puts exactly rows `shard.index` of the host array on each device."""
+  import jax
+  import numpy as np
+  from ea_jax import sharding
+  mesh = sharding.create_mesh(config.mesh)
+  rules = sharding.logical_rules(dict(config.logical_axis_rules))
+  try:
+    sharding.batch_sharding(mesh, rules, jax.device_count() + 1)
+    error = None
+  except ValueError as e:
+    error = str(e)
+  sh = sharding.batch_sharding(mesh, rules, 8)
+  host = np.arange(8 * 5, dtype=np.int32).reshape(8, 5)
+  arr = sharding.host_to_global(host, sh)
+  shards_right = all(np.array_equal(np.asarray(s.data), host[s.index])
+                     for s in arr.addressable_shards)
+  return {"indivisible_error": error, "host_to_global_shards_right": shards_right,
+          "host_to_global_equal": bool(np.array_equal(np.asarray(jax.device_get(arr)), host)),
+          "num_shards": len({str(s.index) for s in arr.addressable_shards})}
 
 
 if __name__ == "__main__":
