@@ -22,12 +22,8 @@ import study_jobs  # noqa: E402  (job functions importable by spawned workers)
 
 
 def study_config(preset=""):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("sweep_cfg",
-                                                os.path.join(ROOT, "configs", "sweep.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(preset)
+  from configs import sweep
+  return sweep.get_config(preset)
 
 
 # ------------------------------------------------------------------------------------------

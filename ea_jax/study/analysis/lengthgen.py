@@ -76,13 +76,15 @@ def eval_at_lengths(workdir: str, lengths: Sequence[int], *, scratch: str,
                     split: str = "test") -> list[dict]:
   """One row per length: {seq_len, split, step, loss, token/sequence accuracy, rollout
   accuracies, num_examples, token_accuracy_seen / token_accuracy_beyond (split_position_accuracy
-  at the training length)} of the latest checkpoint of `workdir` on `split` (evaluated on a
-  copy under `scratch`)."""
+  at the training length)} of the checkpoint `workdir` selected on validation (else the latest)
+  on `split` (evaluated on a copy under `scratch`)."""
+  from ea_jax.study.analysis import loading
+  step = loading.selected_step(workdir)
   copy = copy_run(workdir, scratch)
   train_len = int(train_lib.read_train_config(copy)["config"]["task"]["seq_len"])
   rows = []
   for seq_len in lengths:
-    result = evaluate.evaluate(eval_config(copy, int(seq_len), split), copy)
+    result = evaluate.evaluate(eval_config(copy, int(seq_len), split), copy, step=step)
     seen, beyond = split_position_accuracy(result["per_position_accuracy"],
                                            min(train_len, int(seq_len)))
     rows.append({"seq_len": int(seq_len), "split": split, "step": result["step"], "loss": result["loss"],

@@ -8,33 +8,31 @@ from __future__ import annotations
 import os
 
 import jax
-import ml_collections
 import numpy as np
 
-from ea_jax import checkpointing
+from ea_jax import files
 from ea_jax import train_lib
 
 
-def load_run(workdir: str):
-  """(model, params as NumPy arrays, training config) of the latest checkpoint of `workdir`.
+def selected_step(workdir: str) -> int | None:
+  """The checkpoint a run reports (selected on validation, train_summary.json), or None."""
+  summary = files.read_json(os.path.join(workdir, train_lib.SUMMARY_FILE), {}) or {}
+  return summary.get("selected_step")
+
+
+def load_run(workdir: str, step: int | None = None):
+  """(model, params as NumPy arrays, training config) of a checkpoint of `workdir`.
 
   Args:
     workdir: a training workdir (holds train_config.json and checkpoints/).
+    step: the checkpoint; default: the one the run selected on validation (whose test numbers
+      the study reports), else the latest.
   Raises:
-    FileNotFoundError: when `workdir` holds no checkpoint.
+    checkpointing.CheckpointError: when `workdir` holds no such checkpoint.
   """
-  info = train_lib.read_train_config(workdir)
-  config = ml_collections.ConfigDict(info["config"])
-  setup = train_lib.Setup(config, vocab_size=int(info["vocab_size"]),
-                          max_len=int(info["max_len"]))
-  with jax.set_mesh(setup.mesh):
-    # A real init gives the restore its target structure and shardings.
-    state, _ = setup.init_state()
-    ckpts = checkpointing.Checkpoints(os.path.join(workdir, "checkpoints"), keep=1000)
-    step = ckpts.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint under {workdir}/checkpoints")
-    state = ckpts.restore(step, checkpointing.abstract_like(state))
-    ckpts.close()
+  step = selected_step(workdir) if step is None else step
+  setup, _, state = train_lib.restore(workdir, step)
   params = jax.tree.map(np.asarray, jax.device_get(state.params))
-  return setup.model, params, config
+  config = train_lib.read_train_config(workdir)["config"]
+  import ml_collections
+  return setup.model, params, ml_collections.ConfigDict(config)
