@@ -65,7 +65,7 @@ def strip_gutenberg(text: str) -> str:
   text = text.replace("\r\n", "\n").replace("\r", "\n")
   start = _START.search(text)
   if start:
-    text = text[start.end():]
+    text = text[start.end():].lstrip("\n")
   end = _END.search(text)
   if end:
     text = text[:end.start()]
