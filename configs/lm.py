@@ -85,7 +85,8 @@ def plan(smoke: bool = False) -> ml_collections.ConfigDict:
   """The comparison: tuned short-context runs, then long-context implementation runs."""
   p = ml_collections.ConfigDict()
   p.base = anchor("dpa")
-  p.variants = tuple(VARIANTS)
+  p.variants = tuple(VARIANTS)             # which variants the comparison trains
+  p.variant_models = ml_collections.ConfigDict(VARIANTS)  # variant -> model fields
   # Learning-rate grid, tuned per variant on validation loss with `tune_seed`; a selected lr on
   # the grid's edge is reported as such (tuning.csv column `interior`).
   p.lr_grid = (3e-4, 1e-3, 3e-3)

@@ -240,3 +240,39 @@ def test_recurrent_state_generation_equals_kv_cache_generation(trained_square):
   # The trained chain: greedy continuation steps by +1 (its likeliest move) from the prompt on.
   gen = loaded.task.decode(outs["recurrent"][0])
   assert gen == "".join(ALPHABET[i % 8] for i in range(len(gen)))
+
+
+# ------------------------------------------------------------------------------------------------
+# The comparison's bookkeeping (pure)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_training_seconds_exclude_the_first_intervals_compilation():
+  from ea_jax import lm_study
+  # Intervals of 10 steps x 100 tokens; the first ran at 50 tokens/s (compiling), then 1000, 500.
+  steps, seconds = lm_study.train_seconds_curve([(10, 50.0), (20, 1000.0), (30, 500.0)], 100)
+  np.testing.assert_allclose(steps, [0, 10, 20, 30])
+  median = 750.0  # of the later intervals: the first is costed at it
+  np.testing.assert_allclose(seconds, [0, 1000 / median, 1000 / median + 1, 1000 / median + 3])
+
+
+def test_lr_selection_and_equal_time_loss():
+  from ea_jax import lm_study
+  rows = [{"variant": "a", "lr": lr, "seed": 0, "best_validation_loss": loss}
+          for lr, loss in ((1e-3, 2.0), (3e-3, 1.5), (1e-2, 1.7))]
+  rows += [{"variant": "b", "lr": lr, "seed": 0, "best_validation_loss": loss}
+           for lr, loss in ((1e-3, 2.0), (3e-3, 1.9), (1e-2, 1.8))]
+  selected, table = lm_study.select_lr(rows, (1e-3, 3e-3, 1e-2))
+  assert selected == {"a": 3e-3, "b": 1e-2}
+  assert [(r["variant"], r["lr"]) for r in table if r["chosen"]] == [("a", 3e-3), ("b", 1e-2)]
+  assert [r["interior"] for r in table if r["chosen"]] == [True, False]
+  curves = [{"run": "fast", "train_seconds": t, "validation_loss": v}
+            for t, v in ((5, 3.0), (10, 2.0))]
+  curves += [{"run": "slow", "train_seconds": t, "validation_loss": v}
+             for t, v in ((8, 2.8), (12, 2.4), (20, 1.9))]
+  curves += [{"run": "late", "train_seconds": t, "validation_loss": v} for t, v in ((11, 2.5),)]
+  eq = lm_study.equal_time_losses(curves)
+  assert eq["budget_seconds"] == 10  # the fast run's total training time
+  assert eq["losses"]["fast"] == 2.0
+  assert eq["losses"]["slow"] == pytest.approx(2.8 + (2.4 - 2.8) * (10 - 8) / (12 - 8))
+  assert math.isnan(eq["losses"]["late"])  # no eval within 10 s
