@@ -58,6 +58,8 @@ config_flags.DEFINE_config_file("config", None, "The comparison plan (configs/lm
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory of the runs (one subdirectory per run).")
 flags.DEFINE_string("out", None, "Where tables, figure and summary go (default: --workdir).")
+flags.DEFINE_integer("estimate", 0, "If > 0: time this many steps of every distinct run shape "
+                     "and print the plan's projected duration instead of running it.")
 flags.DEFINE_list("stages", ["seeds", "long", "samples", "report"],
                   "Stages after tuning (tuning always runs: the others use its selection).")
 
@@ -225,6 +227,33 @@ def train_run(plan, spec: RunSpec, workdir: str) -> tuple[dict, list[dict]]:
 # ------------------------------------------------------------------------------------------------
 # Selection, memory, samples
 # ------------------------------------------------------------------------------------------------
+
+
+def check_eval_splits(config) -> None:
+  """Refuses to run unless the data source draws validation/test windows from those splits.
+
+  The text task keeps its works apart only if the generator source passes the split to
+  `task.sample`; an older source would evaluate on training text and the table would be wrong.
+  """
+  from ea_jax import data as data_lib  # pylint: disable=import-outside-toplevel
+  from ea_jax import sharding as sharding_lib  # pylint: disable=import-outside-toplevel
+  from ea_jax import tasks  # pylint: disable=import-outside-toplevel
+  task = tasks.make_task(config.task)
+  mesh = sharding_lib.create_mesh(config.mesh)
+  rules = sharding_lib.logical_rules(dict(config.logical_axis_rules))
+  rows = 4
+  sharding = sharding_lib.batch_sharding(mesh, rules, rows)
+  source = data_lib.make_source(config, splits=("validation", "test"))
+  for split in ("validation", "test"):
+    batch = source.eval_batches(split, config.eval.seed, rows, rows, sharding)[0]
+    text = task.tokens(split)
+    inputs = np.asarray(jax.device_get(batch.inputs)).astype(text.dtype)
+    found = sum(row.tobytes() in text.tobytes() for row in inputs)
+    if found < rows:
+      raise RuntimeError(
+          f"the data source's {split} batches are not windows of the {split} split ({found} of "
+          f"{rows} found in its text): ea_jax/data.py must pass the split to task.sample "
+          "(task.sample(rng, batch_size, split)) before this comparison can run")
 
 
 def select_lr(rows: list[dict], lr_grid) -> tuple[dict, list[dict]]:
@@ -427,6 +456,8 @@ def run(plan, workdir: str, out: str, stages, command: str) -> None:
   unknown = sorted(set(stages) - {"seeds", "long", "samples", "report"})
   if unknown:
     raise ValueError(f"--stages: unknown {unknown}; allowed: seeds, long, samples, report")
+  check_eval_splits(run_config(plan, RunSpec(plan.variants[0], plan.lr_grid[0], plan.tune_seed,
+                                             "tune")))
   results, curves = [], []
   for variant in plan.variants:
     for lr in plan.lr_grid:
@@ -475,6 +506,73 @@ def run(plan, workdir: str, out: str, stages, command: str) -> None:
   logging.info("wrote results to %s", out)
 
 
+def _time_steps(config, vocab_size: int, num_steps: int) -> dict:
+  """Median wall and CPU seconds of one training step (AdamW, fwd+bwd) and one eval batch."""
+  import optax  # pylint: disable=import-outside-toplevel
+  cfg = model_lib.ModelConfig.from_config(config.model, vocab_size=vocab_size,
+                                          max_len=config.task.seq_len)
+  model = model_lib.Transformer(cfg)
+  B, L = config.train.batch_size, config.task.seq_len
+  tokens = jnp.zeros((B, L), jnp.int32)
+  params = model.init(jax.random.key(0), tokens)
+  tx = optax.adamw(1e-3)
+
+  @jax.jit
+  def step(params, opt_state, tokens):
+    loss = lambda p: metrics_lib.mean_loss(model.apply(p, tokens), tokens, jnp.ones_like(
+        tokens, jnp.float32))
+    grads = jax.grad(loss)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  eval_tokens = jnp.zeros((config.eval.batch_size, L), jnp.int32)
+  forward = jax.jit(lambda p, t: model.apply(p, t))
+
+  def timed(fn, n):
+    jax.block_until_ready(fn())  # compile
+    wall, cpu = [], []
+    for _ in range(n):
+      w0, c0 = time.perf_counter(), time.process_time()
+      jax.block_until_ready(fn())
+      wall.append(time.perf_counter() - w0)
+      cpu.append(time.process_time() - c0)
+    return statistics.median(wall), statistics.median(cpu)
+
+  opt_state = tx.init(params)
+  train = timed(lambda: step(params, opt_state, tokens), num_steps)
+  evals = timed(lambda: forward(params, eval_tokens), max(2, num_steps // 4))
+  return {"train_wall": train[0], "train_cpu": train[1], "eval_wall": evals[0],
+          "eval_cpu": evals[1]}
+
+
+def estimate(plan, num_steps: int) -> str:
+  """A table of measured step times and the plan's projected duration (training + evals)."""
+  specs = [RunSpec(v, plan.lr_grid[0], plan.tune_seed, "tune") for v in plan.variants]
+  runs_per_variant = len(plan.lr_grid) + len([s for s in plan.seeds if s != plan.tune_seed])
+  specs += long_specs(plan, {v: plan.lr_grid[0] for v in plan.variants})
+  from ea_jax import tasks  # pylint: disable=import-outside-toplevel
+  vocab = tasks.make_task(plan.base.task).vocab_size
+  lines = ["| run shape | runs | step wall s | step CPU s | projected wall min | CPU min |",
+           "|---|---|---|---|---|---|"]
+  total_wall = total_cpu = 0.0
+  for spec in specs:
+    c = run_config(plan, spec)
+    t = _time_steps(c, vocab, num_steps)
+    n_runs = runs_per_variant if spec.stage == "tune" else 1
+    evals = c.train.num_steps // c.train.eval_every + 1  # periodic + the test evaluation
+    eval_batches = math.ceil(c.eval.num_examples / c.eval.batch_size)
+    wall = n_runs * (c.train.num_steps * t["train_wall"] + evals * eval_batches * t["eval_wall"])
+    cpu = n_runs * (c.train.num_steps * t["train_cpu"] + evals * eval_batches * t["eval_cpu"])
+    total_wall, total_cpu = total_wall + wall, total_cpu + cpu
+    shape = f"{spec.variant} T={c.task.seq_len} B={c.train.batch_size} " + (
+        f"{spec.impl or 'auto'}" if spec.stage == "long" else "")
+    lines.append(f"| {shape} | {n_runs} | {t['train_wall']:.4f} | {t['train_cpu']:.4f} | "
+                 f"{wall / 60:.1f} | {cpu / 60:.1f} |")
+  lines.append(f"| total (excluding compilation and start-up) | | | | {total_wall / 60:.1f} | "
+               f"{total_cpu / 60:.1f} |")
+  return "\n".join(lines)
+
+
 def _write_text(path: str, content: str) -> None:
   tmp = f"{path}.tmp{os.getpid()}"
   with open(tmp, "w") as f:
@@ -485,8 +583,11 @@ def _write_text(path: str, content: str) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS.workdir:
+  if not flags.FLAGS.workdir and not flags.FLAGS.estimate:
     raise app.UsageError("--workdir is required")
+  if flags.FLAGS.estimate > 0:
+    print(estimate(flags.FLAGS.config, flags.FLAGS.estimate))
+    return
   import sys  # pylint: disable=import-outside-toplevel
   command = "python -m ea_jax.lm_study " + " ".join(sys.argv[1:])
   run(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.out or flags.FLAGS.workdir,
