@@ -92,15 +92,16 @@ def plan(smoke: bool = False) -> ml_collections.ConfigDict:
   p.lr_grid = (3e-4, 1e-3, 3e-3)
   p.tune_seed = 0
   p.seeds = (0, 1, 2)                      # the selected lr is rerun with these (tune seed reused)
-  # Long context: the same model at these contexts, batch set to keep `long_tokens_per_step`
-  # tokens per step, the square kernel's `chunked` vs `linear` implementation (and DPA/rational
-  # EA chunked as references), `long_steps` steps each at the lr selected for the variant.
-  p.long_contexts = (1024, 4096)
+  # Long context: "context:variant:implementation" runs of the same model (learned positions
+  # grow to the context), batch = `long_tokens_per_step` / context, `long_steps` steps at the
+  # variant's selected lr: square-kernel EA `chunked` vs `linear` at both contexts, rational EA
+  # and DPA `chunked` as references at 1024 (at 4096 they would take most of the budget).
+  p.long_runs = ("1024:ea_square:chunked", "1024:ea_square:linear", "1024:ea:chunked",
+                 "1024:dpa:chunked", "4096:ea_square:chunked", "4096:ea_square:linear")
   p.long_tokens_per_step = 4096
-  p.long_steps = 150
-  p.long_eval_every = 50
+  p.long_steps = 100
+  p.long_eval_every = 25
   p.long_eval_examples = 8
-  p.long_runs = ("ea_square:chunked", "ea_square:linear", "ea:chunked", "dpa:chunked")
   p.sample_tokens = 500                    # generated characters in the report
   p.sample_prompt = "ROMEO:\n"
   if smoke:
@@ -113,10 +114,9 @@ def plan(smoke: bool = False) -> ml_collections.ConfigDict:
     b.eval.num_examples, b.eval.batch_size = 8, 8
     p.lr_grid = (1e-3, 1e-2)
     p.seeds = (0, 1)
-    p.long_contexts = (32,)
     p.long_tokens_per_step = 64
     p.long_steps, p.long_eval_every, p.long_eval_examples = 4, 2, 4
-    p.long_runs = ("ea_square:chunked", "ea_square:linear")
+    p.long_runs = ("32:ea_square:chunked", "32:ea_square:linear")
     p.sample_tokens = 20
     p.sample_prompt = "a"
   p.lock()

@@ -9,10 +9,11 @@ anchor, configs/lm.py) with the variant's attention, a learning rate and a seed.
               whether it is inside the grid).
   2. seeds    the selected lr with every seed of `seeds` (the tuning run is reused for
               `tune_seed`): test loss at the checkpoint selected on validation (`results.csv`).
-  3. long     `long_runs` (variant:implementation) at each of `long_contexts`, batch =
+  3. long     `long_runs` ("context:variant:implementation"), batch =
               `long_tokens_per_step` / context, `long_steps` steps at the variant's selected lr:
               validation loss at equal training wall time, tokens/s and the XLA-planned memory
-              of one forward+backward pass (`long.csv`).
+              of one forward+backward pass (`results.csv` rows of stage "long",
+              `long_equal_time.json`).
   4. samples  text from each variant's tuning-seed model (`samples.md`), with tokens/s of the KV
               cache and, for square EA, of the recurrent state.
   5. report   `summary.md` (tables, command, machine, commit) and `lm_curves.png` (validation
@@ -109,15 +110,16 @@ def run_config(plan, spec: RunSpec) -> ml_collections.ConfigDict:
 
 
 def long_specs(plan, selected_lr: dict) -> list[RunSpec]:
+  """The long-context runs of `plan.long_runs` ("context:variant:implementation" entries)."""
   specs = []
-  for context in plan.long_contexts:
-    for entry in plan.long_runs:
-      variant, _, impl = entry.partition(":")
-      if variant not in selected_lr:
-        raise ValueError(f"long_runs entry {entry!r}: variant {variant!r} is not in "
-                         f"plan.variants {tuple(plan.variants)}")
-      specs.append(RunSpec(variant, selected_lr[variant], plan.tune_seed, "long", context,
-                           impl or None))
+  for entry in plan.long_runs:
+    parts = entry.split(":")
+    if len(parts) != 3 or not parts[0].isdigit() or parts[1] not in selected_lr:
+      raise ValueError(f"long_runs entry {entry!r}; allowed: 'context:variant:implementation' "
+                       f"with a variant of {tuple(selected_lr)}, e.g. '1024:ea_square:linear'")
+    context, variant, impl = int(parts[0]), parts[1], parts[2]
+    specs.append(RunSpec(variant, selected_lr[variant], plan.tune_seed, "long", context,
+                         None if impl == "auto" else impl))
   return specs
 
 
@@ -410,8 +412,8 @@ def summary_markdown(plan, results, tuning, long_rows, long_eq, sample_rows, com
     lines.append(f"| {variant} | " + " | ".join(cells) + f" | {chosen['lr']:g} | "
                  f"{chosen['interior']} |")
   if long_rows:
-    lines += ["", "Long context (tokens per step %d, %d steps):" % (plan.long_tokens_per_step,
-                                                                   plan.long_steps), "",
+    lines += ["", "Long context (%d tokens per step, %d steps; equal time = the fastest run's "
+              "training time at that context):" % (plan.long_tokens_per_step, plan.long_steps), "",
               "| context | run | batch | tokens/s | fwd+bwd memory (MiB) | train s | best "
               "validation loss | at equal time |", "|---|---|---|---|---|---|---|---|"]
     for r in long_rows:
@@ -485,7 +487,7 @@ def run(plan, workdir: str, out: str, stages, command: str) -> None:
       row["memory_bytes"] = step_memory_bytes(run_config(plan, spec), vocab)
       long_rows.append(row)
       curves += curve
-    for context in plan.long_contexts:
+    for context in sorted({r["seq_len"] for r in long_rows}):
       long_eq[context] = equal_time_losses([c for c in curves if c["stage"] == "long"
                                             and c["seq_len"] == context])
   sample_rows = samples(plan, selected_lr, workdir) if "samples" in stages else []
@@ -546,7 +548,8 @@ def _time_steps(config, vocab_size: int, num_steps: int) -> dict:
 
 
 def estimate(plan, num_steps: int) -> str:
-  """A table of measured step times and the plan's projected duration (training + evals)."""
+  """Prints (row by row) and returns a table of measured step times and the plan's projected
+  duration (training + evaluations)."""
   specs = [RunSpec(v, plan.lr_grid[0], plan.tune_seed, "tune") for v in plan.variants]
   runs_per_variant = len(plan.lr_grid) + len([s for s in plan.seeds if s != plan.tune_seed])
   specs += long_specs(plan, {v: plan.lr_grid[0] for v in plan.variants})
@@ -568,8 +571,10 @@ def estimate(plan, num_steps: int) -> str:
         f"{spec.impl or 'auto'}" if spec.stage == "long" else "")
     lines.append(f"| {shape} | {n_runs} | {t['train_wall']:.4f} | {t['train_cpu']:.4f} | "
                  f"{wall / 60:.1f} | {cpu / 60:.1f} |")
+    print(lines[-1] if len(lines) > 3 else "\n".join(lines), flush=True)
   lines.append(f"| total (excluding compilation and start-up) | | | | {total_wall / 60:.1f} | "
                f"{total_cpu / 60:.1f} |")
+  print(lines[-1], flush=True)
   return "\n".join(lines)
 
 
@@ -586,7 +591,7 @@ def main(argv):
   if not flags.FLAGS.workdir and not flags.FLAGS.estimate:
     raise app.UsageError("--workdir is required")
   if flags.FLAGS.estimate > 0:
-    print(estimate(flags.FLAGS.config, flags.FLAGS.estimate))
+    estimate(flags.FLAGS.config, flags.FLAGS.estimate)  # prints each row as it is measured
     return
   import sys  # pylint: disable=import-outside-toplevel
   command = "python -m ea_jax.lm_study " + " ".join(sys.argv[1:])
