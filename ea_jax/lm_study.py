@@ -420,7 +420,7 @@ def summary_markdown(plan, results, tuning, long_rows, long_eq, sample_rows, com
       eq = long_eq[r["seq_len"]]
       lines.append(f"| {r['seq_len']} | {r['variant']}:{r['attention_impl']} | "
                    f"{r['batch_size']} | {r['tokens_per_sec']:,.0f} | "
-                   f"{r['memory_bytes'] / 2**20:,.1f} | {r['train_seconds']:.0f} | "
+                   f"{r['memory_bytes'] / 2**20:,.1f} | {r['train_seconds']:.1f} | "
                    f"{r['best_validation_loss']:.3f} | {eq['losses'][r['run']]:.3f} "
                    f"({eq['budget_seconds']:.0f} s) |")
   if sample_rows:
