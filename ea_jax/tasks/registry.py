@@ -10,6 +10,7 @@ from ea_jax.tasks import modular
 from ea_jax.tasks import recall
 from ea_jax.tasks import recurrence
 from ea_jax.tasks import selective_copy
+from ea_jax.tasks import text
 
 # Family name -> task dataclass. Each family module documents its layout and dials.
 FAMILIES = {
@@ -19,6 +20,7 @@ FAMILIES = {
     selective_copy.FAMILY: selective_copy.SelectiveCopyTask,
     modular.FAMILY: modular.ModularTask,
     dyck.FAMILY: dyck.DyckTask,
+    text.FAMILY: text.TextTask,
 }
 # Fields every task config may carry that describe the config rather than the task.
 DESCRIPTIVE_FIELDS = ("complexity", "label")
