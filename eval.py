@@ -8,17 +8,18 @@ that differs from DIR/train_config.json is an error (see `ea_jax.provenance.EVAL
 `--plot_attention` saves PNG attention maps under DIR/attention/. Ends with three lines: what
 was evaluated, its accuracy, where the eval file is. Bad input: one line on stderr, status 1.
 """
+
 import os
 import sys
 
-from absl import app
-from absl import flags
+from absl import app, flags
 from ml_collections import config_flags
 
 from ea_jax import runtime
 
-config_flags.DEFINE_config_file("config", None, "Optional config (checked against the run's).",
-                                lock_config=True)
+config_flags.DEFINE_config_file(
+  "config", None, "Optional config (checked against the run's).", lock_config=True
+)
 flags.DEFINE_string("workdir", None, "Training directory holding checkpoints/.")
 flags.DEFINE_enum("split", None, ["validation", "test"], "Split (default: the config's).")
 flags.DEFINE_integer("num_examples", None, "Examples to evaluate (default: the config's).")
@@ -35,23 +36,35 @@ def _eval() -> int:
   runtime.initialize_from_flags()
   import jax
   import ml_collections
-  from ea_jax import evaluate
-  from ea_jax import train_lib
+
+  from ea_jax import evaluate, train_lib
+
   result = evaluate.evaluate(
-      FLAGS.config, FLAGS.workdir, split=FLAGS.split, num_examples=FLAGS.num_examples,
-      seq_len=FLAGS.seq_len, step=FLAGS.step,
-      plot_attention=FLAGS.num_attention_examples if FLAGS.plot_attention else 0)
+    FLAGS.config,
+    FLAGS.workdir,
+    split=FLAGS.split,
+    num_examples=FLAGS.num_examples,
+    seq_len=FLAGS.seq_len,
+    step=FLAGS.step,
+    plot_attention=FLAGS.num_attention_examples if FLAGS.plot_attention else 0,
+  )
   if jax.process_index() == 0:
     run = ml_collections.ConfigDict(train_lib.read_train_config(FLAGS.workdir)["config"])
     rollout = result.get("rollout_sequence_accuracy")
-    print(f"evaluated: {train_lib.describe(run)}; checkpoint step {result['step']}, "
-          f"{result['split']} split, {result['num_examples']} examples of length "
-          f"{result['seq_len']}")
-    print(f"accuracy: token {result['token_accuracy']:.4f}, sequence "
-          f"{result['sequence_accuracy']:.4f}"
-          + ("" if rollout is None else f" (rollout sequence {rollout:.4f})"))
-    path = os.path.join(os.path.abspath(FLAGS.workdir),
-                        evaluate.eval_file_name(result["split"], result["seq_len"], FLAGS.step))
+    print(
+      f"evaluated: {train_lib.describe(run)}; checkpoint step {result['step']}, "
+      f"{result['split']} split, {result['num_examples']} examples of length "
+      f"{result['seq_len']}"
+    )
+    print(
+      f"accuracy: token {result['token_accuracy']:.4f}, sequence "
+      f"{result['sequence_accuracy']:.4f}"
+      + ("" if rollout is None else f" (rollout sequence {rollout:.4f})")
+    )
+    path = os.path.join(
+      os.path.abspath(FLAGS.workdir),
+      evaluate.eval_file_name(result["split"], result["seq_len"], FLAGS.step),
+    )
     print(f"eval file: {path}")
   return 0
 

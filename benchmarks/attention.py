@@ -27,6 +27,7 @@ Decode table: time per generated token (a jitted scan of --decode_steps one-toke
 context length (median wall time), for the KV cache (EA and DPA) and the square-kernel EA
 recurrent state.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,24 +45,48 @@ from ea_jax import attention as attn  # noqa: E402  pylint: disable=g-import-not
 
 # name -> (kind label, function(q, k, v) -> out, temp-memory estimate in bytes per score element)
 _IMPLS = {
-    "xla": ("dpa", lambda q, k, v: jax.nn.dot_product_attention(
-        q, k, v, is_causal=True, implementation="xla"), 5.0 * 4),
-    "dpa_naive": ("dpa", lambda q, k, v: attn.dot_product_attention(
-        q, k, v, is_causal=True, implementation="naive"), 5.0 * 4),
-    "dpa_chunked": ("dpa", lambda q, k, v: attn.dot_product_attention(
-        q, k, v, is_causal=True, implementation="chunked"), 0.0),
-    "ea_naive": ("ea", lambda q, k, v: attn.expressive_attention(
-        q, k, v, is_causal=True, implementation="naive"), 8.0 * 4),
-    "ea_chunked": ("ea", lambda q, k, v: attn.expressive_attention(
-        q, k, v, is_causal=True, implementation="chunked"), 0.0),
-    "ea_sq_chunked": ("ea", lambda q, k, v: attn.expressive_attention(
-        q, k, v, is_causal=True, kernel="square", implementation="chunked"), 0.0),
-    "ea_sq_linear": ("ea", lambda q, k, v: attn.expressive_attention(
-        q, k, v, is_causal=True, kernel="square", implementation="linear"), 0.0),
-    "ea_auto": ("ea", lambda q, k, v: attn.expressive_attention(q, k, v, is_causal=True), 0.0),
+  "xla": (
+    "dpa",
+    lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla"),
+    5.0 * 4,
+  ),
+  "dpa_naive": (
+    "dpa",
+    lambda q, k, v: attn.dot_product_attention(q, k, v, is_causal=True, implementation="naive"),
+    5.0 * 4,
+  ),
+  "dpa_chunked": (
+    "dpa",
+    lambda q, k, v: attn.dot_product_attention(q, k, v, is_causal=True, implementation="chunked"),
+    0.0,
+  ),
+  "ea_naive": (
+    "ea",
+    lambda q, k, v: attn.expressive_attention(q, k, v, is_causal=True, implementation="naive"),
+    8.0 * 4,
+  ),
+  "ea_chunked": (
+    "ea",
+    lambda q, k, v: attn.expressive_attention(q, k, v, is_causal=True, implementation="chunked"),
+    0.0,
+  ),
+  "ea_sq_chunked": (
+    "ea",
+    lambda q, k, v: attn.expressive_attention(
+      q, k, v, is_causal=True, kernel="square", implementation="chunked"
+    ),
+    0.0,
+  ),
+  "ea_sq_linear": (
+    "ea",
+    lambda q, k, v: attn.expressive_attention(
+      q, k, v, is_causal=True, kernel="square", implementation="linear"
+    ),
+    0.0,
+  ),
+  "ea_auto": ("ea", lambda q, k, v: attn.expressive_attention(q, k, v, is_causal=True), 0.0),
 }
-_DEFAULT_IMPLS = ("xla,dpa_naive,dpa_chunked,ea_naive,ea_chunked,ea_sq_chunked,ea_sq_linear,"
-                  "ea_auto")
+_DEFAULT_IMPLS = "xla,dpa_naive,dpa_chunked,ea_naive,ea_chunked,ea_sq_chunked,ea_sq_linear,ea_auto"
 
 
 def useful_flops(name, B, T, N, H):
@@ -84,8 +109,9 @@ def _peak_matmul(n):
 
 def _inputs(batch, seq_len, heads, head_dim, dtype=jnp.float32, seed=0):
   rng = np.random.default_rng(seed)
-  return tuple(jnp.asarray(rng.normal(size=(batch, seq_len, heads, head_dim)), dtype)
-               for _ in range(3))
+  return tuple(
+    jnp.asarray(rng.normal(size=(batch, seq_len, heads, head_dim)), dtype) for _ in range(3)
+  )
 
 
 def _timed(fn):
@@ -114,10 +140,14 @@ def _race(fns, repeats, slow_s):
 
 def bench_train(args, B, N, H, seq_lens):
   """Prints the fwd+bwd table; returns ({(T, name): median wall s}, {T: peak FLOP/s})."""
-  print(f"\n## forward+backward, causal, float32, B={B} N=K={N} H={H}; \"of peak\" against the "
-        f"{args.peak_n}^3 matmul timed in the same rounds")
-  print(f"{'T':>6} {'implementation':>14} {'wall ms':>9} {'cpu ms':>9} {'GFLOP':>7} "
-        f"{'GFLOP/s':>8} {'of peak':>7} {'compile s':>9} {'temp GB':>8} {'vs xla':>7}")
+  print(
+    f'\n## forward+backward, causal, float32, B={B} N=K={N} H={H}; "of peak" against the '
+    f"{args.peak_n}^3 matmul timed in the same rounds"
+  )
+  print(
+    f"{'T':>6} {'implementation':>14} {'wall ms':>9} {'cpu ms':>9} {'GFLOP':>7} "
+    f"{'GFLOP/s':>8} {'of peak':>7} {'compile s':>9} {'temp GB':>8} {'vs xla':>7}"
+  )
   walls, peaks = {}, {}
   for T in seq_lens:
     q, k, v = _inputs(B, T, N, H)
@@ -140,38 +170,53 @@ def bench_train(args, B, N, H, seq_lens):
     timed = _race(fns + [lambda: jax.block_until_ready(mm(a, b))], args.repeats, args.slow_s)
     peak = 2.0 * args.peak_n**3 / timed[-1][0]
     peaks[T] = peak
-    print(f"{T:>6} {'matmul peak':>14} {timed[-1][0] * 1e3:>9.1f} {timed[-1][1] * 1e3:>9.1f} "
-          f"{2.0 * args.peak_n**3 / 1e9:>7.1f} {peak / 1e9:>8.1f} {1.0:>7.2f}", flush=True)
+    print(
+      f"{T:>6} {'matmul peak':>14} {timed[-1][0] * 1e3:>9.1f} {timed[-1][1] * 1e3:>9.1f} "
+      f"{2.0 * args.peak_n**3 / 1e9:>7.1f} {peak / 1e9:>8.1f} {1.0:>7.2f}",
+      flush=True,
+    )
     timed = iter(timed[:-1])
-    results = [(name, next(timed) if fn is not None else None, mem, cs)
-               for name, fn, mem, cs in rows]
+    results = [
+      (name, next(timed) if fn is not None else None, mem, cs) for name, fn, mem, cs in rows
+    ]
     base = dict((name, t) for name, t, _, _ in results if t is not None).get("xla")
     for name, t, mem, compile_s in results:
       flop = useful_flops(name, B, T, N, H)
       if t is None:
-        print(f"{T:>6} {name:>14} {'skipped':>9} {'':>9} {flop / 1e9:>7.1f} {'':>8} {'':>7} "
-              f"{compile_s:>9.2f} {f'~{mem:.0f}':>8} {'':>7}", flush=True)
+        print(
+          f"{T:>6} {name:>14} {'skipped':>9} {'':>9} {flop / 1e9:>7.1f} {'':>8} {'':>7} "
+          f"{compile_s:>9.2f} {f'~{mem:.0f}':>8} {'':>7}",
+          flush=True,
+        )
         continue
       walls[(T, name)] = t[0]
       ratio = f"{t[0] / base[0]:.3f}" if base else ""
       rate = flop / t[0]
       peak = peaks[T]
-      print(f"{T:>6} {name:>14} {t[0] * 1e3:>9.1f} {t[1] * 1e3:>9.1f} {flop / 1e9:>7.1f} "
-            f"{rate / 1e9:>8.1f} {rate / peak:>7.2f} {compile_s:>9.2f} {mem:>8.3f} {ratio:>7}",
-            flush=True)
+      print(
+        f"{T:>6} {name:>14} {t[0] * 1e3:>9.1f} {t[1] * 1e3:>9.1f} {flop / 1e9:>7.1f} "
+        f"{rate / 1e9:>8.1f} {rate / peak:>7.2f} {compile_s:>9.2f} {mem:>8.3f} {ratio:>7}",
+        flush=True,
+      )
   return walls, peaks
 
 
 def print_goals(walls, peaks, B, N, H):
   """The goals of the attention roofline, from the rows of this run."""
   print("\n## goals (wall-time ratios from the same rounds)")
+
   def show(label, num, den, goal):
     if num in walls and den in walls:
       r = walls[num] / walls[den]
       print(f"{label}: {r:.3f} (goal {goal})")
+
   show("ea_auto / xla at T=2048", (2048, "ea_auto"), (2048, "xla"), "<= 0.10")
-  show("ea_sq_linear / ea_sq_chunked at T=8192", (8192, "ea_sq_linear"), (8192, "ea_sq_chunked"),
-       "<= 0.25")
+  show(
+    "ea_sq_linear / ea_sq_chunked at T=8192",
+    (8192, "ea_sq_linear"),
+    (8192, "ea_sq_chunked"),
+    "<= 0.25",
+  )
   if (2048, "ea_chunked") in walls:
     frac = useful_flops("ea_chunked", B, 2048, N, H) / walls[(2048, "ea_chunked")] / peaks[2048]
     print(f"ea_chunked at T=2048, fraction of the matmul peak: {frac:.2f} (goal >= 0.50)")
@@ -191,26 +236,40 @@ def profile_block(args):
   s0 = jnp.asarray(rng.normal(size=(h, C, C)), jnp.float32)
   allowed = jnp.arange(C)[None, :] <= jnp.arange(C)[:, None]
   parts = {
-      "S = Q K^T (matmul)": lambda s, q, k, v: s + jnp.einsum("hrd,hcd->hrc", q, k) * 1e-9,
-      "O += W V (matmul)": lambda s, q, k, v: s.at[:, :, :H].add(
-          1e-9 * jnp.einsum("hrc,hcd->hrd", s, v)),
-      "f(s) rational (elementwise)": lambda s, q, k, v: s + 1e-9 * attn.ea_kernel(s, "rational"),
-      "f(s) square (elementwise)": lambda s, q, k, v: s + 1e-9 * attn.ea_kernel(s, "square"),
-      "causal where (mask)": lambda s, q, k, v: jnp.where(allowed, s, 0.0) + 1e-9,
-      "row sum": lambda s, q, k, v: s + 1e-9 * jnp.sum(s, axis=-1, keepdims=True),
-      "fwd block body (all of the above)": lambda s, q, k, v: s.at[:, :, :H].add(
-          1e-9 * jnp.einsum("hrc,hcd->hrd", jnp.where(allowed, attn.ea_kernel(
-              jnp.einsum("hrd,hcd->hrc", q + s[..., :H], k), "rational"), 0.0), v)),
-      "transpose of a [h,C,C] block (layout)": lambda s, q, k, v: jnp.swapaxes(s, 1, 2) + 1e-9,
+    "S = Q K^T (matmul)": lambda s, q, k, v: s + jnp.einsum("hrd,hcd->hrc", q, k) * 1e-9,
+    "O += W V (matmul)": lambda s, q, k, v: s.at[:, :, :H].add(
+      1e-9 * jnp.einsum("hrc,hcd->hrd", s, v)
+    ),
+    "f(s) rational (elementwise)": lambda s, q, k, v: s + 1e-9 * attn.ea_kernel(s, "rational"),
+    "f(s) square (elementwise)": lambda s, q, k, v: s + 1e-9 * attn.ea_kernel(s, "square"),
+    "causal where (mask)": lambda s, q, k, v: jnp.where(allowed, s, 0.0) + 1e-9,
+    "row sum": lambda s, q, k, v: s + 1e-9 * jnp.sum(s, axis=-1, keepdims=True),
+    "fwd block body (all of the above)": lambda s, q, k, v: s.at[:, :, :H].add(
+      1e-9
+      * jnp.einsum(
+        "hrc,hcd->hrd",
+        jnp.where(
+          allowed, attn.ea_kernel(jnp.einsum("hrd,hcd->hrc", q + s[..., :H], k), "rational"), 0.0
+        ),
+        v,
+      )
+    ),
+    "transpose of a [h,C,C] block (layout)": lambda s, q, k, v: jnp.swapaxes(s, 1, 2) + 1e-9,
   }
-  print(f"\n## profile of one chunked step: h={h} heads, C={C} rows x {C} keys, H={H} "
-        f"(median of {args.repeats} runs of {iters} iterations)")
+  print(
+    f"\n## profile of one chunked step: h={h} heads, C={C} rows x {C} keys, H={H} "
+    f"(median of {args.repeats} runs of {iters} iterations)"
+  )
   print(f"{'part':>36} {'us/step':>9} {'GFLOP/s':>8}")
-  flops = {"S = Q K^T (matmul)": 2 * h * C * C * H, "O += W V (matmul)": 2 * h * C * C * H,
-           "fwd block body (all of the above)": 4 * h * C * C * H}
+  flops = {
+    "S = Q K^T (matmul)": 2 * h * C * C * H,
+    "O += W V (matmul)": 2 * h * C * C * H,
+    "fwd block body (all of the above)": 4 * h * C * C * H,
+  }
   for name, body in parts.items():
-    fn = jax.jit(lambda s, q, k, v, body=body: jax.lax.fori_loop(
-        0, iters, lambda i, s: body(s, q, k, v), s))
+    fn = jax.jit(
+      lambda s, q, k, v, body=body: jax.lax.fori_loop(0, iters, lambda i, s: body(s, q, k, v), s)
+    )
     fn = fn.lower(s0, q, k, v).compile()
     run = lambda: jax.block_until_ready(fn(s0, q, k, v))
     run()
@@ -221,8 +280,10 @@ def profile_block(args):
 
 def bench_decode(args):
   B, N, H, steps = args.batch, args.heads, args.head_dim, args.decode_steps
-  print(f"\n## one-token decode, B={B} N=K={N} H={H}, wall ms per token "
-        f"(jitted scan of {steps} steps, median of {args.repeats})")
+  print(
+    f"\n## one-token decode, B={B} N=K={N} H={H}, wall ms per token "
+    f"(jitted scan of {steps} steps, median of {args.repeats})"
+  )
   print(f"{'context':>8} {'kv_cache ea':>12} {'kv_cache dpa':>13} {'recurrent ea²':>14}")
   rng = np.random.default_rng(1)
   for ctx in args.decode_contexts:
@@ -231,9 +292,11 @@ def bench_decode(args):
     for kind in ("ea", "dpa"):
       cache = attn.init_kv_cache(B, ctx + steps, N, H)
       filled = jnp.asarray(rng.normal(size=(B, ctx, N, H)), jnp.float32)
-      cache = cache._replace(key=cache.key.at[:, :ctx].set(filled),
-                             value=cache.value.at[:, :ctx].set(filled),
-                             length=jnp.asarray(ctx, jnp.int32))
+      cache = cache._replace(
+        key=cache.key.at[:, :ctx].set(filled),
+        value=cache.value.at[:, :ctx].set(filled),
+        length=jnp.asarray(ctx, jnp.int32),
+      )
       fns.append(functools.partial(_run_kv, cache, q, k, v, kind=kind))
     state = attn.init_recurrent_state(B, N, H)
     state = attn.RecurrentState(state.kv + 1.0, state.z + 1.0)  # contents do not change the cost
@@ -248,6 +311,7 @@ def _run_kv(cache, q, k, v, *, kind):
   def step(c, x):
     out, c = attn.kv_cache_step(c, *x, kind=kind)
     return c, out
+
   return jax.lax.scan(step, cache, (q, k, v))[1]
 
 
@@ -256,6 +320,7 @@ def _run_recurrent(state, q, k, v):
   def step(s, x):
     out, s = attn.recurrent_step(s, *x)
     return s, out
+
   return jax.lax.scan(step, state, (q, k, v))[1]
 
 
@@ -267,19 +332,31 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--quick", action="store_true", help="tiny sizes, 2 repeats: a smoke run")
   p.add_argument("--seq_lens", type=_ints, default=_ints("256,512,2048,4096,8192"))
-  p.add_argument("--impls", type=lambda s: s.split(","), default=_DEFAULT_IMPLS.split(","),
-                 help=f"comma list from {sorted(_IMPLS)}")
+  p.add_argument(
+    "--impls",
+    type=lambda s: s.split(","),
+    default=_DEFAULT_IMPLS.split(","),
+    help=f"comma list from {sorted(_IMPLS)}",
+  )
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--heads", type=int, default=4)
   p.add_argument("--head_dim", type=int, default=32)
   p.add_argument("--repeats", type=int, default=3)
-  p.add_argument("--small_seq_lens", type=_ints, default=_ints("64,128"),
-                 help="a first table at training-sized shapes (--small_batch, --small_head_dim)")
+  p.add_argument(
+    "--small_seq_lens",
+    type=_ints,
+    default=_ints("64,128"),
+    help="a first table at training-sized shapes (--small_batch, --small_head_dim)",
+  )
   p.add_argument("--small_batch", type=int, default=32)
   p.add_argument("--small_head_dim", type=int, default=16)
   p.add_argument("--mem_limit_gb", type=float, default=12.0)
-  p.add_argument("--slow_s", type=float, default=5.0,
-                 help="calls whose warm-up takes longer than this are timed once")
+  p.add_argument(
+    "--slow_s",
+    type=float,
+    default=5.0,
+    help="calls whose warm-up takes longer than this are timed once",
+  )
   p.add_argument("--decode_contexts", type=_ints, default=_ints("512,2048,8192,32768"))
   p.add_argument("--decode_steps", type=int, default=16)
   p.add_argument("--peak_n", type=int, default=2048, help="size of the peak-measuring matmul")
@@ -292,8 +369,10 @@ def main(argv=None):
   if args.quick:
     args.seq_lens, args.small_seq_lens, args.repeats = [256], [64], 2
     args.decode_contexts, args.decode_steps = [256, 1024], 4
-  print(f"# jax {jax.__version__}, backend {jax.default_backend()}, {os.cpu_count()} CPUs, "
-        f"load average at start {os.getloadavg()[0]:.2f}")
+  print(
+    f"# jax {jax.__version__}, backend {jax.default_backend()}, {os.cpu_count()} CPUs, "
+    f"load average at start {os.getloadavg()[0]:.2f}"
+  )
   if args.profile:
     profile_block(args)
     print(f"# load average at end {os.getloadavg()[0]:.2f}")

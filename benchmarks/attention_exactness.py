@@ -16,6 +16,7 @@ one-token decode paths run over the whole sequence: kv_cache (kv_cache_step) and
 (recurrent_step, square kernel only). naive is skipped above --naive_max_len (its [B,N,T,S]
 scores do not fit), kv_cache above --decode_max_len (T steps over a T-long cache cost O(T^2 H)).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,7 +42,7 @@ def conditioned_inputs(T, H, f, *, N=2, subspace=8, seed=0):
   for _ in range(N):
     basis, _ = np.linalg.qr(rng.normal(size=(H, H)))
     basis_NHD.append(basis)
-  basis_NHD = np.stack(basis_NHD)              # per head: first `subspace` columns span the keys
+  basis_NHD = np.stack(basis_NHD)  # per head: first `subspace` columns span the keys
   inside_NHD = basis_NHD[:, :, :subspace]
   outside_NHD = basis_NHD[:, :, subspace:]
 
@@ -51,8 +52,9 @@ def conditioned_inputs(T, H, f, *, N=2, subspace=8, seed=0):
   a_TNH = unit(np.einsum("nhd,tnd->tnh", inside_NHD, rng.normal(size=(T, N, subspace))))
   b_TNH = unit(np.einsum("nhd,tnd->tnh", outside_NHD, rng.normal(size=(T, N, H - subspace))))
   q_TNH = np.sqrt(H) * (f * a_TNH + np.sqrt(1.0 - f * f) * b_TNH)
-  k_TNH = np.sqrt(H) * unit(np.einsum("nhd,tnd->tnh", inside_NHD,
-                                      rng.normal(size=(T, N, subspace))))
+  k_TNH = np.sqrt(H) * unit(
+    np.einsum("nhd,tnd->tnh", inside_NHD, rng.normal(size=(T, N, subspace)))
+  )
   v_TNH = rng.normal(size=(T, N, H))
   for x in (q_TNH, k_TNH, v_TNH):
     out.append(np.asarray(x[None], np.float32))
@@ -77,9 +79,11 @@ def reference_causal(q, k, v, *, kernel, eps=1e-6, rows=1024):
 
 def _decode(step, state, q, k, v):
   """Runs a one-token decode step over the whole sequence (jitted scan) -> [1,T,N,H]."""
+
   def body(s, x):
     o, s = step(s, *x)
     return s, o
+
   xs = tuple(jnp.swapaxes(x, 0, 1)[:, :, None] for x in (q, k, v))  # [T,B,1,N,H]
   _, o = jax.jit(lambda s, xs: jax.lax.scan(body, s, xs))(state, xs)
   return jnp.swapaxes(o[:, :, 0], 0, 1)
@@ -92,8 +96,11 @@ def run_column(column, q, k, v, kernel):
     if column == "linear" and kernel != "square":
       return None
     impl = None if column == "auto" else column
-    fn = jax.jit(lambda q, k, v: attn.expressive_attention(
-        q, k, v, is_causal=True, kernel=kernel, implementation=impl))
+    fn = jax.jit(
+      lambda q, k, v: attn.expressive_attention(
+        q, k, v, is_causal=True, kernel=kernel, implementation=impl
+      )
+    )
     return fn(q, k, v)
   if column == "kv_cache":
     cache = attn.init_kv_cache(B, T, N, H)
@@ -111,8 +118,9 @@ def rel_err(out, ref):
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--quick", action="store_true")
-  p.add_argument("--cases", default="2048:32,2048:128,8192:32,8192:128,32768:32",
-                 help="comma list of T:H")
+  p.add_argument(
+    "--cases", default="2048:32,2048:128,8192:32,8192:128,32768:32", help="comma list of T:H"
+  )
   p.add_argument("--fractions", default="1,0.1,0.01,0.001")
   p.add_argument("--kernel", default="square", choices=attn.KERNELS)
   p.add_argument("--naive_max_len", type=int, default=8192)
@@ -127,8 +135,10 @@ def main(argv=None):
       p.error(f"--columns: unknown {c!r}; allowed: {COLUMNS}")
   cases = [tuple(int(x) for x in c.split(":")) for c in args.cases.split(",")]
   fractions = [float(x) for x in args.fractions.split(",")]
-  print(f"# jax {jax.__version__}, backend {jax.default_backend()}, kernel={args.kernel}, "
-        f"B=1 N=K=2 causal, load average at start {os.getloadavg()[0]:.2f}")
+  print(
+    f"# jax {jax.__version__}, backend {jax.default_backend()}, kernel={args.kernel}, "
+    f"B=1 N=K=2 causal, load average at start {os.getloadavg()[0]:.2f}"
+  )
   print("| T | H | f | " + " | ".join(columns) + " |")
   print("|---|---|---|" + "---|" * len(columns))
   t0 = time.time()
@@ -138,8 +148,9 @@ def main(argv=None):
       ref = reference_causal(q, k, v, kernel=args.kernel)
       cells = []
       for c in columns:
-        skip = ((c == "naive" and T > args.naive_max_len)
-                or (c == "kv_cache" and T > args.decode_max_len))
+        skip = (c == "naive" and T > args.naive_max_len) or (
+          c == "kv_cache" and T > args.decode_max_len
+        )
         out = None if skip else run_column(c, q, k, v, args.kernel)
         cells.append("—" if out is None else f"{rel_err(out, ref):.1e}")
       print(f"| {T} | {H} | {f:g} | " + " | ".join(cells) + " |", flush=True)

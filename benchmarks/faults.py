@@ -25,6 +25,7 @@ A case module for faults owned elsewhere (e.g. a study runner's parent being kil
 with --extra_cases=module.name: the module's `register(campaign)` calls `campaign.add(name, fn)`
 with `fn(campaign, try_index) -> "exact" | "refused" | "lost: <why>"`.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -38,8 +39,7 @@ import sys
 import tempfile
 import time
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
@@ -53,8 +53,13 @@ flags.DEFINE_list("extra_cases", [], "Modules whose register(campaign) adds case
 FLAGS = flags.FLAGS
 
 # The campaign's run: the tiny config, long enough that kills land inside a phase.
-OVERRIDES = {"train.num_steps": 24, "train.eval_every": 8, "train.checkpoint_every": 4,
-             "train.log_every": 2, "train.keep_checkpoints": 2}
+OVERRIDES = {
+  "train.num_steps": 24,
+  "train.eval_every": 8,
+  "train.checkpoint_every": 4,
+  "train.log_every": 2,
+  "train.keep_checkpoints": 2,
+}
 TINY = os.path.join(REPO, "configs", "tiny.py")
 
 EXACT, REFUSED = "exact", "refused"
@@ -71,18 +76,23 @@ class Campaign:
     self.scratch = scratch
     self.rng = random.Random(seed)
     self.cases: dict[str, callable] = {}
-    self.env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
-                    PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                    # Later trainers reuse compiled code: each rerun costs its start-up only.
-                    JAX_COMPILATION_CACHE_DIR=os.path.join(scratch, "jax_cache"),
-                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    self.env = dict(
+      os.environ,
+      JAX_PLATFORMS="cpu",
+      TF_CPP_MIN_LOG_LEVEL="3",
+      PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+      # Later trainers reuse compiled code: each rerun costs its start-up only.
+      JAX_COMPILATION_CACHE_DIR=os.path.join(scratch, "jax_cache"),
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
     self.env.pop("XLA_FLAGS", None)
     self._count = 0
     self.missed = {}  # case -> tries whose trainer finished before the signal arrived
     self.reference = self.fresh("reference")
     if in_process_reference:  # the same code path without a process start (tests)
       from ea_jax import train_lib
+
       train_lib.train_and_evaluate(_config(), self.reference)
     else:
       proc = self.train(self.reference)
@@ -104,16 +114,33 @@ class Campaign:
   # -- trainers ----------------------------------------------------------------------------
 
   def command(self, workdir: str, overrides: dict | None = None) -> list[str]:
-    return [sys.executable, os.path.join(REPO, "train.py"), f"--config={TINY}",
-            f"--workdir={workdir}", *_flags({**OVERRIDES, **(overrides or {})})]
+    return [
+      sys.executable,
+      os.path.join(REPO, "train.py"),
+      f"--config={TINY}",
+      f"--workdir={workdir}",
+      *_flags({**OVERRIDES, **(overrides or {})}),
+    ]
 
   def train(self, workdir: str, overrides: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(self.command(workdir, overrides), cwd=REPO, env=self.env,
-                          capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+      self.command(workdir, overrides),
+      cwd=REPO,
+      env=self.env,
+      capture_output=True,
+      text=True,
+      timeout=900,
+    )
 
   def start(self, workdir: str) -> subprocess.Popen:
-    return subprocess.Popen(self.command(workdir), cwd=REPO, env=self.env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+      self.command(workdir),
+      cwd=REPO,
+      env=self.env,
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
 
   def interrupt(self, workdir: str, trigger: str, sig: int, max_delay_s: float) -> int | None:
     """Starts a trainer, waits for a stderr line containing `trigger`, sends `sig` after a
@@ -131,15 +158,24 @@ class Campaign:
   # -- verdicts ----------------------------------------------------------------------------
 
   def compare(self, workdir: str) -> str:
-    """"exact" if `workdir` finished like the reference, else "lost: <what differs>"."""
+    """ "exact" if `workdir` finished like the reference, else "lost: <what differs>"."""
     import numpy as np
+
     from ea_jax import files
+
     ref = files.read_json(os.path.join(self.reference, "train_summary.json"))
     got = files.read_json(os.path.join(workdir, "train_summary.json"))
     if got is None:
       return "lost: no train_summary.json"
-    keys = ("step", "ended_by", "selected_step", "validation_loss", "test_loss",
-            "test_sequence_accuracy", "test_token_accuracy")
+    keys = (
+      "step",
+      "ended_by",
+      "selected_step",
+      "validation_loss",
+      "test_loss",
+      "test_sequence_accuracy",
+      "test_token_accuracy",
+    )
     bad = [k for k in keys if got.get(k) != ref.get(k)]
     if bad:
       return f"lost: summary differs in {bad}"
@@ -155,9 +191,9 @@ class Campaign:
     import jax
     import numpy as np
     from flax import traverse_util
-    from ea_jax import checkpointing
-    from ea_jax import evaluate
-    from ea_jax import train_lib
+
+    from ea_jax import checkpointing, evaluate, train_lib
+
     config, vocab, max_len = evaluate.training_config(None, workdir)
     setup = train_lib.get_setup(config, vocab_size=vocab, max_len=max_len)
     with jax.set_mesh(setup.mesh):
@@ -172,12 +208,18 @@ class Campaign:
 
 def _snapshot(workdir: str) -> dict:
   """The files a refusal must leave alone: the record, the history, the checkpoint steps."""
-  read = lambda name: open(os.path.join(workdir, name)).read() if os.path.isfile(
-      os.path.join(workdir, name)) else None
+  read = lambda name: (
+    open(os.path.join(workdir, name)).read()
+    if os.path.isfile(os.path.join(workdir, name))
+    else None
+  )
   ckpt = os.path.join(workdir, "checkpoints")
-  return {"config": read("train_config.json"), "history": read("eval_history.jsonl"),
-          "summary": read("train_summary.json"),
-          "steps": sorted(os.listdir(ckpt)) if os.path.isdir(ckpt) else []}
+  return {
+    "config": read("train_config.json"),
+    "history": read("eval_history.jsonl"),
+    "summary": read("train_summary.json"),
+    "steps": sorted(os.listdir(ckpt)) if os.path.isdir(ckpt) else [],
+  }
 
 
 # ------------------------------------------------------------------------------------------
@@ -198,6 +240,7 @@ def _kill_case(name: str, trigger: str, sig: int, max_delay_s: float, expect_sta
     if proc.returncode != 0:
       return f"lost: the rerun failed: {proc.stderr.strip().splitlines()[-1:]}"
     return c.compare(workdir)
+
   return case
 
 
@@ -241,24 +284,24 @@ def _truncate(path):
 
 
 DAMAGE = {
-    # every file of the saved state overwritten
-    "garbage": lambda step: _damage_files(os.path.join(step, "default"), lambda p: True,
-                                          _garbage),
-    # array data files cut in half
-    "truncated": lambda step: _damage_files(
-        os.path.join(step, "default"), lambda p: f"{os.sep}d{os.sep}" in p, _truncate),
-    # the state's metadata removed
-    "no_metadata": lambda step: os.remove(os.path.join(step, "default", "_METADATA")),
-    # the state directory gone, the step directory left
-    "empty_step": lambda step: shutil.rmtree(os.path.join(step, "default")),
+  # every file of the saved state overwritten
+  "garbage": lambda step: _damage_files(os.path.join(step, "default"), lambda p: True, _garbage),
+  # array data files cut in half
+  "truncated": lambda step: _damage_files(
+    os.path.join(step, "default"), lambda p: f"{os.sep}d{os.sep}" in p, _truncate
+  ),
+  # the state's metadata removed
+  "no_metadata": lambda step: os.remove(os.path.join(step, "default", "_METADATA")),
+  # the state directory gone, the step directory left
+  "empty_step": lambda step: shutil.rmtree(os.path.join(step, "default")),
 }
 
 
 def _damage_case(kind: str):
   def case(c: Campaign, i: int) -> str:
     del i
-    from ea_jax import checkpointing
-    from ea_jax import train_lib
+    from ea_jax import checkpointing, train_lib
+
     workdir = c.copy_reference(f"damaged_{kind}")
     step_dir = _latest_step_dir(workdir)
     DAMAGE[kind](step_dir)
@@ -279,6 +322,7 @@ def _damage_case(kind: str):
     train_lib.train_and_evaluate(_config(), workdir)
     verdict = c.compare(workdir)
     return REFUSED if verdict == EXACT else verdict
+
   return case
 
 
@@ -286,6 +330,7 @@ def leftover_tmp(c: Campaign, i: int) -> str:
   """A half-written save (orbax's temporary directory) beside the steps is ignored."""
   del i
   from ea_jax import train_lib
+
   workdir = c.copy_reference("leftover_tmp")
   step_dir = _latest_step_dir(workdir)
   os.remove(os.path.join(workdir, "train_summary.json"))
@@ -295,18 +340,18 @@ def leftover_tmp(c: Campaign, i: int) -> str:
 
 
 PROVENANCE = {
-    "attention": {"model.attention": "dpa"},
-    "task": {"task.num_rules": 3},
-    "optimizer": {"train.learning_rate": 3e-3},
-    "seed": {"train.seed": 7},
+  "attention": {"model.attention": "dpa"},
+  "task": {"task.num_rules": 3},
+  "optimizer": {"train.learning_rate": 3e-3},
+  "seed": {"train.seed": 7},
 }
 
 
 def _provenance_case(kind: str):
   def case(c: Campaign, i: int) -> str:
     del i
-    from ea_jax import provenance
-    from ea_jax import train_lib
+    from ea_jax import provenance, train_lib
+
     workdir = c.copy_reference(f"provenance_{kind}")
     before = _snapshot(workdir)
     try:
@@ -316,13 +361,14 @@ def _provenance_case(kind: str):
       if not all(k in str(e) for k in PROVENANCE[kind]):
         return f"lost: the refusal does not name {list(PROVENANCE[kind])}"
     return REFUSED if _snapshot(workdir) == before else "lost: the refusal changed the workdir"
+
   return case
 
 
 def provenance_eval(c: Campaign, i: int) -> str:
   del i
-  from ea_jax import evaluate
-  from ea_jax import provenance
+  from ea_jax import evaluate, provenance
+
   workdir = c.copy_reference("provenance_eval")
   before = _snapshot(workdir)
   try:
@@ -337,6 +383,7 @@ def provenance_eval(c: Campaign, i: int) -> str:
 def _config(overrides: dict | None = None):
   """configs/tiny.py with the campaign's overrides (and `overrides`) applied."""
   from configs import tiny
+
   config = tiny.get_config()
   for key, value in {**OVERRIDES, **(overrides or {})}.items():
     *parents, leaf = key.split(".")
@@ -354,10 +401,14 @@ def default_cases(c: Campaign) -> None:
   # Trigger lines: training has started / a save was announced / a log line right before an
   # eval step (log_every divides eval_every). Delays span a few steps of the tiny model.
   c.add("kill_mid_step", _kill_case("kill_mid_step", "model:", signal.SIGKILL, 0.5, -9))
-  c.add("kill_mid_save", _kill_case("kill_mid_save", "checkpoint: saving step", signal.SIGKILL,
-                                    0.05, -9))
-  c.add("kill_mid_eval", _kill_case("kill_mid_eval", f"step {OVERRIDES['train.eval_every']}/",
-                                    signal.SIGKILL, 0.05, -9))
+  c.add(
+    "kill_mid_save",
+    _kill_case("kill_mid_save", "checkpoint: saving step", signal.SIGKILL, 0.05, -9),
+  )
+  c.add(
+    "kill_mid_eval",
+    _kill_case("kill_mid_eval", f"step {OVERRIDES['train.eval_every']}/", signal.SIGKILL, 0.05, -9),
+  )
   c.add("sigterm", _kill_case("sigterm", "model:", signal.SIGTERM, 0.5, 143))
   c.add("two_trainers", two_trainers)
   for kind in DAMAGE:
@@ -374,19 +425,30 @@ def run(campaign: Campaign, names, tries: int) -> list[dict]:
     n = tries if name in RANDOM_CASES else 1
     outcomes = [campaign.cases[name](campaign, i) for i in range(n)]
     lost = [o for o in outcomes if o not in (EXACT, REFUSED)]
-    rows.append({"case": name, "tries": n, "exact": outcomes.count(EXACT),
-                 "refused": outcomes.count(REFUSED), "lost": len(lost),
-                 "missed": campaign.missed.get(name, 0), "why": "; ".join(sorted(set(lost)))})
+    rows.append(
+      {
+        "case": name,
+        "tries": n,
+        "exact": outcomes.count(EXACT),
+        "refused": outcomes.count(REFUSED),
+        "lost": len(lost),
+        "missed": campaign.missed.get(name, 0),
+        "why": "; ".join(sorted(set(lost))),
+      }
+    )
   return rows
 
 
 def table(rows: list[dict]) -> str:
-  out = ["| case | tries | exact resumes | clear refusals | anything lost |",
-         "|---|---:|---:|---:|---|"]
+  out = [
+    "| case | tries | exact resumes | clear refusals | anything lost |",
+    "|---|---:|---:|---:|---|",
+  ]
   for r in rows:
     lost = str(r["lost"]) + (f" ({r['why']})" if r["why"] else "")
-    exact = str(r["exact"]) + (f" ({r['missed']} finished before the signal)" if r.get("missed")
-                               else "")
+    exact = str(r["exact"]) + (
+      f" ({r['missed']} finished before the signal)" if r.get("missed") else ""
+    )
     out.append(f"| {r['case']} | {r['tries']} | {exact} | {r['refused']} | {lost} |")
   return "\n".join(out)
 
@@ -395,6 +457,7 @@ def main(argv):
   del argv
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   from absl import logging
+
   logging.set_verbosity(logging.WARNING)  # the in-process cases' own INFO lines
   scratch = FLAGS.scratch or tempfile.mkdtemp(prefix="ea_faults_")
   os.makedirs(scratch, exist_ok=True)

@@ -16,6 +16,7 @@ task reports `num_sequences`, the table adds the size of its train and validatio
 bound) and how many sequences a budget of --budgets steps at --batch_size draws, as a share of
 the train split; a level whose train split is smaller than a budget's draw is memorisable there.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,9 +29,11 @@ import ml_collections
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from ea_jax import data  # noqa: E402  pylint: disable=g-import-not-at-top
-from ea_jax import sharding  # noqa: E402  pylint: disable=g-import-not-at-top
-from ea_jax import tasks  # noqa: E402  pylint: disable=g-import-not-at-top
+from ea_jax import (
+  data,  # noqa: E402  pylint: disable=g-import-not-at-top
+  sharding,  # noqa: E402  pylint: disable=g-import-not-at-top
+  tasks,  # noqa: E402  pylint: disable=g-import-not-at-top
+)
 
 
 def _rows(batches) -> np.ndarray:
@@ -59,8 +62,12 @@ def level_overlap(level_cfg, args, mesh) -> dict:
   eval_sh = sharding.batch_sharding(mesh, sharding.logical_rules(), num_eval)
   val = _rows(source.eval_batches("validation", args.eval_seed, num_eval, num_eval, eval_sh))
   found = sum(r.tobytes() in train for r in val)
-  row = {"train_distinct": len(train), "num_eval": len(val), "found": found,
-         "share": found / len(val)}
+  row = {
+    "train_distinct": len(train),
+    "num_eval": len(val),
+    "found": found,
+    "share": found / len(val),
+  }
   if hasattr(task, "num_sequences"):
     row["train_split"] = task.num_sequences("train")
     row["val_split"] = task.num_sequences("validation")
@@ -69,7 +76,7 @@ def level_overlap(level_cfg, args, mesh) -> dict:
 
 
 def _count(n: int, exact: bool) -> str:
-  text = f"{n:,}" if n < 10 ** 7 else f"{n:.2e}"
+  text = f"{n:,}" if n < 10**7 else f"{n:.2e}"
   return text if exact else ">= " + text
 
 
@@ -90,8 +97,11 @@ def sizes_table(args) -> None:
         if counts["train"] < draws:  # a lower bound below the draw is still a fact only if exact
           memorisable.append(f"{b} steps" if exact["train"] else f"{b} steps?")
       cells = " | ".join(_count(counts[s], exact[s]) for s in tasks.SPLITS)
-      print(f"| {name} | {level.label} | {cells} | {' | '.join(shares)} | "
-            f"{', '.join(memorisable) or 'no'} |", flush=True)
+      print(
+        f"| {name} | {level.label} | {cells} | {' | '.join(shares)} | "
+        f"{', '.join(memorisable) or 'no'} |",
+        flush=True,
+      )
 
 
 def main(argv=None):
@@ -112,20 +122,30 @@ def main(argv=None):
     return
   mesh = sharding.create_mesh({"data": -1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
   start = time.time()
-  print(f"training stream {args.steps} x {args.batch_size} (seed {args.train_seed}); "
-        f"{args.num_eval} validation sequences (seed {args.eval_seed})\n")
-  print("| ladder | level | train draws distinct | validation drawn | found in training | share "
-        "| train split | validation split |")
+  print(
+    f"training stream {args.steps} x {args.batch_size} (seed {args.train_seed}); "
+    f"{args.num_eval} validation sequences (seed {args.eval_seed})\n"
+  )
+  print(
+    "| ladder | level | train draws distinct | validation drawn | found in training | share "
+    "| train split | validation split |"
+  )
   print("|---|---|---:|---:|---:|---:|---:|---:|")
   for name in args.ladders.split(","):
     for i, level in enumerate(tasks.ladder(name)):
       row = level_overlap(level, args, mesh)
       bound = "" if row.get("exact", True) else ">= "
-      sizes = (f"{bound}{row['train_split']:.3g} | {bound}{row['val_split']:.3g}"
-               if "train_split" in row else "- | -")
-      print(f"| {name} | {level.label} | {row['train_distinct']} | {row['num_eval']} | "
-            f"{row['found']} | "
-            f"{100 * row['share']:.1f}% | {sizes} |", flush=True)
+      sizes = (
+        f"{bound}{row['train_split']:.3g} | {bound}{row['val_split']:.3g}"
+        if "train_split" in row
+        else "- | -"
+      )
+      print(
+        f"| {name} | {level.label} | {row['train_distinct']} | {row['num_eval']} | "
+        f"{row['found']} | "
+        f"{100 * row['share']:.1f}% | {sizes} |",
+        flush=True,
+      )
   print(f"\n{time.time() - start:.0f} s")
 
 

@@ -5,6 +5,7 @@
 
 Expected result: finishes 8 steps in a few seconds; loss falls below log(vocab_size).
 """
+
 from configs import default
 
 

@@ -5,6 +5,7 @@ Restoring takes an *abstract* state (ShapeDtypeStructs carrying the current Name
 a checkpoint written on one mesh restores onto another. Before restoring, the stored parameter
 shapes are compared with the abstract ones and a mismatch names the parameter.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -51,9 +52,10 @@ def compare_param_shapes(stored: dict, wanted: dict, where: str) -> None:
       problems.append(f"  {name}: checkpoint {have[name]} != model {want[name]}")
   if problems:
     raise CheckpointError(
-        f"the checkpoint in {where} does not match the config's model; differing parameters:\n"
-        + "\n".join(problems)
-        + "\nUse a fresh --workdir, or the config the checkpoint was trained with.")
+      f"the checkpoint in {where} does not match the config's model; differing parameters:\n"
+      + "\n".join(problems)
+      + "\nUse a fresh --workdir, or the config the checkpoint was trained with."
+    )
 
 
 @dataclasses.dataclass
@@ -81,8 +83,9 @@ class Checkpoints:
     keep_steps: optional callable returning further steps to keep (e.g. the selected one).
   """
 
-  def __init__(self, directory: str, keep: int,
-               keep_steps: Callable[[], Collection[int]] | None = None):
+  def __init__(
+    self, directory: str, keep: int, keep_steps: Callable[[], Collection[int]] | None = None
+  ):
     if keep < 1:
       raise ValueError(f"config.train.keep_checkpoints={keep}: must be >= 1")
     self.directory = os.path.abspath(directory)
@@ -92,13 +95,17 @@ class Checkpoints:
     if keep_steps is not None:
       policies.append(KeepSteps(keep_steps))
     options = ocp.CheckpointManagerOptions(
-        create=True, preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies))
+      create=True, preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies)
+    )
     try:
-      self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                           item_handlers=ocp.StandardCheckpointHandler())
+      self.manager = ocp.CheckpointManager(
+        self.directory, options=options, item_handlers=ocp.StandardCheckpointHandler()
+      )
     except Exception as e:  # unreadable step metadata etc.
-      raise CheckpointError(f"cannot open checkpoints in {self.directory} ({_brief(e)}); delete "
-                            f"the damaged step directory to fall back to an earlier step") from e
+      raise CheckpointError(
+        f"cannot open checkpoints in {self.directory} ({_brief(e)}); delete "
+        f"the damaged step directory to fall back to an earlier step"
+      ) from e
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -121,18 +128,24 @@ class Checkpoints:
       meta = self.manager.item_metadata(step)
       tree = getattr(meta, "tree", meta)
     except Exception as e:
-      raise CheckpointError(f"checkpoint {where} is unreadable or corrupt ({_brief(e)}); delete "
-                            f"it to fall back to an earlier step") from e
+      raise CheckpointError(
+        f"checkpoint {where} is unreadable or corrupt ({_brief(e)}); delete "
+        f"it to fall back to an earlier step"
+      ) from e
     if not isinstance(tree, dict) or "params" not in tree:
-      raise CheckpointError(f"checkpoint {where} does not hold a train state (no 'params', "
-                            f"found {type(tree).__name__}: its metadata is missing or damaged); "
-                            f"delete it to fall back to an earlier step")
+      raise CheckpointError(
+        f"checkpoint {where} does not hold a train state (no 'params', "
+        f"found {type(tree).__name__}: its metadata is missing or damaged); "
+        f"delete it to fall back to an earlier step"
+      )
     compare_param_shapes(tree["params"], abstract_state.params, where)
     try:
       return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
     except Exception as e:
-      raise CheckpointError(f"checkpoint {where} could not be restored ({_brief(e)}); delete "
-                            f"it to fall back to an earlier step") from e
+      raise CheckpointError(
+        f"checkpoint {where} could not be restored ({_brief(e)}); delete "
+        f"it to fall back to an earlier step"
+      ) from e
 
   def wait(self) -> None:
     """Blocks until pending asynchronous saves are on disk (before restoring one of them)."""

@@ -12,6 +12,7 @@ Evaluation sets are fixed: generator evaluation sets are distinct sequences of t
 
 Letters: B batch, L sequence length, N number of examples in a file.
 """
+
 from __future__ import annotations
 
 import functools
@@ -19,10 +20,10 @@ import math
 import os
 from typing import Callable, Mapping, NamedTuple
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from ea_jax import sharding as sharding_lib
 
@@ -33,7 +34,7 @@ STREAMS = {"train": 0, "validation": 1, "test": 2, "init": 3}
 
 
 class Batch(NamedTuple):
-  inputs: jax.Array   # int32 [B, L]
+  inputs: jax.Array  # int32 [B, L]
   targets: jax.Array  # int32 [B, L]
   weights: jax.Array  # float32 [B, L], 1.0 where a position is scored
 
@@ -50,8 +51,9 @@ def stream_key(seed: int, stream: str) -> jax.Array:
 # ------------------------------------------------------------------------------------------
 
 
-def validate_arrays(arrays: Mapping[str, np.ndarray], *, name: str,
-                    vocab_size: int | None = None) -> tuple[Batch, int]:
+def validate_arrays(
+  arrays: Mapping[str, np.ndarray], *, name: str, vocab_size: int | None = None
+) -> tuple[Batch, int]:
   """Checks arrays against the DESIGN .npz contract; returns (numpy Batch, vocab size).
 
   Args:
@@ -63,9 +65,11 @@ def validate_arrays(arrays: Mapping[str, np.ndarray], *, name: str,
   """
   missing = [k for k in ("inputs", "targets", "weights") if k not in arrays]
   if missing:
-    raise ValueError(f"{name}: missing array(s) {missing}; required: inputs, targets (int [N, L]), "
-                     f"weights (float [N, L]); optional: vocab_size (scalar); "
-                     f"found: {sorted(arrays)}")
+    raise ValueError(
+      f"{name}: missing array(s) {missing}; required: inputs, targets (int [N, L]), "
+      f"weights (float [N, L]); optional: vocab_size (scalar); "
+      f"found: {sorted(arrays)}"
+    )
   out = {}
   for key in ("inputs", "targets", "weights"):
     a = np.asarray(arrays[key])
@@ -76,15 +80,18 @@ def validate_arrays(arrays: Mapping[str, np.ndarray], *, name: str,
     out[key] = a
   shapes = {k: v.shape for k, v in out.items()}
   if len(set(shapes.values())) != 1:
-    raise ValueError(f"{name}: inputs, targets and weights must have the same shape [N, L], got "
-                     f"{shapes}")
+    raise ValueError(
+      f"{name}: inputs, targets and weights must have the same shape [N, L], got {shapes}"
+    )
   for key in ("inputs", "targets"):
     if not np.issubdtype(out[key].dtype, np.integer):
-      raise ValueError(f"{name}: array '{key}' must have an integer dtype (int32), got "
-                       f"{out[key].dtype}")
+      raise ValueError(
+        f"{name}: array '{key}' must have an integer dtype (int32), got {out[key].dtype}"
+      )
   w = out["weights"]
-  if not (np.issubdtype(w.dtype, np.floating) or np.issubdtype(w.dtype, np.integer)
-          or w.dtype == np.bool_):
+  if not (
+    np.issubdtype(w.dtype, np.floating) or np.issubdtype(w.dtype, np.integer) or w.dtype == np.bool_
+  ):
     raise ValueError(f"{name}: array 'weights' must be float32 (0.0 or 1.0), got dtype {w.dtype}")
   w = w.astype(np.float64)
   if not np.all(np.isfinite(w)):
@@ -93,8 +100,10 @@ def validate_arrays(arrays: Mapping[str, np.ndarray], *, name: str,
   bad |= (np.round(w) != 0) & (np.round(w) != 1)
   if bad.any():
     i, j = np.argwhere(bad)[0]
-    raise ValueError(f"{name}: array 'weights' must hold only 0 or 1 (scored or not); found "
-                     f"{w[i, j]!r} at [{i}, {j}] ({int(bad.sum())} bad values)")
+    raise ValueError(
+      f"{name}: array 'weights' must hold only 0 or 1 (scored or not); found "
+      f"{w[i, j]!r} at [{i}, {j}] ({int(bad.sum())} bad values)"
+    )
   if not (np.round(w) > 0).any():
     raise ValueError(f"{name}: array 'weights' is all zero: no position is scored")
 
@@ -106,8 +115,10 @@ def validate_arrays(arrays: Mapping[str, np.ndarray], *, name: str,
   if stored is not None:
     stored = np.asarray(stored)
     if stored.ndim != 0 or not np.issubdtype(stored.dtype, np.integer) or int(stored) <= 0:
-      raise ValueError(f"{name}: 'vocab_size' must be a positive integer scalar, got "
-                       f"{stored!r} (dtype {stored.dtype}, shape {stored.shape})")
+      raise ValueError(
+        f"{name}: 'vocab_size' must be a positive integer scalar, got "
+        f"{stored!r} (dtype {stored.dtype}, shape {stored.shape})"
+      )
     stored = int(stored)
     if vocab_size is not None and stored > vocab_size:
       raise ValueError(f"{name}: vocab_size={stored} exceeds the model's vocabulary {vocab_size}")
@@ -118,8 +129,11 @@ def validate_arrays(arrays: Mapping[str, np.ndarray], *, name: str,
     raise ValueError(f"{name}: token {hi} in '{which}' is out of the vocabulary [0, {limit})")
   if hi >= np.iinfo(np.int32).max:
     raise ValueError(f"{name}: token {hi} does not fit int32")
-  batch = Batch(inputs=out["inputs"].astype(np.int32), targets=out["targets"].astype(np.int32),
-                weights=np.round(w).astype(np.float32))
+  batch = Batch(
+    inputs=out["inputs"].astype(np.int32),
+    targets=out["targets"].astype(np.int32),
+    weights=np.round(w).astype(np.float32),
+  )
   return batch, int(vocab)
 
 
@@ -190,22 +204,27 @@ class GeneratorSource:
 
   def __init__(self, task_config, train_size: int = 0):
     from ea_jax import tasks  # the tasks package imports lazily (keeps data.py light)
+
     self.task = tasks.make_task(task_config)
     self.level = _level_name(task_config)
     self.vocab_size = int(self.task.vocab_size)
     self.seq_len = int(self.task.seq_len)
     if isinstance(train_size, bool) or not isinstance(train_size, int) or train_size < 0:
-      raise ValueError(f"config.data.train_size={train_size!r}; allowed: 0 (streaming) or a "
-                       "positive number of distinct training sequences")
+      raise ValueError(
+        f"config.data.train_size={train_size!r}; allowed: 0 (streaming) or a "
+        "positive number of distinct training sequences"
+      )
     if train_size > self.task.num_split_keys("train"):
       raise ValueError(self._too_small("train", train_size, "config.data.train_size"))
     self.train_size = train_size
 
   def _too_small(self, split: str, wanted: int, field: str) -> str:
-    return (f"{field}={wanted}: task level {self.level} has only "
-            f"{self.task.num_split_keys(split)} distinct {split} sequences that can be drawn "
-            f"without repetition (split_fractions={self.task.split_fractions}); allowed: at most "
-            "that many, or a larger level / split fraction")
+    return (
+      f"{field}={wanted}: task level {self.level} has only "
+      f"{self.task.num_split_keys(split)} distinct {split} sequences that can be drawn "
+      f"without repetition (split_fractions={self.task.split_fractions}); allowed: at most "
+      "that many, or a larger level / split fraction"
+    )
 
   def train_batches(self, seed: int, batch_size: int, sharding) -> Callable[[int], Batch]:
     if not self.train_size:
@@ -217,6 +236,7 @@ class GeneratorSource:
     def get(step):
       idx = array_batch_indices(seed, int(step), batch_size, n).astype(np.int32)
       return sample(np.int32(seed), idx, np.int32(batch_size))
+
     return get
 
   def eval_size(self, split: str, num_examples: int) -> int:
@@ -224,8 +244,9 @@ class GeneratorSource:
     del split
     return num_examples
 
-  def eval_batches(self, split: str, seed: int, num_examples: int, batch_size: int,
-                   sharding) -> list[Batch]:
+  def eval_batches(
+    self, split: str, seed: int, num_examples: int, batch_size: int, sharding
+  ) -> list[Batch]:
     if split not in EVAL_SPLITS:
       raise ValueError(f"config.eval.split={split!r}; allowed: {EVAL_SPLITS}")
     available = self.task.num_split_keys(split)
@@ -236,8 +257,9 @@ class GeneratorSource:
     for i in range(math.ceil(num_examples / batch_size)):
       # Rows past num_examples are padding (zero weights); keep their indices in range.
       idx = (i * batch_size + np.arange(batch_size)) % available
-      batches.append(sample(np.int32(seed), idx.astype(np.int32),
-                            np.int32(num_examples - i * batch_size)))
+      batches.append(
+        sample(np.int32(seed), idx.astype(np.int32), np.int32(num_examples - i * batch_size))
+      )
     return batches
 
 
@@ -249,8 +271,11 @@ def _level_name(task_config) -> str:
 
 def _mask_rows(b, batch_size: int, num_valid) -> Batch:
   keep_B1 = (jnp.arange(batch_size) < num_valid)[:, None]
-  return Batch(jnp.asarray(b.inputs, jnp.int32), jnp.asarray(b.targets, jnp.int32),
-               jnp.where(keep_B1, jnp.asarray(b.weights, jnp.float32), 0.0))
+  return Batch(
+    jnp.asarray(b.inputs, jnp.int32),
+    jnp.asarray(b.targets, jnp.int32),
+    jnp.where(keep_B1, jnp.asarray(b.weights, jnp.float32), 0.0),
+  )
 
 
 @functools.lru_cache(maxsize=16)
@@ -261,6 +286,7 @@ def _jitted_stream(task, batch_size: int, sharding) -> Callable:
   def sample(seed, step):
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), STREAMS["train"]), step)
     return _mask_rows(task.sample(key, batch_size, "train"), batch_size, batch_size)
+
   return sample
 
 
@@ -274,6 +300,7 @@ def _jitted_indexed(task, split: str, batch_size: int, sharding) -> Callable:
   def sample(seed, index_B, num_valid):
     key = jax.random.fold_in(jax.random.key(seed), STREAMS[split])
     return _mask_rows(task.sample_distinct(key, index_B, split), batch_size, num_valid)
+
   return sample
 
 
@@ -295,14 +322,16 @@ class ArraySource:
     def get(step):
       idx = array_batch_indices(seed, int(step), batch_size, n)
       return _to_global(Batch(*(a[idx] for a in self.train)), sharding)
+
     return get
 
   def eval_size(self, split: str, num_examples: int) -> int:
     """How many examples `eval_batches(split, ..., num_examples, ...)` holds."""
     return min(num_examples, self.evals[split].inputs.shape[0])
 
-  def eval_batches(self, split: str, seed: int, num_examples: int, batch_size: int,
-                   sharding) -> list[Batch]:
+  def eval_batches(
+    self, split: str, seed: int, num_examples: int, batch_size: int, sharding
+  ) -> list[Batch]:
     del seed  # eval files are used in their stored order
     if split not in self.evals:
       raise ValueError(f"no evaluation arrays for split {split!r}; have {sorted(self.evals)}")
@@ -318,9 +347,11 @@ class ArraySource:
 
 def _tfds_vocab_size(name: str, raw: Mapping[str, Mapping[str, np.ndarray]]) -> int:
   """The frozen level's task vocabulary; else the largest token over the loaded splits + 1."""
+  import ml_collections
+
   from ea_jax import tasks
   from ea_jax.tasks import tfds_builder
-  import ml_collections
+
   for c in tfds_builder.EaLadder.BUILDER_CONFIGS:
     if c.name == name and c.task:
       return int(tasks.make_task(ml_collections.ConfigDict(dict(c.task))).vocab_size)
@@ -336,27 +367,37 @@ def _npz_source(config, splits, vocab_size):
   """
   train, vocab = None, vocab_size
   if "train" in splits:
-    train, vocab = load_npz(config.data.train_path, field="config.data.train_path",
-                            vocab_size=vocab_size)
+    train, vocab = load_npz(
+      config.data.train_path, field="config.data.train_path", vocab_size=vocab_size
+    )
   evals = {}
   for split, field in (("validation", "eval_path"), ("test", "test_path")):
     if split not in splits:
       continue
     path = config.data.get(field, "")
     if split == "test" and not path:
-      raise ValueError("config.data.test_path is empty: the npz source needs a test file of its "
-                       "own (config.data.eval_path is the validation file); allowed: a path to a "
-                       ".npz file, or test_path=eval_path to evaluate on the validation file")
+      raise ValueError(
+        "config.data.test_path is empty: the npz source needs a test file of its "
+        "own (config.data.eval_path is the validation file); allowed: a path to a "
+        ".npz file, or test_path=eval_path to evaluate on the validation file"
+      )
     if split == "test" and path == config.data.eval_path:
-      logging.warning("config.data.test_path == config.data.eval_path (%s): the test split is "
-                      "the validation split", path)
+      logging.warning(
+        "config.data.test_path == config.data.eval_path (%s): the test split is "
+        "the validation split",
+        path,
+      )
     evals[split], ev_vocab = load_npz(path, field=f"config.data.{field}", vocab_size=vocab)
     vocab = vocab if vocab is not None else ev_vocab
     if train is not None:
       shared = len(_row_set(evals[split]) & _row_set(train))
       if shared:
-        logging.warning("config.data.%s shares %d of its %d sequences with "
-                        "config.data.train_path", field, shared, evals[split].inputs.shape[0])
+        logging.warning(
+          "config.data.%s shares %d of its %d sequences with config.data.train_path",
+          field,
+          shared,
+          evals[split].inputs.shape[0],
+        )
   return ArraySource(train, evals, vocab)
 
 
@@ -379,25 +420,35 @@ def make_source(config, *, splits=("train",) + EVAL_SPLITS, vocab_size: int | No
   if source == "generator":
     src = GeneratorSource(config.task, train_size=config.data.get("train_size", 0))
     if vocab_size is not None and src.vocab_size > vocab_size:
-      raise ValueError(f"config.task has vocab_size {src.vocab_size} but the trained model's "
-                       f"vocabulary is {vocab_size}")
+      raise ValueError(
+        f"config.task has vocab_size {src.vocab_size} but the trained model's "
+        f"vocabulary is {vocab_size}"
+      )
     return src
   if source == "npz":
     return _npz_source(config, splits, vocab_size)
   if source == "tfds":
     from ea_jax.tasks import tfds_builder
+
     name = config.data.tfds_config
     if not name:
-      raise ValueError("config.data.tfds_config is empty: name a builder config, e.g. "
-                       "tfds_builder.builder_config_name('recurrence', 2) = 'recurrence-2'")
+      raise ValueError(
+        "config.data.tfds_config is empty: name a builder config, e.g. "
+        "tfds_builder.builder_config_name('recurrence', 2) = 'recurrence-2'"
+      )
     if not config.data.tfds_data_dir:
-      raise ValueError("config.data.tfds_data_dir is empty: give the TFDS data directory (the "
-                       "level is prepared there if missing)")
+      raise ValueError(
+        "config.data.tfds_data_dir is empty: give the TFDS data directory (the "
+        "level is prepared there if missing)"
+      )
     raw = {s: tfds_builder.load_split(name, s, config.data.tfds_data_dir) for s in splits}
     if vocab_size is None:
       vocab_size = _tfds_vocab_size(name, raw)
-    checked = {s: validate_arrays(r, name=f"tfds {name}/{s}", vocab_size=vocab_size)[0]
-               for s, r in raw.items()}
-    return ArraySource(checked.get("train"), {s: checked[s] for s in EVAL_SPLITS if s in checked},
-                       vocab_size)
+    checked = {
+      s: validate_arrays(r, name=f"tfds {name}/{s}", vocab_size=vocab_size)[0]
+      for s, r in raw.items()
+    }
+    return ArraySource(
+      checked.get("train"), {s: checked[s] for s in EVAL_SPLITS if s in checked}, vocab_size
+    )
   raise ValueError(f"config.data.source={source!r}; allowed: {SOURCES}")

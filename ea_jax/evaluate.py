@@ -13,9 +13,9 @@ replaces another):
   are fed back at every scored position (positions whose target is not determined keep the true
   token), so one early mistake propagates.
 """
+
 from __future__ import annotations
 
-import json
 import os
 
 import flax.linen as nn
@@ -25,11 +25,9 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from ea_jax import checkpointing
+from ea_jax import checkpointing, files, provenance, train_lib
 from ea_jax import data as data_lib
-from ea_jax import files
-from ea_jax import provenance
-from ea_jax import train_lib
+
 
 def _set(config: ml_collections.ConfigDict, name: str, value) -> None:
   *parents, leaf = name.split(".")
@@ -40,9 +38,14 @@ def _set(config: ml_collections.ConfigDict, name: str, value) -> None:
     node[leaf] = value
 
 
-def training_config(config, workdir: str, *, split: str | None = None,
-                    num_examples: int | None = None, seq_len: int | None = None
-                    ) -> tuple[ml_collections.ConfigDict, int, int]:
+def training_config(
+  config,
+  workdir: str,
+  *,
+  split: str | None = None,
+  num_examples: int | None = None,
+  seq_len: int | None = None,
+) -> tuple[ml_collections.ConfigDict, int, int]:
   """(config to evaluate with, vocab_size, max_len): the run's own config from `workdir`.
 
   Model, task, data and the eval set come from `workdir/train_config.json`. `config` (optional:
@@ -60,8 +63,11 @@ def training_config(config, workdir: str, *, split: str | None = None,
     for name, value in given.items():
       if provenance.matches(name, provenance.EVAL_MAY_CHANGE) and stored.get(name) != value:
         _set(merged, name, value)
-  for name, value in (("eval.split", split), ("eval.num_examples", num_examples),
-                      ("task.seq_len", seq_len)):
+  for name, value in (
+    ("eval.split", split),
+    ("eval.num_examples", num_examples),
+    ("task.seq_len", seq_len),
+  ):
     if value is not None:
       _set(merged, name, value)
   if merged.eval.split not in data_lib.EVAL_SPLITS:
@@ -103,19 +109,29 @@ def _rollout_counts(apply_fn, params, batch):
   right_BL = (pred_BL == batch.targets) & scored_BL
   seq_scored_B = jnp.any(scored_BL, axis=1)
   seq_right_B = seq_scored_B & jnp.all(right_BL | ~scored_BL, axis=1)
-  return jnp.stack([jnp.sum(right_BL), jnp.sum(scored_BL), jnp.sum(seq_right_B),
-                    jnp.sum(seq_scored_B)]).astype(jnp.int32)
+  return jnp.stack(
+    [jnp.sum(right_BL), jnp.sum(scored_BL), jnp.sum(seq_right_B), jnp.sum(seq_scored_B)]
+  ).astype(jnp.int32)
 
 
 def _is_next_token_layout(batch: data_lib.Batch) -> bool:
-  inputs, targets = np.asarray(jax.device_get(batch.inputs)), np.asarray(
-      jax.device_get(batch.targets))
+  inputs, targets = (
+    np.asarray(jax.device_get(batch.inputs)),
+    np.asarray(jax.device_get(batch.targets)),
+  )
   return bool(np.all(inputs[:, 1:] == targets[:, :-1]))
 
 
-def evaluate(config, workdir: str, *, plot_attention: int = 0, split: str | None = None,
-             num_examples: int | None = None, seq_len: int | None = None,
-             step: int | None = None) -> dict:
+def evaluate(
+  config,
+  workdir: str,
+  *,
+  plot_attention: int = 0,
+  split: str | None = None,
+  num_examples: int | None = None,
+  seq_len: int | None = None,
+  step: int | None = None,
+) -> dict:
   """Evaluates a checkpoint of `workdir` with the run's own model, task and data.
 
   Writes and returns `workdir/eval_<split>_L<seq_len>.json` (see `eval_file_name`).
@@ -132,13 +148,15 @@ def evaluate(config, workdir: str, *, plot_attention: int = 0, split: str | None
   """
   workdir = os.path.abspath(workdir)
   model_config, vocab_size, max_len = training_config(
-      config, workdir, split=split, num_examples=num_examples, seq_len=seq_len)
+    config, workdir, split=split, num_examples=num_examples, seq_len=seq_len
+  )
   split, ev = model_config.eval.split, model_config.eval
   setup = train_lib.get_setup(model_config, vocab_size=vocab_size, max_len=max_len)
   source = data_lib.make_source(model_config, splits=(split,), vocab_size=vocab_size)
   if source.seq_len != max_len:
-    logging.info("evaluating at length %d; the model was trained at length %d", source.seq_len,
-                 max_len)
+    logging.info(
+      "evaluating at length %d; the model was trained at length %d", source.seq_len, max_len
+    )
   eval_sh = setup.batch_sharding(ev.batch_size)
 
   if step is not None:
@@ -147,17 +165,21 @@ def evaluate(config, workdir: str, *, plot_attention: int = 0, split: str | None
     steps.close()
     if step not in have:
       raise checkpointing.CheckpointError(
-          f"--step={step}: no such checkpoint in {workdir}/checkpoints; have {have}")
+        f"--step={step}: no such checkpoint in {workdir}/checkpoints; have {have}"
+      )
   _, chosen, state = train_lib.restore(workdir, step, config=model_config)
   params = state.params
 
   with jax.set_mesh(setup.mesh):
     batches = source.eval_batches(split, ev.seed, ev.num_examples, ev.batch_size, eval_sh)
     eval_step = setup.eval_step(ev.batch_size)
-    result = {"step": int(chosen), "split": split,
-              "num_examples": source.eval_size(split, ev.num_examples),
-              "seq_len": source.seq_len,
-              **train_lib.run_eval(eval_step, params, batches)}
+    result = {
+      "step": int(chosen),
+      "split": split,
+      "num_examples": source.eval_size(split, ev.num_examples),
+      "seq_len": source.seq_len,
+      **train_lib.run_eval(eval_step, params, batches),
+    }
 
     def apply_fn(p, tokens_BL):
       with nn.logical_axis_rules(setup.rules):
@@ -171,16 +193,25 @@ def evaluate(config, workdir: str, *, plot_attention: int = 0, split: str | None
     if plot_attention > 0:
       result["attention_plots"] = _plot_attention(setup, params, batches, plot_attention, workdir)
 
-  logging.info("eval step %d (%s, %d examples, length %d): loss %.4f  token_acc %.4f  "
-               "seq_acc %.4f%s", chosen, split, result["num_examples"], source.seq_len,
-               result["loss"], result["token_accuracy"], result["sequence_accuracy"],
-               f"  rollout_seq_acc {result['rollout_sequence_accuracy']:.4f}"
-               if "rollout_sequence_accuracy" in result else "")
+  logging.info(
+    "eval step %d (%s, %d examples, length %d): loss %.4f  token_acc %.4f  seq_acc %.4f%s",
+    chosen,
+    split,
+    result["num_examples"],
+    source.seq_len,
+    result["loss"],
+    result["token_accuracy"],
+    result["sequence_accuracy"],
+    f"  rollout_seq_acc {result['rollout_sequence_accuracy']:.4f}"
+    if "rollout_sequence_accuracy" in result
+    else "",
+  )
   path = os.path.join(workdir, eval_file_name(split, source.seq_len, step))
   earlier = files.read_json(path)
   if earlier is not None and earlier.get("step") != result["step"]:
-    logging.warning("%s held step %s; replacing it with step %d", path, earlier.get("step"),
-                    result["step"])
+    logging.warning(
+      "%s held step %s; replacing it with step %d", path, earlier.get("step"), result["step"]
+    )
   files.write_json(path, result)
   return result
 
@@ -189,6 +220,7 @@ def _plot_attention(setup, params, batches, num_examples: int, workdir: str) -> 
   """Saves per-example attention maps (one panel per layer x head); returns the PNG paths."""
   from ea_jax import model as model_lib
   from ea_jax import plots
+
   first = jax.tree.map(lambda a: np.asarray(jax.device_get(a)), batches[0])
   n = min(num_examples, first.inputs.shape[0])
   tokens_BL = jnp.asarray(first.inputs[:n])
@@ -202,7 +234,12 @@ def _plot_attention(setup, params, batches, num_examples: int, workdir: str) -> 
     kind = setup.model_cfg.attention if hasattr(setup.model_cfg, "attention") else ""
     for i in range(n):
       path = os.path.join(out_dir, f"example_{i}.png")
-      plots.plot_attention_maps([m[i] for m in maps], path, tokens=first.inputs[i],
-                                scored=first.weights[i] > 0, title=f"{kind} example {i}")
+      plots.plot_attention_maps(
+        [m[i] for m in maps],
+        path,
+        tokens=first.inputs[i],
+        scored=first.weights[i] > 0,
+        title=f"{kind} example {i}",
+      )
       paths.append(path)
   return paths

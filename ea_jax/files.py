@@ -4,6 +4,7 @@ Every writer goes through a temporary file and `os.replace`, so a reader never s
 and a killed process leaves the previous version (or nothing) behind. Writers are no-ops on
 processes other than 0 when `only_process_0` is set, so multi-process runs write each file once.
 """
+
 from __future__ import annotations
 
 import csv
@@ -14,6 +15,7 @@ from typing import Any, Iterable, Sequence
 
 def _process_index() -> int:
   import jax  # lazy: the study's report reads and writes files without starting JAX
+
   return jax.process_index()
 
 
@@ -32,8 +34,7 @@ def write_json(path: str, payload: Any, *, only_process_0: bool = True) -> None:
   """Writes `payload` as indented, key-sorted JSON to `path`, atomically."""
   if only_process_0 and _process_index() != 0:
     return
-  _replace_atomically(path, lambda f: json.dump(payload, f, indent=2, sort_keys=True,
-                                                default=str))
+  _replace_atomically(path, lambda f: json.dump(payload, f, indent=2, sort_keys=True, default=str))
 
 
 def read_json(path: str, default: Any = None) -> Any:
@@ -44,8 +45,13 @@ def read_json(path: str, default: Any = None) -> Any:
     return json.load(f)
 
 
-def write_csv(path: str, rows: Sequence[dict], columns: Sequence[str] | None = None, *,
-              float_format: str | None = None) -> None:
+def write_csv(
+  path: str,
+  rows: Sequence[dict],
+  columns: Sequence[str] | None = None,
+  *,
+  float_format: str | None = None,
+) -> None:
   """Writes dict rows as CSV (columns: `columns`, else the first row's keys), atomically.
 
   `float_format` (e.g. "{:.6g}") formats float cells; other cells are written with `str`.
@@ -73,8 +79,7 @@ def read_csv(path: str, columns: Sequence[str] | None = None) -> list[dict]:
   with open(path, newline="") as f:
     reader = csv.DictReader(f)
     if columns is not None and tuple(reader.fieldnames or ()) != tuple(columns):
-      raise ValueError(f"{path}: columns {reader.fieldnames} are not the expected "
-                       f"{list(columns)}")
+      raise ValueError(f"{path}: columns {reader.fieldnames} are not the expected {list(columns)}")
     return list(reader)
 
 

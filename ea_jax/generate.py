@@ -19,6 +19,7 @@ positions that extrapolate: rope or none).
 
 Letters: B batch, C context fed before a segment, G tokens generated in a segment, V vocabulary.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,8 +34,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from ea_jax import model as model_lib
-from ea_jax import tasks
-from ea_jax import train_lib
+from ea_jax import tasks, train_lib
 
 DECODES = ("auto", "kv_cache", "recurrent")
 
@@ -42,16 +42,16 @@ DECODES = ("auto", "kv_cache", "recurrent")
 class LoadedModel(NamedTuple):
   cfg: model_lib.ModelConfig
   params: Any
-  task: Any          # the training task (text tasks: encode / decode / vocabulary)
+  task: Any  # the training task (text tasks: encode / decode / vocabulary)
   step: int
 
 
 class Generation(NamedTuple):
-  tokens: np.ndarray       # int32 [B, P + num_tokens]: prompt then generated tokens
-  text: list               # per row, the decoded text (prompt included) when the task has one
-  decode: str              # "kv_cache" or "recurrent"
-  seconds: float           # wall time of the generation (compiled functions, after warm-up)
-  tokens_per_sec: float    # generated tokens per second over the batch
+  tokens: np.ndarray  # int32 [B, P + num_tokens]: prompt then generated tokens
+  text: list  # per row, the decoded text (prompt included) when the task has one
+  decode: str  # "kv_cache" or "recurrent"
+  seconds: float  # wall time of the generation (compiled functions, after warm-up)
+  tokens_per_sec: float  # generated tokens per second over the batch
 
 
 def load(workdir: str, step: int | None = None) -> LoadedModel:
@@ -59,15 +59,18 @@ def load(workdir: str, step: int | None = None) -> LoadedModel:
   workdir = os.path.abspath(workdir)
   info = train_lib.read_train_config(workdir)
   config = info["config"]
-  cfg = model_lib.ModelConfig.from_config(config["model"], vocab_size=int(info["vocab_size"]),
-                                          max_len=int(info["max_len"]))
+  cfg = model_lib.ModelConfig.from_config(
+    config["model"], vocab_size=int(info["vocab_size"]), max_len=int(info["max_len"])
+  )
   directory = os.path.join(workdir, "checkpoints")
   manager = ocp.CheckpointManager(directory, item_handlers=ocp.StandardCheckpointHandler())
   try:
     step = manager.latest_step() if step is None else step
     if step is None or step not in manager.all_steps():
-      raise FileNotFoundError(f"no checkpoint {'' if step is None else step} in {directory}; "
-                              f"allowed steps: {sorted(manager.all_steps())}")
+      raise FileNotFoundError(
+        f"no checkpoint {'' if step is None else step} in {directory}; "
+        f"allowed steps: {sorted(manager.all_steps())}"
+      )
     # Restored without a target: the stored tree as host arrays (only the params are used).
     state = manager.restore(step, args=ocp.args.StandardRestore())
   finally:
@@ -82,9 +85,11 @@ def decode_config(cfg: model_lib.ModelConfig, decode: str) -> tuple[model_lib.Mo
     raise ValueError(f"decode={decode!r}; allowed: {DECODES}")
   square = cfg.attention == "ea" and cfg.ea_kernel == "square"
   if decode == "recurrent" and not square:
-    raise ValueError(f"decode='recurrent' needs model.attention='ea' with ea_kernel='square' "
-                     f"(this model: attention={cfg.attention!r}, ea_kernel={cfg.ea_kernel!r}); "
-                     "use 'kv_cache' or 'auto'")
+    raise ValueError(
+      f"decode='recurrent' needs model.attention='ea' with ea_kernel='square' "
+      f"(this model: attention={cfg.attention!r}, ea_kernel={cfg.ea_kernel!r}); "
+      "use 'kv_cache' or 'auto'"
+    )
   if decode == "recurrent" or (decode == "auto" and square):
     return dataclasses.replace(cfg, attention_impl="linear"), "recurrent"
   # Any implementation but "linear" decodes with the KV cache; parameters are the same.
@@ -110,8 +115,9 @@ def _segment(cfg, params, context_BC, rng, num_new, temperature, top_k):
   state = model_lib.init_decode_state(cfg, B, C + num_new)
 
   def step(state, token_B):
-    logits_B1V, state = model.apply({"params": params}, token_B[:, None], state,
-                                    method=model_lib.Transformer.decode_step)
+    logits_B1V, state = model.apply(
+      {"params": params}, token_B[:, None], state, method=model_lib.Transformer.decode_step
+    )
     return state, logits_B1V[:, 0]
 
   state, _ = jax.lax.scan(step, state, jnp.moveaxis(context_BC[:, :-1], 1, 0))
@@ -127,9 +133,17 @@ def _segment(cfg, params, context_BC, rng, num_new, temperature, top_k):
   return jnp.moveaxis(new_GB, 0, 1)
 
 
-def generate_tokens(cfg: model_lib.ModelConfig, params, prompt_BP, num_tokens: int, *,
-                    rng: jax.Array, temperature: float = 0.0, top_k: int = 0,
-                    window: int | None = None) -> np.ndarray:
+def generate_tokens(
+  cfg: model_lib.ModelConfig,
+  params,
+  prompt_BP,
+  num_tokens: int,
+  *,
+  rng: jax.Array,
+  temperature: float = 0.0,
+  top_k: int = 0,
+  window: int | None = None,
+) -> np.ndarray:
   """Prompt then `num_tokens` sampled tokens, int32 [B, P + num_tokens] (see module docstring).
 
   Args:
@@ -155,47 +169,79 @@ def generate_tokens(cfg: model_lib.ModelConfig, params, prompt_BP, num_tokens: i
   window = cfg.max_len if window is None else window
   learned = cfg.pos_encoding == "learned"
   if window == 0 and learned:
-    raise ValueError("window=0 (no restarts) needs positions that extrapolate; this model uses "
-                     f"learned positions up to max_len={cfg.max_len}: use window <= max_len")
+    raise ValueError(
+      "window=0 (no restarts) needs positions that extrapolate; this model uses "
+      f"learned positions up to max_len={cfg.max_len}: use window <= max_len"
+    )
   if window and not 2 <= window <= (cfg.max_len if learned else window):
-    raise ValueError(f"window={window!r}; allowed: 0 (no restarts) or an integer in "
-                     f"[2, {cfg.max_len}] (the model's max_len)")
+    raise ValueError(
+      f"window={window!r}; allowed: 0 (no restarts) or an integer in "
+      f"[2, {cfg.max_len}] (the model's max_len)"
+    )
   tokens_BT = prompt_BP
   if window and tokens_BT.shape[1] >= window:  # a long prompt: keep its last window // 2
-    tokens_BT = tokens_BT[:, -(window // 2):]
+    tokens_BT = tokens_BT[:, -(window // 2) :]
   out = [prompt_BP]
   context_BC = tokens_BT
   made, segment = 0, 0
   while made < num_tokens:
     room = num_tokens - made if not window else window - context_BC.shape[1]
     num_new = min(room, num_tokens - made)
-    new_BG = np.asarray(_segment(cfg, params, jnp.asarray(context_BC),
-                                 jax.random.fold_in(rng, segment), num_new, float(temperature),
-                                 int(top_k)))
+    new_BG = np.asarray(
+      _segment(
+        cfg,
+        params,
+        jnp.asarray(context_BC),
+        jax.random.fold_in(rng, segment),
+        num_new,
+        float(temperature),
+        int(top_k),
+      )
+    )
     out.append(new_BG)
     made += num_new
     segment += 1
     context_BC = np.concatenate([context_BC, new_BG], axis=1)
     if window:
-      context_BC = context_BC[:, -(window // 2):]
+      context_BC = context_BC[:, -(window // 2) :]
   return np.concatenate(out, axis=1)
 
 
-def generate(model: LoadedModel, prompt: str | np.ndarray, num_tokens: int, *,
-             rng: jax.Array | None = None, decode: str = "auto", temperature: float = 0.0,
-             top_k: int = 0, batch_size: int = 1, window: int | None = None) -> Generation:
+def generate(
+  model: LoadedModel,
+  prompt: str | np.ndarray,
+  num_tokens: int,
+  *,
+  rng: jax.Array | None = None,
+  decode: str = "auto",
+  temperature: float = 0.0,
+  top_k: int = 0,
+  batch_size: int = 1,
+  window: int | None = None,
+) -> Generation:
   """Generates from a loaded model, timing a second (compiled) run; see `generate_tokens`."""
   cfg, kind = decode_config(model.cfg, decode)
   if isinstance(prompt, str):
     if not hasattr(model.task, "encode"):
-      raise ValueError(f"a text prompt needs a text task; this model's task is "
-                       f"{type(model.task).__name__}: pass prompt tokens instead")
+      raise ValueError(
+        f"a text prompt needs a text task; this model's task is "
+        f"{type(model.task).__name__}: pass prompt tokens instead"
+      )
     prompt = model.task.encode(prompt)
-  prompt_BP = np.broadcast_to(np.asarray(prompt, np.int32).reshape(1, -1),
-                              (batch_size, np.asarray(prompt).size))
+  prompt_BP = np.broadcast_to(
+    np.asarray(prompt, np.int32).reshape(1, -1), (batch_size, np.asarray(prompt).size)
+  )
   rng = jax.random.key(0) if rng is None else rng
-  run = lambda: generate_tokens(cfg, model.params, prompt_BP, num_tokens, rng=rng,
-                                temperature=temperature, top_k=top_k, window=window)
+  run = lambda: generate_tokens(
+    cfg,
+    model.params,
+    prompt_BP,
+    num_tokens,
+    rng=rng,
+    temperature=temperature,
+    top_k=top_k,
+    window=window,
+  )
   run()  # compiles every segment shape
   t0 = time.perf_counter()
   tokens = run()

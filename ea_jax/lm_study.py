@@ -29,6 +29,7 @@ forward+backward pass of the run's model and batch (temporaries + arguments + ou
 `selected_step`) when training reports them; otherwise the final checkpoint is evaluated on the
 test split and is the selected one (`selection` column says which).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,9 +45,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from ea_jax import files
@@ -55,14 +54,22 @@ from ea_jax import model as model_lib
 
 NATS_PER_BIT = math.log(2.0)
 
-config_flags.DEFINE_config_file("config", None, "The comparison plan (configs/lm.py).",
-                                lock_config=True)
+config_flags.DEFINE_config_file(
+  "config", None, "The comparison plan (configs/lm.py).", lock_config=True
+)
 flags.DEFINE_string("workdir", None, "Directory of the runs (one subdirectory per run).")
 flags.DEFINE_string("out", None, "Where tables, figure and summary go (default: --workdir).")
-flags.DEFINE_integer("estimate", 0, "If > 0: time this many steps of every distinct run shape "
-                     "and print the plan's projected duration instead of running it.")
-flags.DEFINE_list("stages", ["seeds", "long", "samples", "report"],
-                  "Stages after tuning (tuning always runs: the others use its selection).")
+flags.DEFINE_integer(
+  "estimate",
+  0,
+  "If > 0: time this many steps of every distinct run shape "
+  "and print the plan's projected duration instead of running it.",
+)
+flags.DEFINE_list(
+  "stages",
+  ["seeds", "long", "samples", "report"],
+  "Stages after tuning (tuning always runs: the others use its selection).",
+)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -75,7 +82,7 @@ class RunSpec:
   variant: str
   lr: float
   seed: int
-  stage: str                 # "tune", "seed" or "long"
+  stage: str  # "tune", "seed" or "long"
   seq_len: int | None = None
   impl: str | None = None
 
@@ -115,11 +122,21 @@ def long_specs(plan, selected_lr: dict) -> list[RunSpec]:
   for entry in plan.long_runs:
     parts = entry.split(":")
     if len(parts) != 3 or not parts[0].isdigit() or parts[1] not in selected_lr:
-      raise ValueError(f"long_runs entry {entry!r}; allowed: 'context:variant:implementation' "
-                       f"with a variant of {tuple(selected_lr)}, e.g. '1024:ea_square:linear'")
+      raise ValueError(
+        f"long_runs entry {entry!r}; allowed: 'context:variant:implementation' "
+        f"with a variant of {tuple(selected_lr)}, e.g. '1024:ea_square:linear'"
+      )
     context, variant, impl = int(parts[0]), parts[1], parts[2]
-    specs.append(RunSpec(variant, selected_lr[variant], plan.tune_seed, "long", context,
-                         None if impl == "auto" else impl))
+    specs.append(
+      RunSpec(
+        variant,
+        selected_lr[variant],
+        plan.tune_seed,
+        "long",
+        context,
+        None if impl == "auto" else impl,
+      )
+    )
   return specs
 
 
@@ -132,6 +149,7 @@ def _scalars(run_dir: str, tag: str) -> list[tuple[int, float]]:
   """(step, value) of one scalar from the run's TensorBoard events, in step order."""
   from tensorboard.backend.event_processing import event_accumulator
   from tensorboard.util import tensor_util
+
   acc = event_accumulator.EventAccumulator(run_dir, size_guidance={event_accumulator.TENSORS: 0})
   acc.Reload()
   if tag not in acc.Tags()["tensors"]:
@@ -140,8 +158,9 @@ def _scalars(run_dir: str, tag: str) -> list[tuple[int, float]]:
   return sorted(rows.items())
 
 
-def train_seconds_curve(tokens_per_sec: list[tuple[int, float]], tokens_per_step: int
-                        ) -> tuple[np.ndarray, np.ndarray]:
+def train_seconds_curve(
+  tokens_per_sec: list[tuple[int, float]], tokens_per_step: int
+) -> tuple[np.ndarray, np.ndarray]:
   """(steps, cumulative training seconds) from per-log-interval throughput; starts at (0, 0).
 
   The first interval holds the train step's compilation; it is costed at the median
@@ -168,10 +187,15 @@ def best_eval(history: list[dict]) -> dict:
 def _test_eval(config, run_dir: str, step: int) -> dict:
   """Test-split metrics of the run's final checkpoint (evaluate.py's eval.json, reused if there)."""
   from ea_jax import evaluate  # pylint: disable=import-outside-toplevel
-  done = files.read_json(os.path.join(run_dir, getattr(evaluate, "EVAL_FILE", "eval.json")),
-                         default={})
-  if done.get("split") == "test" and done.get("step") == step and (
-      done.get("num_examples") == config.eval.num_examples):
+
+  done = files.read_json(
+    os.path.join(run_dir, getattr(evaluate, "EVAL_FILE", "eval.json")), default={}
+  )
+  if (
+    done.get("split") == "test"
+    and done.get("step") == step
+    and (done.get("num_examples") == config.eval.num_examples)
+  ):
     return done
   c = ml_collections.ConfigDict(config.to_dict())
   c.eval.split = "test"
@@ -196,25 +220,45 @@ def collect(config, run_dir: str, spec: RunSpec) -> tuple[dict, list[dict]]:
     validation_loss = next(float(h["loss"]) for h in history if h["step"] == selected)
   steady = [v for _, v in tps[1:]] or [v for _, v in tps]  # first interval includes compilation
   row = {
-      "run": spec.name, "stage": spec.stage, "variant": spec.variant, "lr": spec.lr,
-      "seed": spec.seed, "seq_len": config.task.seq_len, "batch_size": config.train.batch_size,
-      "attention_impl": config.model.attention_impl or "auto",
-      "steps": int(summary["step"]), "selected_step": selected, "selection": selection,
-      "best_validation_loss": float(best["loss"]), "validation_loss": validation_loss,
-      "test_loss": test_loss, "test_bits_per_char": test_loss / NATS_PER_BIT,
-      "tokens_per_sec": statistics.median(steady) if steady else float("nan"),
-      "train_seconds": float(curve_seconds[-1]), "num_params": int(summary["num_params"]),
+    "run": spec.name,
+    "stage": spec.stage,
+    "variant": spec.variant,
+    "lr": spec.lr,
+    "seed": spec.seed,
+    "seq_len": config.task.seq_len,
+    "batch_size": config.train.batch_size,
+    "attention_impl": config.model.attention_impl or "auto",
+    "steps": int(summary["step"]),
+    "selected_step": selected,
+    "selection": selection,
+    "best_validation_loss": float(best["loss"]),
+    "validation_loss": validation_loss,
+    "test_loss": test_loss,
+    "test_bits_per_char": test_loss / NATS_PER_BIT,
+    "tokens_per_sec": statistics.median(steady) if steady else float("nan"),
+    "train_seconds": float(curve_seconds[-1]),
+    "num_params": int(summary["num_params"]),
   }
-  curve = [{"run": spec.name, "variant": spec.variant, "stage": spec.stage, "seed": spec.seed,
-            "seq_len": config.task.seq_len, "attention_impl": row["attention_impl"],
-            "step": int(h["step"]), "validation_loss": float(h["loss"]),
-            "train_seconds": float(np.interp(h["step"], curve_steps, curve_seconds))}
-           for h in history]
+  curve = [
+    {
+      "run": spec.name,
+      "variant": spec.variant,
+      "stage": spec.stage,
+      "seed": spec.seed,
+      "seq_len": config.task.seq_len,
+      "attention_impl": row["attention_impl"],
+      "step": int(h["step"]),
+      "validation_loss": float(h["loss"]),
+      "train_seconds": float(np.interp(h["step"], curve_steps, curve_seconds)),
+    }
+    for h in history
+  ]
   return row, curve
 
 
 def train_run(plan, spec: RunSpec, workdir: str) -> tuple[dict, list[dict]]:
   from ea_jax import train_lib  # pylint: disable=import-outside-toplevel
+
   config = run_config(plan, spec)
   run_dir = os.path.join(workdir, "runs", spec.name)
   summary = files.read_json(os.path.join(run_dir, "train_summary.json"), default={})
@@ -240,6 +284,7 @@ def check_eval_splits(config) -> None:
   from ea_jax import data as data_lib  # pylint: disable=import-outside-toplevel
   from ea_jax import sharding as sharding_lib  # pylint: disable=import-outside-toplevel
   from ea_jax import tasks  # pylint: disable=import-outside-toplevel
+
   task = tasks.make_task(config.task)
   mesh = sharding_lib.create_mesh(config.mesh)
   rules = sharding_lib.logical_rules(dict(config.logical_axis_rules))
@@ -253,9 +298,10 @@ def check_eval_splits(config) -> None:
     found = sum(row.tobytes() in text.tobytes() for row in inputs)
     if found < rows:
       raise RuntimeError(
-          f"the data source's {split} batches are not windows of the {split} split ({found} of "
-          f"{rows} found in its text): ea_jax/data.py must pass the split to task.sample "
-          "(task.sample(rng, batch_size, split)) before this comparison can run")
+        f"the data source's {split} batches are not windows of the {split} split ({found} of "
+        f"{rows} found in its text): ea_jax/data.py must pass the split to task.sample "
+        "(task.sample(rng, batch_size, split)) before this comparison can run"
+      )
 
 
 def select_lr(rows: list[dict], lr_grid) -> tuple[dict, list[dict]]:
@@ -267,16 +313,25 @@ def select_lr(rows: list[dict], lr_grid) -> tuple[dict, list[dict]]:
     chosen = min(mine, key=lambda r: (r["best_validation_loss"], r["lr"]))
     selected[variant] = chosen["lr"]
     interior = grid[0] < chosen["lr"] < grid[-1]
-    table += [{"variant": variant, "lr": r["lr"], "seed": r["seed"],
-               "best_validation_loss": r["best_validation_loss"], "chosen": r is chosen,
-               "interior": interior if r is chosen else ""} for r in mine]
+    table += [
+      {
+        "variant": variant,
+        "lr": r["lr"],
+        "seed": r["seed"],
+        "best_validation_loss": r["best_validation_loss"],
+        "chosen": r is chosen,
+        "interior": interior if r is chosen else "",
+      }
+      for r in mine
+    ]
   return selected, table
 
 
 def step_memory_bytes(config, vocab_size: int) -> int:
   """XLA's planned temporary + argument + output bytes of one loss forward+backward pass."""
-  cfg = model_lib.ModelConfig.from_config(config.model, vocab_size=vocab_size,
-                                          max_len=config.task.seq_len)
+  cfg = model_lib.ModelConfig.from_config(
+    config.model, vocab_size=vocab_size, max_len=config.task.seq_len
+  )
   model = model_lib.Transformer(cfg)
   shape = (config.train.batch_size, config.task.seq_len)
   tokens = jax.ShapeDtypeStruct(shape, jnp.int32)
@@ -306,25 +361,43 @@ def equal_time_losses(curves: list[dict]) -> dict:
     rows = sorted(rows, key=lambda c: c["train_seconds"])
     seconds = [c["train_seconds"] for c in rows]
     losses = [c["validation_loss"] for c in rows]
-    out[run] = (float(np.interp(budget, seconds, losses)) if seconds[0] <= budget * (1 + 1e-9)
-                else float("nan"))
+    out[run] = (
+      float(np.interp(budget, seconds, losses))
+      if seconds[0] <= budget * (1 + 1e-9)
+      else float("nan")
+    )
   return {"budget_seconds": budget, "losses": out}
 
 
 def samples(plan, selected_lr: dict, workdir: str) -> list[dict]:
   """Generated text and decoding speed of each variant's tuning-seed model."""
   from ea_jax import generate  # pylint: disable=import-outside-toplevel
+
   out = []
   for variant, lr in selected_lr.items():
     spec = RunSpec(variant, lr, plan.tune_seed, "tune")
     loaded = generate.load(os.path.join(workdir, "runs", spec.name))
-    decodes = ["auto"] + (["kv_cache"] if loaded.cfg.attention == "ea"
-                          and loaded.cfg.ea_kernel == "square" else [])
+    decodes = ["auto"] + (
+      ["kv_cache"] if loaded.cfg.attention == "ea" and loaded.cfg.ea_kernel == "square" else []
+    )
     for decode in decodes:
-      g = generate.generate(loaded, plan.sample_prompt, plan.sample_tokens,
-                            rng=jax.random.key(0), decode=decode, temperature=0.8)
-      out.append({"variant": variant, "run": spec.name, "decode": g.decode,
-                  "tokens_per_sec": g.tokens_per_sec, "text": g.text[0]})
+      g = generate.generate(
+        loaded,
+        plan.sample_prompt,
+        plan.sample_tokens,
+        rng=jax.random.key(0),
+        decode=decode,
+        temperature=0.8,
+      )
+      out.append(
+        {
+          "variant": variant,
+          "run": spec.name,
+          "decode": g.decode,
+          "tokens_per_sec": g.tokens_per_sec,
+          "text": g.text[0],
+        }
+      )
   return out
 
 
@@ -343,19 +416,32 @@ def _mean_std(values):
 def plot_curves(curves: list[dict], selected_lr: dict, path: str) -> None:
   """Validation loss vs steps and vs training wall time, per variant at its selected lr."""
   import matplotlib  # pylint: disable=import-outside-toplevel
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
   for variant, lr in selected_lr.items():
-    mine = [c for c in curves if c["variant"] == variant and c["stage"] in ("tune", "seed")
-            and c["run"].startswith(f"{variant}_lr{lr:g}_")]
+    mine = [
+      c
+      for c in curves
+      if c["variant"] == variant
+      and c["stage"] in ("tune", "seed")
+      and c["run"].startswith(f"{variant}_lr{lr:g}_")
+    ]
     for i, seed in enumerate(sorted({c["seed"] for c in mine})):
       rows = sorted((c for c in mine if c["seed"] == seed), key=lambda c: c["step"])
       label = f"{variant} (lr {lr:g})" if i == 0 else None
       color = f"C{list(selected_lr).index(variant)}"
       for ax, x in zip(axes, ("step", "train_seconds")):
-        ax.plot([c[x] for c in rows], [c["validation_loss"] for c in rows], color=color,
-                alpha=0.8, label=label, marker=".")
+        ax.plot(
+          [c[x] for c in rows],
+          [c["validation_loss"] for c in rows],
+          color=color,
+          alpha=0.8,
+          label=label,
+          marker=".",
+        )
   for ax, xlabel in zip(axes, ("training step", "training wall time (s)")):
     ax.set_xlabel(xlabel)
     ax.set_ylabel("validation loss (nats/char)")
@@ -369,24 +455,35 @@ def plot_curves(curves: list[dict], selected_lr: dict, path: str) -> None:
 
 def _git_commit() -> str:
   try:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True, check=True).stdout.strip()
+    return subprocess.run(
+      ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
   except (OSError, subprocess.CalledProcessError):
     return "unknown"
 
 
 def summary_markdown(plan, results, tuning, long_rows, long_eq, sample_rows, command) -> str:
-  lines = [f"Command: `{command}`  ",
-           f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; code "
-           f"commit {_git_commit()}; machine: {platform.processor() or platform.machine()}, "
-           f"{os.cpu_count()} CPU cores, jax {jax.__version__} ({jax.default_backend()}).", ""]
+  lines = [
+    f"Command: `{command}`  ",
+    f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; code "
+    f"commit {_git_commit()}; machine: {platform.processor() or platform.machine()}, "
+    f"{os.cpu_count()} CPU cores, jax {jax.__version__} ({jax.default_backend()}).",
+    "",
+  ]
   b = plan.base
-  lines += [f"Model: {b.model.num_layers} layers, {b.model.num_heads} heads, width "
-            f"{b.model.embed_dim}, context {b.task.seq_len}, batch {b.train.batch_size}, "
-            f"{b.train.num_steps} steps; {results[0]['num_params']:,} parameters." if results
-            else "", ""]
-  lines += ["| variant | lr | seeds | test loss (nats/char) | test bits/char | validation loss "
-            "| tokens/s |", "|---|---|---|---|---|---|---|"]
+  lines += [
+    f"Model: {b.model.num_layers} layers, {b.model.num_heads} heads, width "
+    f"{b.model.embed_dim}, context {b.task.seq_len}, batch {b.train.batch_size}, "
+    f"{b.train.num_steps} steps; {results[0]['num_params']:,} parameters."
+    if results
+    else "",
+    "",
+  ]
+  lines += [
+    "| variant | lr | seeds | test loss (nats/char) | test bits/char | validation loss "
+    "| tokens/s |",
+    "|---|---|---|---|---|---|---|",
+  ]
   for variant in plan.variants:
     mine = [r for r in results if r["variant"] == variant and r["stage"] in ("tune", "seed")]
     if not mine:
@@ -394,49 +491,77 @@ def summary_markdown(plan, results, tuning, long_rows, long_eq, sample_rows, com
     t, ts = _mean_std([r["test_loss"] for r in mine])
     v, vs = _mean_std([r["validation_loss"] for r in mine])
     tps, _ = _mean_std([r["tokens_per_sec"] for r in mine])
-    lines.append(f"| {variant} | {mine[0]['lr']:g} | {len(mine)} | {t:.3f} ± {ts:.3f} | "
-                 f"{t / NATS_PER_BIT:.3f} ± {ts / NATS_PER_BIT:.3f} | {v:.3f} ± {vs:.3f} | "
-                 f"{tps:,.0f} |")
-  lines += ["", "Mean ± standard deviation over seeds; test loss at the checkpoint selected on "
-            "validation (`selection` in results.csv).", "",
-            "Learning-rate tuning (seed %d, best validation loss):" % plan.tune_seed, "",
-            "| variant | " + " | ".join(f"lr {lr:g}" for lr in plan.lr_grid) + " | chosen | "
-            "interior |", "|---|" + "---|" * (len(plan.lr_grid) + 2)]
+    lines.append(
+      f"| {variant} | {mine[0]['lr']:g} | {len(mine)} | {t:.3f} ± {ts:.3f} | "
+      f"{t / NATS_PER_BIT:.3f} ± {ts / NATS_PER_BIT:.3f} | {v:.3f} ± {vs:.3f} | "
+      f"{tps:,.0f} |"
+    )
+  lines += [
+    "",
+    "Mean ± standard deviation over seeds; test loss at the checkpoint selected on "
+    "validation (`selection` in results.csv).",
+    "",
+    "Learning-rate tuning (seed %d, best validation loss):" % plan.tune_seed,
+    "",
+    "| variant | " + " | ".join(f"lr {lr:g}" for lr in plan.lr_grid) + " | chosen | interior |",
+    "|---|" + "---|" * (len(plan.lr_grid) + 2),
+  ]
   for variant in plan.variants:
     mine = {r["lr"]: r for r in tuning if r["variant"] == variant}
     if not mine:
       continue
     chosen = next(r for r in mine.values() if r["chosen"])
-    cells = [f"{mine[lr]['best_validation_loss']:.3f}" if lr in mine else "" for lr in
-             plan.lr_grid]
-    lines.append(f"| {variant} | " + " | ".join(cells) + f" | {chosen['lr']:g} | "
-                 f"{chosen['interior']} |")
+    cells = [f"{mine[lr]['best_validation_loss']:.3f}" if lr in mine else "" for lr in plan.lr_grid]
+    lines.append(
+      f"| {variant} | " + " | ".join(cells) + f" | {chosen['lr']:g} | {chosen['interior']} |"
+    )
   if long_rows:
-    lines += ["", "Long context (%d tokens per step, %d steps; equal time = the fastest run's "
-              "training time at that context):" % (plan.long_tokens_per_step, plan.long_steps), "",
-              "| context | run | batch | tokens/s | fwd+bwd memory (MiB) | train s | best "
-              "validation loss | at equal time |", "|---|---|---|---|---|---|---|---|"]
+    lines += [
+      "",
+      "Long context (%d tokens per step, %d steps; equal time = the fastest run's "
+      "training time at that context):" % (plan.long_tokens_per_step, plan.long_steps),
+      "",
+      "| context | run | batch | tokens/s | fwd+bwd memory (MiB) | train s | best "
+      "validation loss | at equal time |",
+      "|---|---|---|---|---|---|---|---|",
+    ]
     for r in long_rows:
       eq = long_eq[r["seq_len"]]
-      lines.append(f"| {r['seq_len']} | {r['variant']}:{r['attention_impl']} | "
-                   f"{r['batch_size']} | {r['tokens_per_sec']:,.0f} | "
-                   f"{r['memory_bytes'] / 2**20:,.1f} | {r['train_seconds']:.1f} | "
-                   f"{r['best_validation_loss']:.3f} | {eq['losses'][r['run']]:.3f} "
-                   f"({eq['budget_seconds']:.0f} s) |")
+      lines.append(
+        f"| {r['seq_len']} | {r['variant']}:{r['attention_impl']} | "
+        f"{r['batch_size']} | {r['tokens_per_sec']:,.0f} | "
+        f"{r['memory_bytes'] / 2**20:,.1f} | {r['train_seconds']:.1f} | "
+        f"{r['best_validation_loss']:.3f} | {eq['losses'][r['run']]:.3f} "
+        f"({eq['budget_seconds']:.0f} s) |"
+      )
   if sample_rows:
-    lines += ["", "Decoding speed (batch 1, %d characters, temperature 0.8):" %
-              plan.sample_tokens, "", "| variant | decoding state | tokens/s |", "|---|---|---|"]
-    lines += [f"| {s['variant']} | {s['decode']} | {s['tokens_per_sec']:,.0f} |"
-              for s in sample_rows]
+    lines += [
+      "",
+      "Decoding speed (batch 1, %d characters, temperature 0.8):" % plan.sample_tokens,
+      "",
+      "| variant | decoding state | tokens/s |",
+      "|---|---|---|",
+    ]
+    lines += [
+      f"| {s['variant']} | {s['decode']} | {s['tokens_per_sec']:,.0f} |" for s in sample_rows
+    ]
   return "\n".join(lines) + "\n"
 
 
 def samples_markdown(plan, sample_rows) -> str:
-  out = [f"Prompt {plan.sample_prompt!r}, {plan.sample_tokens} characters, temperature 0.8, "
-         "seed 0.", ""]
+  out = [
+    f"Prompt {plan.sample_prompt!r}, {plan.sample_tokens} characters, temperature 0.8, seed 0.",
+    "",
+  ]
   for s in sample_rows:
-    out += [f"### {s['variant']} ({s['decode']}, {s['tokens_per_sec']:,.0f} tokens/s)", "",
-            "```", s["text"], "```", ""]
+    out += [
+      f"### {s['variant']} ({s['decode']}, {s['tokens_per_sec']:,.0f} tokens/s)",
+      "",
+      "```",
+      s["text"],
+      "```",
+      "",
+    ]
   return "\n".join(out)
 
 
@@ -458,8 +583,9 @@ def run(plan, workdir: str, out: str, stages, command: str) -> None:
   unknown = sorted(set(stages) - {"seeds", "long", "samples", "report"})
   if unknown:
     raise ValueError(f"--stages: unknown {unknown}; allowed: seeds, long, samples, report")
-  check_eval_splits(run_config(plan, RunSpec(plan.variants[0], plan.lr_grid[0], plan.tune_seed,
-                                             "tune")))
+  check_eval_splits(
+    run_config(plan, RunSpec(plan.variants[0], plan.lr_grid[0], plan.tune_seed, "tune"))
+  )
   results, curves = [], []
   for variant in plan.variants:
     for lr in plan.lr_grid:
@@ -469,7 +595,8 @@ def run(plan, workdir: str, out: str, stages, command: str) -> None:
   selected_lr, tuning = select_lr(results, plan.lr_grid)
   logging.info("selected learning rates: %s", selected_lr)
   results = [r for r in results if r["lr"] == selected_lr[r["variant"]]] + [
-      r for r in results if r["lr"] != selected_lr[r["variant"]]]
+    r for r in results if r["lr"] != selected_lr[r["variant"]]
+  ]
   if "seeds" in stages:
     for variant, lr in selected_lr.items():
       for seed in plan.seeds:
@@ -479,30 +606,45 @@ def run(plan, workdir: str, out: str, stages, command: str) -> None:
           curves += curve
   long_rows, long_eq = [], {}
   if "long" in stages:
-    vocab = int(files.read_json(os.path.join(
-        workdir, "runs", RunSpec(plan.variants[0], selected_lr[plan.variants[0]],
-                                 plan.tune_seed, "tune").name, "train_config.json"))["vocab_size"])
+    vocab = int(
+      files.read_json(
+        os.path.join(
+          workdir,
+          "runs",
+          RunSpec(plan.variants[0], selected_lr[plan.variants[0]], plan.tune_seed, "tune").name,
+          "train_config.json",
+        )
+      )["vocab_size"]
+    )
     for spec in long_specs(plan, selected_lr):
       row, curve = train_run(plan, spec, workdir)
       row["memory_bytes"] = step_memory_bytes(run_config(plan, spec), vocab)
       long_rows.append(row)
       curves += curve
     for context in sorted({r["seq_len"] for r in long_rows}):
-      long_eq[context] = equal_time_losses([c for c in curves if c["stage"] == "long"
-                                            and c["seq_len"] == context])
+      long_eq[context] = equal_time_losses(
+        [c for c in curves if c["stage"] == "long" and c["seq_len"] == context]
+      )
   sample_rows = samples(plan, selected_lr, workdir) if "samples" in stages else []
   # Only runs at the selected lr are in the main table; the rest stay in tuning.csv.
   main = [r for r in results if r["lr"] == selected_lr[r["variant"]]]
-  files.write_csv(os.path.join(out, "results.csv"), main + long_rows, float_format="{:.6g}",
-                  columns=list(main[0]) + ["memory_bytes"])
+  files.write_csv(
+    os.path.join(out, "results.csv"),
+    main + long_rows,
+    float_format="{:.6g}",
+    columns=list(main[0]) + ["memory_bytes"],
+  )
   files.write_csv(os.path.join(out, "tuning.csv"), tuning, float_format="{:.6g}")
   files.write_csv(os.path.join(out, "curves.csv"), curves, float_format="{:.6g}")
   if long_rows:
     files.write_json(os.path.join(out, "long_equal_time.json"), long_eq)
   if "report" in stages:
     plot_curves(curves, selected_lr, os.path.join(out, "lm_curves.png"))
-    _write(os.path.join(out, "summary.md"), _write_text,
-           summary_markdown(plan, main, tuning, long_rows, long_eq, sample_rows, command))
+    _write(
+      os.path.join(out, "summary.md"),
+      _write_text,
+      summary_markdown(plan, main, tuning, long_rows, long_eq, sample_rows, command),
+    )
     if sample_rows:
       _write(os.path.join(out, "samples.md"), _write_text, samples_markdown(plan, sample_rows))
   logging.info("wrote results to %s", out)
@@ -511,8 +653,10 @@ def run(plan, workdir: str, out: str, stages, command: str) -> None:
 def _time_steps(config, vocab_size: int, num_steps: int) -> dict:
   """Median wall and CPU seconds of one training step (AdamW, fwd+bwd) and one eval batch."""
   import optax  # pylint: disable=import-outside-toplevel
-  cfg = model_lib.ModelConfig.from_config(config.model, vocab_size=vocab_size,
-                                          max_len=config.task.seq_len)
+
+  cfg = model_lib.ModelConfig.from_config(
+    config.model, vocab_size=vocab_size, max_len=config.task.seq_len
+  )
   model = model_lib.Transformer(cfg)
   B, L = config.train.batch_size, config.task.seq_len
   tokens = jnp.zeros((B, L), jnp.int32)
@@ -521,8 +665,9 @@ def _time_steps(config, vocab_size: int, num_steps: int) -> dict:
 
   @jax.jit
   def step(params, opt_state, tokens):
-    loss = lambda p: metrics_lib.mean_loss(model.apply(p, tokens), tokens, jnp.ones_like(
-        tokens, jnp.float32))
+    loss = lambda p: metrics_lib.mean_loss(
+      model.apply(p, tokens), tokens, jnp.ones_like(tokens, jnp.float32)
+    )
     grads = jax.grad(loss)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state
@@ -543,8 +688,12 @@ def _time_steps(config, vocab_size: int, num_steps: int) -> dict:
   opt_state = tx.init(params)
   train = timed(lambda: step(params, opt_state, tokens), num_steps)
   evals = timed(lambda: forward(params, eval_tokens), max(2, num_steps // 4))
-  return {"train_wall": train[0], "train_cpu": train[1], "eval_wall": evals[0],
-          "eval_cpu": evals[1]}
+  return {
+    "train_wall": train[0],
+    "train_cpu": train[1],
+    "eval_wall": evals[0],
+    "eval_cpu": evals[1],
+  }
 
 
 def estimate(plan, num_steps: int) -> str:
@@ -554,9 +703,12 @@ def estimate(plan, num_steps: int) -> str:
   runs_per_variant = len(plan.lr_grid) + len([s for s in plan.seeds if s != plan.tune_seed])
   specs += long_specs(plan, {v: plan.lr_grid[0] for v in plan.variants})
   from ea_jax import tasks  # pylint: disable=import-outside-toplevel
+
   vocab = tasks.make_task(plan.base.task).vocab_size
-  lines = ["| run shape | runs | step wall s | step CPU s | projected wall min | CPU min |",
-           "|---|---|---|---|---|---|"]
+  lines = [
+    "| run shape | runs | step wall s | step CPU s | projected wall min | CPU min |",
+    "|---|---|---|---|---|---|",
+  ]
   total_wall = total_cpu = 0.0
   for spec in specs:
     c = run_config(plan, spec)
@@ -568,12 +720,17 @@ def estimate(plan, num_steps: int) -> str:
     cpu = n_runs * (c.train.num_steps * t["train_cpu"] + evals * eval_batches * t["eval_cpu"])
     total_wall, total_cpu = total_wall + wall, total_cpu + cpu
     shape = f"{spec.variant} T={c.task.seq_len} B={c.train.batch_size} " + (
-        f"{spec.impl or 'auto'}" if spec.stage == "long" else "")
-    lines.append(f"| {shape} | {n_runs} | {t['train_wall']:.4f} | {t['train_cpu']:.4f} | "
-                 f"{wall / 60:.1f} | {cpu / 60:.1f} |")
+      f"{spec.impl or 'auto'}" if spec.stage == "long" else ""
+    )
+    lines.append(
+      f"| {shape} | {n_runs} | {t['train_wall']:.4f} | {t['train_cpu']:.4f} | "
+      f"{wall / 60:.1f} | {cpu / 60:.1f} |"
+    )
     print(lines[-1] if len(lines) > 3 else "\n".join(lines), flush=True)
-  lines.append(f"| total (excluding compilation and start-up) | | | | {total_wall / 60:.1f} | "
-               f"{total_cpu / 60:.1f} |")
+  lines.append(
+    f"| total (excluding compilation and start-up) | | | | {total_wall / 60:.1f} | "
+    f"{total_cpu / 60:.1f} |"
+  )
   print(lines[-1], flush=True)
   return "\n".join(lines)
 
@@ -594,9 +751,15 @@ def main(argv):
     estimate(flags.FLAGS.config, flags.FLAGS.estimate)  # prints each row as it is measured
     return
   import sys  # pylint: disable=import-outside-toplevel
+
   command = "python -m ea_jax.lm_study " + " ".join(sys.argv[1:])
-  run(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.out or flags.FLAGS.workdir,
-      flags.FLAGS.stages, command)
+  run(
+    flags.FLAGS.config,
+    flags.FLAGS.workdir,
+    flags.FLAGS.out or flags.FLAGS.workdir,
+    flags.FLAGS.stages,
+    command,
+  )
 
 
 if __name__ == "__main__":

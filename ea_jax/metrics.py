@@ -17,11 +17,13 @@ import optax
 from clu import metrics
 
 
-def masked_cross_entropy(logits_BLV: jax.Array, targets_BL: jax.Array, weights_BL: jax.Array
-                         ) -> tuple[jax.Array, jax.Array]:
+def masked_cross_entropy(
+  logits_BLV: jax.Array, targets_BL: jax.Array, weights_BL: jax.Array
+) -> tuple[jax.Array, jax.Array]:
   """Returns (sum of weighted cross-entropy, sum of weights); logits are upcast to float32."""
-  ce_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV.astype(jnp.float32),
-                                                          targets_BL)
+  ce_BL = optax.softmax_cross_entropy_with_integer_labels(
+    logits_BLV.astype(jnp.float32), targets_BL
+  )
   w_BL = weights_BL.astype(jnp.float32)
   return jnp.sum(ce_BL * w_BL), jnp.sum(w_BL)
 
@@ -35,13 +37,16 @@ def mean_loss(logits_BLV, targets_BL, weights_BL) -> jax.Array:
 @flax.struct.dataclass
 class PerPosition(metrics.Metric):
   """Token accuracy at each position: totals/counts over the batch, shape [L]."""
+
   total: jax.Array
   count: jax.Array
 
   @classmethod
   def from_model_output(cls, correct_BL, scored_BL, **_) -> "PerPosition":
-    return cls(total=jnp.sum(correct_BL & scored_BL, axis=0, dtype=jnp.int32),
-               count=jnp.sum(scored_BL, axis=0, dtype=jnp.int32))
+    return cls(
+      total=jnp.sum(correct_BL & scored_BL, axis=0, dtype=jnp.int32),
+      count=jnp.sum(scored_BL, axis=0, dtype=jnp.int32),
+    )
 
   def merge(self, other: "PerPosition") -> "PerPosition":
     return type(self)(total=self.total + other.total, count=self.count + other.count)
@@ -60,12 +65,15 @@ def model_outputs(logits_BLV, targets_BL, weights_BL) -> dict[str, jax.Array]:
   seq_correct_B = seq_scored_B & jnp.all(correct_BL | ~scored_BL, axis=1)
   loss_sum, weight_sum = masked_cross_entropy(logits_BLV, targets_BL, weights_BL)
   return dict(
-      loss_sum=loss_sum, weight_sum=weight_sum,
-      correct_BL=correct_BL, scored_BL=scored_BL,
-      correct_tokens=jnp.sum(correct_BL & scored_BL, dtype=jnp.int32),
-      scored_tokens=jnp.sum(scored_BL, dtype=jnp.int32),
-      correct_sequences=jnp.sum(seq_correct_B, dtype=jnp.int32),
-      scored_sequences=jnp.sum(seq_scored_B, dtype=jnp.int32))
+    loss_sum=loss_sum,
+    weight_sum=weight_sum,
+    correct_BL=correct_BL,
+    scored_BL=scored_BL,
+    correct_tokens=jnp.sum(correct_BL & scored_BL, dtype=jnp.int32),
+    scored_tokens=jnp.sum(scored_BL, dtype=jnp.int32),
+    correct_sequences=jnp.sum(seq_correct_B, dtype=jnp.int32),
+    scored_sequences=jnp.sum(seq_scored_B, dtype=jnp.int32),
+  )
 
 
 @flax.struct.dataclass
@@ -138,11 +146,15 @@ class TrainMetrics(metrics.Collection):
   learning_rate: LearningRate
 
   @classmethod
-  def make(cls, logits_BLV, targets_BL, weights_BL, *, grad_norm, update_norm,
-           learning_rate) -> "TrainMetrics":
-    return cls.single_from_model_output(**model_outputs(logits_BLV, targets_BL, weights_BL),
-                                        grad_norm=grad_norm, update_norm=update_norm,
-                                        learning_rate=learning_rate)
+  def make(
+    cls, logits_BLV, targets_BL, weights_BL, *, grad_norm, update_norm, learning_rate
+  ) -> "TrainMetrics":
+    return cls.single_from_model_output(
+      **model_outputs(logits_BLV, targets_BL, weights_BL),
+      grad_norm=grad_norm,
+      update_norm=update_norm,
+      learning_rate=learning_rate,
+    )
 
 
 @flax.struct.dataclass

@@ -16,6 +16,7 @@ Parameters carry logical axis names ("vocab", "embed", "mlp", "heads", "kv_heads
 "norm") through `nn.with_logical_partitioning`; key activations are constrained with
 ("batch", "length", ...) names. Both are no-ops unless logical-axis rules (and a mesh) are active.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,8 +36,8 @@ NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
 DTYPES = ("float32", "bfloat16")
 
-NORM_EPS = 1e-6        # epsilon of LayerNorm / RMSNorm and of the parameter-free qk norm
-ROPE_BASE = 10000.0    # rotary embedding base wavelength
+NORM_EPS = 1e-6  # epsilon of LayerNorm / RMSNorm and of the parameter-free qk norm
+ROPE_BASE = 10000.0  # rotary embedding base wavelength
 
 # Logical axis names of activations.
 X_AXES = ("batch", "length", "embed")
@@ -57,6 +58,7 @@ ATTENTION_WEIGHTS = "attention_weights"
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """All model hyper-parameters (see configs/default.py for what each field means)."""
+
   vocab_size: int
   max_len: int
   num_layers: int
@@ -95,8 +97,7 @@ class ModelConfig:
   @property
   def uses_recurrent_decode(self) -> bool:
     """Square-kernel EA with the linear implementation decodes with O(1) recurrent state."""
-    return (self.attention == "ea" and self.ea_kernel == "square"
-            and self.attention_impl == "linear")
+    return self.attention == "ea" and self.ea_kernel == "square" and self.attention_impl == "linear"
 
   @classmethod
   def from_config(cls, model_cfg, *, vocab_size: int, max_len: int) -> "ModelConfig":
@@ -106,8 +107,11 @@ class ModelConfig:
     unknown = sorted(set(fields) - set(allowed))
     if unknown:
       raise ValueError(f"config.model: unknown field(s) {unknown}; allowed fields: {allowed}")
-    required = [f.name for f in dataclasses.fields(cls)
-                if f.default is dataclasses.MISSING and f.name not in ("vocab_size", "max_len")]
+    required = [
+      f.name
+      for f in dataclasses.fields(cls)
+      if f.default is dataclasses.MISSING and f.name not in ("vocab_size", "max_len")
+    ]
     missing = [name for name in required if name not in fields]
     if missing:
       raise ValueError(f"config.model: missing required field(s) {missing}")
@@ -124,14 +128,28 @@ def _is_number(x) -> bool:
 
 def _validate(c: ModelConfig) -> None:
   """Raises ValueError naming the first bad field and what is allowed."""
-  for name in ("vocab_size", "max_len", "num_layers", "num_heads", "num_kv_heads", "embed_dim",
-               "mlp_dim"):
+  for name in (
+    "vocab_size",
+    "max_len",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "embed_dim",
+    "mlp_dim",
+  ):
     value = getattr(c, name)
     if not _is_int(value) or value < 1:
       raise ValueError(f"model.{name}={value!r}: must be a positive integer")
-  choices = (("attention", ATTENTIONS), ("ea_kernel", EA_KERNELS),
-             ("attention_impl", ATTENTION_IMPLS), ("pos_encoding", POS_ENCODINGS),
-             ("norm", NORMS), ("mlp", MLPS), ("dtype", DTYPES), ("param_dtype", DTYPES))
+  choices = (
+    ("attention", ATTENTIONS),
+    ("ea_kernel", EA_KERNELS),
+    ("attention_impl", ATTENTION_IMPLS),
+    ("pos_encoding", POS_ENCODINGS),
+    ("norm", NORMS),
+    ("mlp", MLPS),
+    ("dtype", DTYPES),
+    ("param_dtype", DTYPES),
+  )
   for name, allowed in choices:
     value = getattr(c, name)
     if value not in allowed:
@@ -139,28 +157,40 @@ def _validate(c: ModelConfig) -> None:
   for name in ("qk_norm", "tie_embeddings"):
     if not isinstance(getattr(c, name), bool):
       raise ValueError(f"model.{name}={getattr(c, name)!r}: must be True or False")
-  if c.attention_scale is not None and (not _is_number(c.attention_scale)
-                                        or not c.attention_scale > 0):
-    raise ValueError(f"model.attention_scale={c.attention_scale!r}: must be None "
-                     "(= 1/sqrt(head_dim)) or a positive number")
+  if c.attention_scale is not None and (
+    not _is_number(c.attention_scale) or not c.attention_scale > 0
+  ):
+    raise ValueError(
+      f"model.attention_scale={c.attention_scale!r}: must be None "
+      "(= 1/sqrt(head_dim)) or a positive number"
+    )
   if not _is_number(c.ea_eps) or not c.ea_eps >= 0:
     raise ValueError(f"model.ea_eps={c.ea_eps!r}: must be a number >= 0")
   if c.embed_dim % c.num_heads:
-    raise ValueError(f"model.embed_dim={c.embed_dim} must be divisible by model.num_heads="
-                     f"{c.num_heads} (head_dim = embed_dim // num_heads)")
+    raise ValueError(
+      f"model.embed_dim={c.embed_dim} must be divisible by model.num_heads="
+      f"{c.num_heads} (head_dim = embed_dim // num_heads)"
+    )
   if c.num_heads % c.num_kv_heads:
-    raise ValueError(f"model.num_heads={c.num_heads} must be a multiple of model.num_kv_heads="
-                     f"{c.num_kv_heads}")
+    raise ValueError(
+      f"model.num_heads={c.num_heads} must be a multiple of model.num_kv_heads={c.num_kv_heads}"
+    )
   if c.pos_encoding == "rope" and c.head_dim % 2:
-    raise ValueError(f"model.pos_encoding='rope' needs an even head_dim, got head_dim="
-                     f"{c.head_dim} (embed_dim={c.embed_dim} / num_heads={c.num_heads})")
+    raise ValueError(
+      f"model.pos_encoding='rope' needs an even head_dim, got head_dim="
+      f"{c.head_dim} (embed_dim={c.embed_dim} / num_heads={c.num_heads})"
+    )
   if c.attention_impl == "linear" and (c.attention != "ea" or c.ea_kernel != "square"):
-    raise ValueError("model.attention_impl='linear' needs model.attention='ea' and "
-                     f"model.ea_kernel='square' (got attention={c.attention!r}, "
-                     f"ea_kernel={c.ea_kernel!r}); use None, 'naive' or 'chunked' otherwise")
+    raise ValueError(
+      "model.attention_impl='linear' needs model.attention='ea' and "
+      f"model.ea_kernel='square' (got attention={c.attention!r}, "
+      f"ea_kernel={c.ea_kernel!r}); use None, 'naive' or 'chunked' otherwise"
+    )
   if c.attention_impl == "pallas" and c.attention != "ea":
-    raise ValueError("model.attention_impl='pallas' needs model.attention='ea' "
-                     f"(got {c.attention!r}); use None, 'naive' or 'chunked' for 'dpa'")
+    raise ValueError(
+      "model.attention_impl='pallas' needs model.attention='ea' "
+      f"(got {c.attention!r}); use None, 'naive' or 'chunked' for 'dpa'"
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,18 +204,29 @@ def _partitioned(init, names):
 
 def _fan_in_init(in_axis, out_axis):
   """Truncated-normal init with variance 1/fan_in over the (possibly several) input axes."""
-  return nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=in_axis,
-                                          out_axis=out_axis)
+  return nn.initializers.variance_scaling(
+    1.0, "fan_in", "truncated_normal", in_axis=in_axis, out_axis=out_axis
+  )
 
 
 def _norm(cfg: ModelConfig, name: str) -> nn.Module:
   ones = _partitioned(nn.initializers.ones, ("norm",))
   if cfg.norm == "rmsnorm":
-    return nn.RMSNorm(epsilon=NORM_EPS, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
-                      scale_init=ones, name=name)
-  return nn.LayerNorm(epsilon=NORM_EPS, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
-                      scale_init=ones, bias_init=_partitioned(nn.initializers.zeros, ("norm",)),
-                      name=name)
+    return nn.RMSNorm(
+      epsilon=NORM_EPS,
+      dtype=cfg.compute_dtype,
+      param_dtype=cfg.params_dtype,
+      scale_init=ones,
+      name=name,
+    )
+  return nn.LayerNorm(
+    epsilon=NORM_EPS,
+    dtype=cfg.compute_dtype,
+    param_dtype=cfg.params_dtype,
+    scale_init=ones,
+    bias_init=_partitioned(nn.initializers.zeros, ("norm",)),
+    name=name,
+  )
 
 
 def rms_normalize(x_XH, eps=NORM_EPS):
@@ -211,6 +252,7 @@ def apply_rope(x_BLNH, positions_BL):
 
 class Attention(nn.Module):
   """Grouped-query causal self-attention: projections here, math in `ea_jax.attention`."""
+
   cfg: ModelConfig
 
   def _project(self, x_BLD, positions_BL):
@@ -218,12 +260,15 @@ class Attention(nn.Module):
     D, N, K, H = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     dt = cfg.compute_dtype
     init = _fan_in_init(0, (1, 2))
-    w_q = self.param("query", _partitioned(init, ("embed", "heads", "head_dim")), (D, N, H),
-                     cfg.params_dtype)
-    w_k = self.param("key", _partitioned(init, ("embed", "kv_heads", "head_dim")), (D, K, H),
-                     cfg.params_dtype)
-    w_v = self.param("value", _partitioned(init, ("embed", "kv_heads", "head_dim")), (D, K, H),
-                     cfg.params_dtype)
+    w_q = self.param(
+      "query", _partitioned(init, ("embed", "heads", "head_dim")), (D, N, H), cfg.params_dtype
+    )
+    w_k = self.param(
+      "key", _partitioned(init, ("embed", "kv_heads", "head_dim")), (D, K, H), cfg.params_dtype
+    )
+    w_v = self.param(
+      "value", _partitioned(init, ("embed", "kv_heads", "head_dim")), (D, K, H), cfg.params_dtype
+    )
     x = x_BLD.astype(dt)
     q_BLNH = jnp.einsum("bld,dnh->blnh", x, w_q.astype(dt))
     k_BLKH = jnp.einsum("bld,dkh->blkh", x, w_k.astype(dt))
@@ -240,8 +285,12 @@ class Attention(nn.Module):
 
   def _output(self, o_BLNH):
     cfg = self.cfg
-    w_o = self.param("out", _partitioned(_fan_in_init((0, 1), 2), ("heads", "head_dim", "embed")),
-                     (cfg.num_heads, cfg.head_dim, cfg.embed_dim), cfg.params_dtype)
+    w_o = self.param(
+      "out",
+      _partitioned(_fan_in_init((0, 1), 2), ("heads", "head_dim", "embed")),
+      (cfg.num_heads, cfg.head_dim, cfg.embed_dim),
+      cfg.params_dtype,
+    )
     dt = cfg.compute_dtype
     out_BLD = jnp.einsum("blnh,nhd->bld", o_BLNH.astype(dt), w_o.astype(dt))
     return nn.with_logical_constraint(out_BLD, X_AXES)
@@ -256,33 +305,59 @@ class Attention(nn.Module):
     q_BLNH, k_BLKH, v_BLKH = self._project(x_BLD, positions_BL)
     if decode_state is not None:
       if cfg.uses_recurrent_decode:
-        o_BLNH, new_state = attn.recurrent_step(decode_state, q_BLNH, k_BLKH, v_BLKH,
-                                                scale=cfg.attention_scale, eps=cfg.ea_eps)
+        o_BLNH, new_state = attn.recurrent_step(
+          decode_state, q_BLNH, k_BLKH, v_BLKH, scale=cfg.attention_scale, eps=cfg.ea_eps
+        )
       else:
-        o_BLNH, new_state = attn.kv_cache_step(decode_state, q_BLNH, k_BLKH, v_BLKH,
-                                               kind=cfg.attention, scale=cfg.attention_scale,
-                                               eps=cfg.ea_eps, kernel=cfg.ea_kernel)
+        o_BLNH, new_state = attn.kv_cache_step(
+          decode_state,
+          q_BLNH,
+          k_BLKH,
+          v_BLKH,
+          kind=cfg.attention,
+          scale=cfg.attention_scale,
+          eps=cfg.ea_eps,
+          kernel=cfg.ea_kernel,
+        )
       return self._output(o_BLNH), new_state
 
     if self.is_mutable_collection(ATTENTION_WEIGHTS) and not self.is_initializing():
-      w_BNLL = attn.attention_weights(q_BLNH, k_BLKH, kind=cfg.attention, is_causal=True,
-                                      scale=cfg.attention_scale, eps=cfg.ea_eps,
-                                      kernel=cfg.ea_kernel)
+      w_BNLL = attn.attention_weights(
+        q_BLNH,
+        k_BLKH,
+        kind=cfg.attention,
+        is_causal=True,
+        scale=cfg.attention_scale,
+        eps=cfg.ea_eps,
+        kernel=cfg.ea_kernel,
+      )
       self.sow(ATTENTION_WEIGHTS, "weights", w_BNLL.astype(jnp.float32))
     if cfg.attention == "ea":
-      o_BLNH = attn.expressive_attention(q_BLNH, k_BLKH, v_BLKH, is_causal=True,
-                                         scale=cfg.attention_scale, eps=cfg.ea_eps,
-                                         kernel=cfg.ea_kernel,
-                                         implementation=cfg.attention_impl)
+      o_BLNH = attn.expressive_attention(
+        q_BLNH,
+        k_BLKH,
+        v_BLKH,
+        is_causal=True,
+        scale=cfg.attention_scale,
+        eps=cfg.ea_eps,
+        kernel=cfg.ea_kernel,
+        implementation=cfg.attention_impl,
+      )
     else:
-      o_BLNH = attn.dot_product_attention(q_BLNH, k_BLKH, v_BLKH, is_causal=True,
-                                          scale=cfg.attention_scale,
-                                          implementation=cfg.attention_impl)
+      o_BLNH = attn.dot_product_attention(
+        q_BLNH,
+        k_BLKH,
+        v_BLKH,
+        is_causal=True,
+        scale=cfg.attention_scale,
+        implementation=cfg.attention_impl,
+      )
     return self._output(nn.with_logical_constraint(o_BLNH, Q_AXES))
 
 
 class Mlp(nn.Module):
   """GELU MLP (D -> M -> D) or SwiGLU (silu(x W_gate) * (x W_up) -> D)."""
+
   cfg: ModelConfig
 
   @nn.compact
@@ -307,12 +382,14 @@ class Mlp(nn.Module):
 
 class Block(nn.Module):
   """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, x_BLD, positions_BL, decode_state=None):
-    h = Attention(self.cfg, name="attention")(_norm(self.cfg, "attention_norm")(x_BLD),
-                                              positions_BL, decode_state)
+    h = Attention(self.cfg, name="attention")(
+      _norm(self.cfg, "attention_norm")(x_BLD), positions_BL, decode_state
+    )
     if decode_state is not None:
       h, decode_state = h
     x_BLD = nn.with_logical_constraint(x_BLD + h, X_AXES)
@@ -323,8 +400,9 @@ class Block(nn.Module):
 
 class DecodeState(NamedTuple):
   """Per-layer attention decode state plus the absolute position of the next token."""
-  position: jax.Array   # int32 []
-  layers: tuple         # num_layers x (attention.KVCache | attention.RecurrentState)
+
+  position: jax.Array  # int32 []
+  layers: tuple  # num_layers x (attention.KVCache | attention.RecurrentState)
 
 
 def init_decode_state(cfg: ModelConfig, batch_size: int, max_len: int) -> DecodeState:
@@ -334,33 +412,47 @@ def init_decode_state(cfg: ModelConfig, batch_size: int, max_len: int) -> Decode
   attention_impl="linear") is kept in float32 since it accumulates sums over all tokens.
   """
   if cfg.uses_recurrent_decode:
-    make = lambda: attn.init_recurrent_state(batch_size, cfg.num_kv_heads, cfg.head_dim,
-                                             jnp.float32)
+    make = lambda: attn.init_recurrent_state(
+      batch_size, cfg.num_kv_heads, cfg.head_dim, jnp.float32
+    )
   else:
-    make = lambda: attn.init_kv_cache(batch_size, max_len, cfg.num_kv_heads, cfg.head_dim,
-                                      cfg.compute_dtype)
+    make = lambda: attn.init_kv_cache(
+      batch_size, max_len, cfg.num_kv_heads, cfg.head_dim, cfg.compute_dtype
+    )
   return DecodeState(jnp.zeros((), jnp.int32), tuple(make() for _ in range(cfg.num_layers)))
 
 
 class Transformer(nn.Module):
   """Decoder-only transformer; `__call__(tokens_BL)` returns float32 logits [B, L, V]."""
+
   cfg: ModelConfig
 
   def setup(self):
     cfg = self.cfg
     D = cfg.embed_dim
     self.embed = nn.Embed(
-        cfg.vocab_size, D, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
-        embedding_init=_partitioned(nn.initializers.normal(stddev=D ** -0.5), ("vocab", "embed")))
+      cfg.vocab_size,
+      D,
+      dtype=cfg.compute_dtype,
+      param_dtype=cfg.params_dtype,
+      embedding_init=_partitioned(nn.initializers.normal(stddev=D**-0.5), ("vocab", "embed")),
+    )
     if cfg.pos_encoding == "learned":
       self.pos_embed = self.param(
-          "pos_embed", _partitioned(nn.initializers.normal(stddev=D ** -0.5), (None, "embed")),
-          (cfg.max_len, D), cfg.params_dtype)
+        "pos_embed",
+        _partitioned(nn.initializers.normal(stddev=D**-0.5), (None, "embed")),
+        (cfg.max_len, D),
+        cfg.params_dtype,
+      )
     self.blocks = [Block(cfg, name=f"block_{i}") for i in range(cfg.num_layers)]
     self.final_norm = _norm(cfg, "final_norm")
     if not cfg.tie_embeddings:
-      self.output = self.param("output", _partitioned(_fan_in_init(0, 1), ("embed", "vocab")),
-                               (D, cfg.vocab_size), cfg.params_dtype)
+      self.output = self.param(
+        "output",
+        _partitioned(_fan_in_init(0, 1), ("embed", "vocab")),
+        (D, cfg.vocab_size),
+        cfg.params_dtype,
+      )
 
   def _embed(self, tokens_BL, positions_BL):
     x_BLD = self.embed(tokens_BL)
@@ -388,8 +480,9 @@ class Transformer(nn.Module):
     self._check_tokens(tokens_BL, "tokens_BL")
     B, L = tokens_BL.shape
     if self.cfg.pos_encoding == "learned" and L > self.cfg.max_len:
-      raise ValueError(f"sequence length {L} exceeds model max_len={self.cfg.max_len} "
-                       "(learned positions)")
+      raise ValueError(
+        f"sequence length {L} exceeds model max_len={self.cfg.max_len} (learned positions)"
+      )
     positions_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32)[None, :], (B, L))
     x_BLD = self._embed(tokens_BL, positions_BL)
     for block in self.blocks:
@@ -437,13 +530,16 @@ def generate(model: Transformer, params, prompt_BP, num_new: int, *, return_logi
   if not (isinstance(num_new, int) and num_new >= 1):
     raise ValueError(f"num_new={num_new!r}: must be a positive integer (static under jit)")
   if prompt_BP.ndim != 2 or prompt_BP.shape[1] < 1:
-    raise ValueError(f"prompt_BP must be int tokens of shape [B, P] with P >= 1, got shape "
-                     f"{prompt_BP.shape}")
+    raise ValueError(
+      f"prompt_BP must be int tokens of shape [B, P] with P >= 1, got shape {prompt_BP.shape}"
+    )
   B, P = prompt_BP.shape
   total = P + num_new
   if cfg.pos_encoding == "learned" and total > cfg.max_len:
-    raise ValueError(f"prompt length {P} + num_new {num_new} = {total} exceeds model max_len="
-                     f"{cfg.max_len} (learned positions)")
+    raise ValueError(
+      f"prompt length {P} + num_new {num_new} = {total} exceeds model max_len="
+      f"{cfg.max_len} (learned positions)"
+    )
   prompt_BP = prompt_BP.astype(jnp.int32)
   tokens_BT = jnp.concatenate([prompt_BP, jnp.zeros((B, num_new), jnp.int32)], axis=1)
   state = init_decode_state(cfg, B, total)
@@ -451,16 +547,18 @@ def generate(model: Transformer, params, prompt_BP, num_new: int, *, return_logi
   def step(carry, t):
     tokens_BT, state = carry
     token_B1 = jax.lax.dynamic_slice_in_dim(tokens_BT, t, 1, axis=1)
-    logits_B1V, state = model.apply({"params": params}, token_B1, state,
-                                    method=Transformer.decode_step)
+    logits_B1V, state = model.apply(
+      {"params": params}, token_B1, state, method=Transformer.decode_step
+    )
     predicted_B = jnp.argmax(logits_B1V[:, 0], axis=-1).astype(jnp.int32)
     existing_B = jax.lax.dynamic_index_in_dim(tokens_BT, t + 1, axis=1, keepdims=False)
     next_B = jnp.where(t + 1 < P, existing_B, predicted_B)
     tokens_BT = jax.lax.dynamic_update_index_in_dim(tokens_BT, next_B, t + 1, axis=1)
     return (tokens_BT, state), logits_B1V[:, 0]
 
-  (tokens_BT, _), logits_TBV = jax.lax.scan(step, (tokens_BT, state),
-                                            jnp.arange(total - 1, dtype=jnp.int32))
+  (tokens_BT, _), logits_TBV = jax.lax.scan(
+    step, (tokens_BT, state), jnp.arange(total - 1, dtype=jnp.int32)
+  )
   if return_logits:
     return tokens_BT, jnp.transpose(logits_TBV, (1, 0, 2))
   return tokens_BT

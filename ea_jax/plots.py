@@ -3,6 +3,7 @@
 plot_attention_maps: one example's attention weights, a panel per layer x head (the study's
 figures are in ea_jax/study/plots.py).
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -10,8 +11,9 @@ from typing import Sequence
 import numpy as np
 
 
-def plot_attention_maps(maps_NLL: Sequence[np.ndarray], path: str, *, tokens=None, scored=None,
-                        title: str = "") -> str:
+def plot_attention_maps(
+  maps_NLL: Sequence[np.ndarray], path: str, *, tokens=None, scored=None, title: str = ""
+) -> str:
   """Saves a grid of attention maps (rows: layers, columns: heads) to `path` (PNG).
 
   Args:
@@ -24,10 +26,13 @@ def plot_attention_maps(maps_NLL: Sequence[np.ndarray], path: str, *, tokens=Non
     `path`.
   """
   from matplotlib.figure import Figure
+
   maps = [np.asarray(m, np.float32) for m in maps_NLL]
   if not maps or any(m.ndim != 3 or m.shape[1] != m.shape[2] for m in maps):
-    raise ValueError(f"maps_NLL must be a non-empty list of [N, L, L] arrays, got shapes "
-                     f"{[np.shape(m) for m in maps_NLL]}")
+    raise ValueError(
+      f"maps_NLL must be a non-empty list of [N, L, L] arrays, got shapes "
+      f"{[np.shape(m) for m in maps_NLL]}"
+    )
   layers, heads, L = len(maps), maps[0].shape[0], maps[0].shape[1]
   fig = Figure(figsize=(2.6 * heads + 0.8, 2.6 * layers + 0.6), layout="constrained")
   axes = np.asarray(fig.subplots(layers, heads, squeeze=False))

@@ -16,6 +16,7 @@ command may change:
 
 Patterns are `fnmatch` patterns over dotted field names.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -26,9 +27,18 @@ from flax import traverse_util
 
 _LAYOUT = ("model.attention_impl", "mesh.*", "logical_axis_rules.*")
 RESUME_MAY_CHANGE = (
-    "train.num_steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
-    "train.keep_checkpoints", "train.early_stop", "train.patience", "train.plateau_rel",
-    "train.peak_flops", "train.profile_steps", "eval.split", "eval.batch_size",
+  "train.num_steps",
+  "train.log_every",
+  "train.eval_every",
+  "train.checkpoint_every",
+  "train.keep_checkpoints",
+  "train.early_stop",
+  "train.patience",
+  "train.plateau_rel",
+  "train.peak_flops",
+  "train.profile_steps",
+  "eval.split",
+  "eval.batch_size",
 ) + _LAYOUT
 EVAL_MAY_CHANGE = ("eval.split", "eval.num_examples", "eval.batch_size", "task.seq_len") + _LAYOUT
 EVAL_IGNORES = ("train.*",)
@@ -58,8 +68,9 @@ def matches(name: str, patterns: Sequence[str]) -> bool:
 _MISSING = "<absent>"
 
 
-def differences(stored, given, allowed: Sequence[str] = (),
-                ignored: Sequence[str] = ()) -> list[tuple[str, Any, Any]]:
+def differences(
+  stored, given, allowed: Sequence[str] = (), ignored: Sequence[str] = ()
+) -> list[tuple[str, Any, Any]]:
   """(field, stored value, given value) for every field that differs and is not allowed."""
   a, b = flatten(stored), flatten(given)
   out = []
@@ -81,9 +92,10 @@ def check_resume(stored, given, workdir: str) -> None:
   diffs = differences(stored, given, RESUME_MAY_CHANGE)
   if diffs:
     raise ProvenanceError(
-        f"{workdir} holds a different experiment ({_listing(diffs)}); use a new --workdir, or "
-        f"the run's own config ({workdir}/train_config.json). May change on resume: "
-        f"{', '.join(RESUME_MAY_CHANGE)}")
+      f"{workdir} holds a different experiment ({_listing(diffs)}); use a new --workdir, or "
+      f"the run's own config ({workdir}/train_config.json). May change on resume: "
+      f"{', '.join(RESUME_MAY_CHANGE)}"
+    )
 
 
 def check_eval(stored, given, workdir: str) -> None:
@@ -91,6 +103,7 @@ def check_eval(stored, given, workdir: str) -> None:
   diffs = differences(stored, given, EVAL_MAY_CHANGE, EVAL_IGNORES)
   if diffs:
     raise ProvenanceError(
-        f"the config differs from the run in {workdir} ({_listing(diffs)}); evaluation uses "
-        f"the run's model, task and data: drop those overrides. May change: "
-        f"{', '.join(EVAL_MAY_CHANGE)}")
+      f"the config differs from the run in {workdir} ({_listing(diffs)}); evaluation uses "
+      f"the run's model, task and data: drop those overrides. May change: "
+      f"{', '.join(EVAL_MAY_CHANGE)}"
+    )

@@ -1,5 +1,6 @@
 """Process start-up shared by train.py and eval.py: jax.distributed, log filtering, and the
 one-line reporting of the project's own errors."""
+
 from __future__ import annotations
 
 import logging as py_logging
@@ -7,8 +8,7 @@ import os
 import sys
 from typing import Callable
 
-from absl import flags
-from absl import logging
+from absl import flags, logging
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -48,8 +48,13 @@ def initialize_from_flags() -> None:
   initialize(f.coordinator_address, f.num_processes, f.process_id, verbose=f.verbose)
 
 
-def initialize(coordinator_address: str | None, num_processes: int | None,
-               process_id: int | None, *, verbose: bool = False) -> None:
+def initialize(
+  coordinator_address: str | None,
+  num_processes: int | None,
+  process_id: int | None,
+  *,
+  verbose: bool = False,
+) -> None:
   """Joins a multi-process job (CPU collectives through gloo) if a coordinator is given.
 
   Must run before any JAX computation. Unless `verbose`, libraries' INFO logs are dropped.
@@ -58,35 +63,48 @@ def initialize(coordinator_address: str | None, num_processes: int | None,
     quiet_library_logs()
   given = [coordinator_address is not None, num_processes is not None, process_id is not None]
   if any(given) and not all(given):
-    raise ValueError("multi-process runs need all of --coordinator_address, --num_processes and "
-                     "--process_id")
+    raise ValueError(
+      "multi-process runs need all of --coordinator_address, --num_processes and --process_id"
+    )
   if not coordinator_address:
     return
   if not 0 <= process_id < num_processes:
     raise ValueError(f"--process_id={process_id} must be in [0, --num_processes={num_processes})")
   import jax
+
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(coordinator_address=coordinator_address,
-                             num_processes=num_processes, process_id=process_id)
-  logging.info("process %d of %d joined %s: %d local / %d global devices", jax.process_index(),
-               jax.process_count(), coordinator_address, jax.local_device_count(),
-               jax.device_count())
+  jax.distributed.initialize(
+    coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+  )
+  logging.info(
+    "process %d of %d joined %s: %d local / %d global devices",
+    jax.process_index(),
+    jax.process_count(),
+    coordinator_address,
+    jax.local_device_count(),
+    jax.device_count(),
+  )
 
 
 def project_errors() -> tuple[type[BaseException], ...]:
   """The errors that mean bad input or a bad workdir (not a bug): config, data, checkpoint,
   provenance, lock, NaN. They are reported in one line."""
-  from ea_jax import checkpointing
-  from ea_jax import workdir_lock
-  return (ValueError, FileNotFoundError, FloatingPointError, checkpointing.CheckpointError,
-          workdir_lock.WorkdirLockedError)
+  from ea_jax import checkpointing, workdir_lock
+
+  return (
+    ValueError,
+    FileNotFoundError,
+    FloatingPointError,
+    checkpointing.CheckpointError,
+    workdir_lock.WorkdirLockedError,
+  )
 
 
 def one_line(error: BaseException, limit: int = 600) -> str:
   """`error` as one line: its message's lines joined, cut to `limit` characters."""
   text = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
   text = text or type(error).__name__
-  return text if len(text) <= limit else text[:limit - 3] + "..."
+  return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def run_reporting_errors(main: Callable[[], int | None]) -> int:

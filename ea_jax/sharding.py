@@ -13,6 +13,7 @@ State is sharded at creation: `jax.eval_shape` of the init function gives boxed 
 parameters, `nn.get_partition_spec` their logical specs, `logical_to_mesh_shardings` the
 `NamedSharding`s, and the init function is jitted with those as `out_shardings`.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,15 +29,15 @@ MESH_AXES = ("data", "fsdp", "tensor")
 # Logical axis name -> mesh axes (in precedence order; flax skips a mesh axis already used
 # by an earlier dimension of the same array).
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", ("data", "fsdp")),
-    ("length", None),
-    ("vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("head_dim", None),
-    ("norm", None),
+  ("batch", ("data", "fsdp")),
+  ("length", None),
+  ("vocab", "tensor"),
+  ("embed", "fsdp"),
+  ("mlp", "tensor"),
+  ("heads", "tensor"),
+  ("kv_heads", "tensor"),
+  ("head_dim", None),
+  ("norm", None),
 )
 
 BATCH_AXES = ("batch", "length")
@@ -58,8 +59,10 @@ def _rule_from_string(logical: str, text: str):
   axes = tuple(a.strip() for a in text.split(","))
   for a in axes:
     if a not in MESH_AXES:
-      raise ValueError(f"logical_axis_rules.{logical}={text!r}: mesh axis {a!r} is not one of "
-                       f"{MESH_AXES} (use '' for replicated)")
+      raise ValueError(
+        f"logical_axis_rules.{logical}={text!r}: mesh axis {a!r} is not one of "
+        f"{MESH_AXES} (use '' for replicated)"
+      )
   return axes[0] if len(axes) == 1 else axes
 
 
@@ -75,8 +78,10 @@ def logical_rules(overrides: Mapping[str, str] | None = None) -> tuple[tuple[str
   unknown = sorted(set(overrides) - known)
   if unknown:
     raise ValueError(f"logical_axis_rules: unknown logical axis {unknown}; known: {sorted(known)}")
-  return tuple((name, _rule_from_string(name, overrides[name]) if name in overrides else axes)
-               for name, axes in DEFAULT_RULES)
+  return tuple(
+    (name, _rule_from_string(name, overrides[name]) if name in overrides else axes)
+    for name, axes in DEFAULT_RULES
+  )
 
 
 def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> tuple[int, int, int]:
@@ -93,22 +98,28 @@ def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> tuple[int, i
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if num_devices % known:
-      raise ValueError(f"config.mesh={dict(zip(MESH_AXES, sizes))}: {num_devices} devices are not "
-                       f"divisible by the fixed axes' product {known}")
+      raise ValueError(
+        f"config.mesh={dict(zip(MESH_AXES, sizes))}: {num_devices} devices are not "
+        f"divisible by the fixed axes' product {known}"
+      )
     sizes[sizes.index(-1)] = num_devices // known
   if math.prod(sizes) != num_devices:
-    raise ValueError(f"config.mesh={dict(zip(MESH_AXES, sizes))} uses {math.prod(sizes)} devices "
-                     f"but {num_devices} are available; set one axis to -1")
+    raise ValueError(
+      f"config.mesh={dict(zip(MESH_AXES, sizes))} uses {math.prod(sizes)} devices "
+      f"but {num_devices} are available; set one axis to -1"
+    )
   return tuple(sizes)
 
 
-def create_mesh(mesh_config: Mapping[str, int], devices: Sequence[jax.Device] | None = None
-                ) -> jax.sharding.Mesh:
+def create_mesh(
+  mesh_config: Mapping[str, int], devices: Sequence[jax.Device] | None = None
+) -> jax.sharding.Mesh:
   """A ("data", "fsdp", "tensor") mesh with Auto axis types over all (or the given) devices."""
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(mesh_config, len(devices))
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                       devices=devices)
+  return jax.make_mesh(
+    shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
+  )
 
 
 def _fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: jax.sharding.Mesh) -> PartitionSpec:
@@ -129,8 +140,9 @@ def _fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: jax.sharding.Mesh
   return PartitionSpec(*fitted)
 
 
-def logical_to_mesh_shardings(logical_specs: Any, abstract_tree: Any, mesh: jax.sharding.Mesh,
-                              rules) -> Any:
+def logical_to_mesh_shardings(
+  logical_specs: Any, abstract_tree: Any, mesh: jax.sharding.Mesh, rules
+) -> Any:
   """NamedShardings for `abstract_tree` (unboxed ShapeDtypeStructs) from its logical specs.
 
   `logical_specs` is `nn.get_partition_spec(boxed_abstract_tree)`: PartitionSpecs of logical
@@ -139,8 +151,12 @@ def logical_to_mesh_shardings(logical_specs: Any, abstract_tree: Any, mesh: jax.
   """
   mesh_specs = nn.logical_to_mesh(logical_specs, rules)
   is_spec = lambda x: isinstance(x, PartitionSpec)
-  return jax.tree.map(lambda spec, leaf: NamedSharding(mesh, _fit_spec(spec, leaf.shape, mesh)),
-                      mesh_specs, abstract_tree, is_leaf=is_spec)
+  return jax.tree.map(
+    lambda spec, leaf: NamedSharding(mesh, _fit_spec(spec, leaf.shape, mesh)),
+    mesh_specs,
+    abstract_tree,
+    is_leaf=is_spec,
+  )
 
 
 def batch_sharding(mesh: jax.sharding.Mesh, rules, global_batch_size: int) -> NamedSharding:
@@ -150,8 +166,10 @@ def batch_sharding(mesh: jax.sharding.Mesh, rules, global_batch_size: int) -> Na
   names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
   ways = math.prod(mesh.shape[n] for n in names)
   if global_batch_size % ways:
-    raise ValueError(f"batch size {global_batch_size} is not divisible by the {ways} batch shards "
-                     f"(mesh axes {names} of sizes {[mesh.shape[n] for n in names]})")
+    raise ValueError(
+      f"batch size {global_batch_size} is not divisible by the {ways} batch shards "
+      f"(mesh axes {names} of sizes {[mesh.shape[n] for n in names]})"
+    )
   return NamedSharding(mesh, spec)
 
 

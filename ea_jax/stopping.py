@@ -12,6 +12,7 @@ looks at validation numbers only; the test split is measured once, at the select
 - `select`: the checkpoint a run reports: the `steps_to_100` step when there is one, else the
   eval with the lowest validation loss (the earliest on ties).
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -53,7 +54,7 @@ def plateaued(history: Sequence[dict], patience: int, plateau_rel: float) -> boo
 
 
 def decide(history: Sequence[dict], patience: int, plateau_rel: float) -> str | None:
-  """"solved", "plateau" or None (continue) for a run whose validation evals are `history`."""
+  """ "solved", "plateau" or None (continue) for a run whose validation evals are `history`."""
   if len(history) >= 2 and _solved(history[-1]) and _solved(history[-2]):
     return SOLVED
   if plateaued(history, patience, plateau_rel):

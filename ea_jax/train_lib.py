@@ -9,6 +9,7 @@ Letters: B batch, L sequence length, V vocabulary.
   (`ea_jax.stopping`) / checkpoint periodically -> the test split at the checkpoint selected on
   validation -> `workdir/train_summary.json`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -30,14 +31,10 @@ import numpy as np
 import optax
 from absl import logging
 
-from ea_jax import checkpointing
+from ea_jax import checkpointing, files, provenance, stopping, workdir_lock
 from ea_jax import data as data_lib
-from ea_jax import files
 from ea_jax import metrics as metrics_lib
-from ea_jax import provenance
 from ea_jax import sharding as sharding_lib
-from ea_jax import stopping
-from ea_jax import workdir_lock
 
 TRAIN_CONFIG_FILE = "train_config.json"
 SUMMARY_FILE = "train_summary.json"
@@ -46,7 +43,7 @@ EVAL_HISTORY_FILE = "eval_history.jsonl"
 
 @flax.struct.dataclass
 class TrainState:
-  step: jax.Array   # int32 [], number of updates applied
+  step: jax.Array  # int32 [], number of updates applied
   params: Any
   opt_state: Any
 
@@ -59,6 +56,7 @@ class TrainState:
 def build_model(model_config, *, vocab_size: int, max_len: int):
   """(Transformer module, ModelConfig) from `config.model` and the data's vocabulary/length."""
   from ea_jax import model as model_lib
+
   cfg = model_lib.ModelConfig.from_config(model_config, vocab_size=vocab_size, max_len=max_len)
   return model_lib.Transformer(cfg), cfg
 
@@ -72,24 +70,36 @@ def learning_rate_schedule(train_config) -> optax.Schedule:
     raise ValueError(f"config.train.warmup_steps={warmup}: must be >= 0")
   warmup = min(warmup, total)  # a short run warms up over all of it (`_validate` warns)
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=lr, warmup_steps=warmup, decay_steps=max(total, warmup + 1),
-      end_value=lr * train_config.min_lr_ratio)
+    init_value=0.0,
+    peak_value=lr,
+    warmup_steps=warmup,
+    decay_steps=max(total, warmup + 1),
+    end_value=lr * train_config.min_lr_ratio,
+  )
 
 
 def decay_mask(params) -> Any:
   """True for matrices that get weight decay; False for norms, biases (ndim < 2) and embeddings."""
+
   def decays(path, leaf):
     names = [str(getattr(k, "key", getattr(k, "name", k))).lower() for k in path]
     return leaf.ndim >= 2 and not any("embed" in n for n in names)
+
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def make_optimizer(train_config) -> optax.GradientTransformation:
   """Global-norm clipping, then AdamW (decay masked by `decay_mask`) on the warmup-cosine schedule."""
   return optax.chain(
-      optax.clip_by_global_norm(train_config.grad_clip),
-      optax.adamw(learning_rate_schedule(train_config), b1=train_config.b1, b2=train_config.b2,
-                  weight_decay=train_config.weight_decay, mask=decay_mask))
+    optax.clip_by_global_norm(train_config.grad_clip),
+    optax.adamw(
+      learning_rate_schedule(train_config),
+      b1=train_config.b1,
+      b2=train_config.b2,
+      weight_decay=train_config.weight_decay,
+      mask=decay_mask,
+    ),
+  )
 
 
 # ------------------------------------------------------------------------------------------
@@ -123,6 +133,7 @@ def make_init(model, tx, *, seq_len: int, mesh, rules) -> tuple[Callable, Any]:
 
 def make_train_step(model, tx, schedule, state_shardings, batch_sharding, rules) -> Callable:
   """jit(state, batch) -> (new state, TrainMetrics); state donated, shardings pinned."""
+
   def train_step(state: TrainState, batch: data_lib.Batch):
     def loss_fn(params):
       with nn.logical_axis_rules(rules):
@@ -132,28 +143,40 @@ def make_train_step(model, tx, schedule, state_shardings, batch_sharding, rules)
     (_, logits_BLV), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    m = metrics_lib.TrainMetrics.make(logits_BLV, batch.targets, batch.weights,
-                                      grad_norm=optax.tree.norm(grads),
-                                      update_norm=optax.tree.norm(updates),
-                                      learning_rate=schedule(state.step))
+    m = metrics_lib.TrainMetrics.make(
+      logits_BLV,
+      batch.targets,
+      batch.weights,
+      grad_norm=optax.tree.norm(grads),
+      update_norm=optax.tree.norm(updates),
+      learning_rate=schedule(state.step),
+    )
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), m
 
   batch_sh = data_lib.Batch(batch_sharding, batch_sharding, batch_sharding)
   replicated = sharding_lib.replicated(batch_sharding.mesh)
-  return jax.jit(train_step, in_shardings=(state_shardings, batch_sh),
-                 out_shardings=(state_shardings, replicated), donate_argnums=0)
+  return jax.jit(
+    train_step,
+    in_shardings=(state_shardings, batch_sh),
+    out_shardings=(state_shardings, replicated),
+    donate_argnums=0,
+  )
 
 
 def make_eval_step(model, params_shardings, batch_sharding, rules) -> Callable:
   """jit(params, batch) -> EvalMetrics (loss, exact accuracies, per-position accuracy)."""
+
   def eval_step(params, batch: data_lib.Batch):
     with nn.logical_axis_rules(rules):
       logits_BLV = model.apply({"params": params}, batch.inputs)
     return metrics_lib.EvalMetrics.make(logits_BLV, batch.targets, batch.weights)
 
   batch_sh = data_lib.Batch(batch_sharding, batch_sharding, batch_sharding)
-  return jax.jit(eval_step, in_shardings=(params_shardings, batch_sh),
-                 out_shardings=sharding_lib.replicated(batch_sharding.mesh))
+  return jax.jit(
+    eval_step,
+    in_shardings=(params_shardings, batch_sh),
+    out_shardings=sharding_lib.replicated(batch_sharding.mesh),
+  )
 
 
 def run_eval(eval_step, params, batches) -> dict:
@@ -195,8 +218,9 @@ class Setup:
 
   def _build_init(self):
     if self._init is None:
-      self._init = make_init(self.model, self.tx, seq_len=self.max_len, mesh=self.mesh,
-                             rules=self.rules)
+      self._init = make_init(
+        self.model, self.tx, seq_len=self.max_len, mesh=self.mesh, rules=self.rules
+      )
 
   def abstract_state(self) -> Any:
     """The train state as ShapeDtypeStructs carrying their shardings (a restore target; no
@@ -204,8 +228,9 @@ class Setup:
     self._build_init()
     init, shardings = self._init
     shapes = jax.eval_shape(init, data_lib.stream_key(0, "init"))
-    return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-                        shapes, shardings)
+    return jax.tree.map(
+      lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), shapes, shardings
+    )
 
   def init_state(self, seed: int = 0) -> tuple[TrainState, Any]:
     """(fresh sharded train state, its shardings); parameters from the "init" stream of `seed`."""
@@ -215,33 +240,54 @@ class Setup:
   def train_step(self, batch_size: int) -> Callable:
     key = ("train", batch_size)
     if key not in self._steps:
-      self._steps[key] = make_train_step(self.model, self.tx, self.schedule, self.state_shardings,
-                                         self.batch_sharding(batch_size), self.rules)
+      self._steps[key] = make_train_step(
+        self.model,
+        self.tx,
+        self.schedule,
+        self.state_shardings,
+        self.batch_sharding(batch_size),
+        self.rules,
+      )
     return self._steps[key]
 
   def eval_step(self, batch_size: int) -> Callable:
     key = ("eval", batch_size)
     if key not in self._steps:
-      self._steps[key] = make_eval_step(self.model, self.state_shardings.params,
-                                        self.batch_sharding(batch_size), self.rules)
+      self._steps[key] = make_eval_step(
+        self.model, self.state_shardings.params, self.batch_sharding(batch_size), self.rules
+      )
     return self._steps[key]
 
 
 def _setup_key(config, vocab_size: int, max_len: int) -> str:
   """Every field the jitted functions depend on, as a canonical JSON string (hashable)."""
   train = {k: v for k, v in config.train.to_dict().items() if k != "seed"}
-  return json.dumps({"model": config.model.to_dict(), "train": train,
-                     "mesh": config.mesh.to_dict(), "rules": config.logical_axis_rules.to_dict(),
-                     "vocab_size": vocab_size, "max_len": max_len,
-                     "devices": [str(d) for d in jax.devices()]}, sort_keys=True, default=str)
+  return json.dumps(
+    {
+      "model": config.model.to_dict(),
+      "train": train,
+      "mesh": config.mesh.to_dict(),
+      "rules": config.logical_axis_rules.to_dict(),
+      "vocab_size": vocab_size,
+      "max_len": max_len,
+      "devices": [str(d) for d in jax.devices()],
+    },
+    sort_keys=True,
+    default=str,
+  )
 
 
 @functools.lru_cache(maxsize=4)
 def _cached_setup(key: str) -> Setup:
   fields = json.loads(key)
-  config = ml_collections.ConfigDict({"model": fields["model"], "train": fields["train"],
-                                      "mesh": fields["mesh"],
-                                      "logical_axis_rules": fields["rules"]})
+  config = ml_collections.ConfigDict(
+    {
+      "model": fields["model"],
+      "train": fields["train"],
+      "mesh": fields["mesh"],
+      "logical_axis_rules": fields["rules"],
+    }
+  )
   return Setup(config, vocab_size=fields["vocab_size"], max_len=fields["max_len"])
 
 
@@ -277,16 +323,20 @@ def restore(workdir: str, step: int | None = None, config=None) -> tuple[Setup, 
 
 def write_train_config(workdir: str, config, *, vocab_size: int, max_len: int) -> None:
   """Stores the training config with the model's vocabulary and max length (read by eval)."""
-  payload = {"vocab_size": vocab_size, "max_len": max_len,
-             "config": json.loads(config.to_json_best_effort())}
+  payload = {
+    "vocab_size": vocab_size,
+    "max_len": max_len,
+    "config": json.loads(config.to_json_best_effort()),
+  }
   files.write_json(os.path.join(workdir, TRAIN_CONFIG_FILE), payload)
 
 
 def read_train_config(workdir: str) -> dict:
   path = os.path.join(workdir, TRAIN_CONFIG_FILE)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path} not found: is {workdir!r} a training workdir (train.py "
-                            f"writes it at start)?")
+    raise FileNotFoundError(
+      f"{path} not found: is {workdir!r} a training workdir (train.py writes it at start)?"
+    )
   with open(path) as f:
     return json.load(f)
 
@@ -354,6 +404,7 @@ class _Preemption:
     if step % sync_every:
       return False
     from jax.experimental import multihost_utils
+
     flags = multihost_utils.process_allgather(np.asarray(self.flag))
     return bool(np.any(flags))
 
@@ -363,10 +414,11 @@ def _check_finite(step: int, m, last_good: int | None) -> None:
   values = jax.device_get((m.loss.total, m.grad_norm.total, m.update_norm.total))
   if not all(np.isfinite(v) for v in values):
     raise FloatingPointError(
-        f"non-finite training loss, gradient or update at step {step} (loss sum {values[0]}, "
-        f"grad norm {values[1]}, update norm {values[2]}); stopped without saving. Last good "
-        f"checkpoint: "
-        f"{'none' if last_good is None else f'step {last_good}'}")
+      f"non-finite training loss, gradient or update at step {step} (loss sum {values[0]}, "
+      f"grad norm {values[1]}, update norm {values[2]}); stopped without saving. Last good "
+      f"checkpoint: "
+      f"{'none' if last_good is None else f'step {last_good}'}"
+    )
 
 
 def _validate(config) -> None:
@@ -377,9 +429,13 @@ def _validate(config) -> None:
   if tc.num_steps < 1:
     raise ValueError(f"config.train.num_steps={tc.num_steps}: must be >= 1")
   if tc.warmup_steps > tc.num_steps:
-    logging.warning("config.train.warmup_steps=%d > num_steps=%d: warming up over all %d steps "
-                    "(set --config.train.warmup_steps to choose)", tc.warmup_steps, tc.num_steps,
-                    tc.num_steps)
+    logging.warning(
+      "config.train.warmup_steps=%d > num_steps=%d: warming up over all %d steps "
+      "(set --config.train.warmup_steps to choose)",
+      tc.warmup_steps,
+      tc.num_steps,
+      tc.num_steps,
+    )
   if config.data.source not in data_lib.SOURCES:
     raise ValueError(f"config.data.source={config.data.source!r}; allowed: {data_lib.SOURCES}")
   if config.eval.split not in data_lib.EVAL_SPLITS:
@@ -410,8 +466,7 @@ class _Run:
     self.config, self.tc = config, config.train
     self.workdir = os.path.abspath(workdir)
     self.source = data_lib.make_source(config, splits=("train",) + data_lib.EVAL_SPLITS)
-    self.setup = get_setup(config, vocab_size=self.source.vocab_size,
-                           max_len=self.source.seq_len)
+    self.setup = get_setup(config, vocab_size=self.source.vocab_size, max_len=self.source.seq_len)
     self.train_sh = self.setup.batch_sharding(self.tc.batch_size)
     self.eval_sh = self.setup.batch_sharding(config.eval.batch_size)
     self.history: list[dict] = []
@@ -421,8 +476,10 @@ class _Run:
   def open(self, stack: contextlib.ExitStack) -> None:
     """Restores the latest checkpoint (or initialises) and the eval history."""
     self.ckpts = checkpointing.Checkpoints(
-        os.path.join(self.workdir, "checkpoints"), self.tc.keep_checkpoints,
-        keep_steps=lambda: stopping.steps_to_keep(list(self.history)))
+      os.path.join(self.workdir, "checkpoints"),
+      self.tc.keep_checkpoints,
+      keep_steps=lambda: stopping.steps_to_keep(list(self.history)),
+    )
     stack.callback(self.ckpts.close)
     self.latest = self.ckpts.latest_step()
     if self.latest is None:
@@ -443,8 +500,11 @@ class _Run:
   def finished_summary(self) -> dict | None:
     """The stored summary if this workdir's run is complete for the current config, else None."""
     summary = files.read_json(os.path.join(self.workdir, SUMMARY_FILE))
-    if not summary or summary.get("ended_by") not in (stopping.SOLVED, stopping.PLATEAU,
-                                                      stopping.MAX_STEPS):
+    if not summary or summary.get("ended_by") not in (
+      stopping.SOLVED,
+      stopping.PLATEAU,
+      stopping.MAX_STEPS,
+    ):
       return None
     if summary.get("step") != self.start:
       return None
@@ -459,35 +519,52 @@ class _Run:
     "sigterm"). Saves a checkpoint at every validation eval (the candidates for selection),
     every `checkpoint_every` steps and where it stops."""
     from clu import metric_writers, parameter_overview, periodic_actions
+
     from ea_jax import model as model_lib
+
     tc, setup, state = self.tc, self.setup, self.state
     preemption = stack.enter_context(_Preemption())
     self.writer = writer = metric_writers.create_default_writer(
-        self.workdir, just_logging=jax.process_index() > 0)
+      self.workdir, just_logging=jax.process_index() > 0
+    )
     stack.callback(writer.close)
     if self.start == 0:
       writer.write_hparams(_flat_hparams(self.config))
-    logging.info("model: %d parameters, mesh %s\n%s", self.num_params, dict(setup.mesh.shape),
-                 parameter_overview.get_parameter_overview(
-                     state.params, include_stats=jax.process_count() == 1))
+    logging.info(
+      "model: %d parameters, mesh %s\n%s",
+      self.num_params,
+      dict(setup.mesh.shape),
+      parameter_overview.get_parameter_overview(
+        state.params, include_stats=jax.process_count() == 1
+      ),
+    )
 
     train_step = setup.train_step(tc.batch_size)
     self.eval_step = setup.eval_step(self.config.eval.batch_size)
     next_batch = self.source.train_batches(tc.seed, tc.batch_size, self.train_sh)
-    flops_per_step = (model_lib.flops_per_token(setup.model_cfg, setup.max_len)
-                      * tc.batch_size * setup.max_len)
+    flops_per_step = (
+      model_lib.flops_per_token(setup.model_cfg, setup.max_len) * tc.batch_size * setup.max_len
+    )
     peak = tc.peak_flops * jax.device_count()
-    hooks = [periodic_actions.ReportProgress(num_train_steps=tc.num_steps, writer=writer,
-                                             every_steps=tc.log_every, every_secs=None)]
+    hooks = [
+      periodic_actions.ReportProgress(
+        num_train_steps=tc.num_steps, writer=writer, every_steps=tc.log_every, every_secs=None
+      )
+    ]
     if tc.profile_steps > 0 and jax.process_index() == 0:
-      hooks.append(periodic_actions.Profile(logdir=self.workdir,
-                                            num_profile_steps=tc.profile_steps,
-                                            profile_duration_ms=None,
-                                            first_profile=self.start + 5, every_secs=None))
+      hooks.append(
+        periodic_actions.Profile(
+          logdir=self.workdir,
+          num_profile_steps=tc.profile_steps,
+          profile_duration_ms=None,
+          first_profile=self.start + 5,
+          every_secs=None,
+        )
+      )
 
     last_good = self.latest
-    prev = None            # (step index, TrainMetrics) of the previous step, read one step late
-    accum = None           # metrics merged since the last log line
+    prev = None  # (step index, TrainMetrics) of the previous step, read one step late
+    accum = None  # metrics merged since the last log line
     t_mark, steps_mark = time.time(), self.start
     self.last_loss = None
     ended = self.decision()
@@ -517,11 +594,16 @@ class _Run:
         computed["tokens_per_sec"] = tokens_per_sec
         computed["mfu"] = flops_per_step * steps_done / max(elapsed, 1e-9) / peak
         self.last_loss = computed["loss"]
-        writer.write_scalars(step, {f"train/{k}": v for k, v in computed.items()
-                                    if v is not None})
-        logging.info("step %d/%d  loss %.4f  token_acc %.4f  seq_acc %.4f  (%.0f tokens/s)",
-                     step, tc.num_steps, computed["loss"], computed["token_accuracy"],
-                     computed["sequence_accuracy"], tokens_per_sec)
+        writer.write_scalars(step, {f"train/{k}": v for k, v in computed.items() if v is not None})
+        logging.info(
+          "step %d/%d  loss %.4f  token_acc %.4f  seq_acc %.4f  (%.0f tokens/s)",
+          step,
+          tc.num_steps,
+          computed["loss"],
+          computed["token_accuracy"],
+          computed["sequence_accuracy"],
+          tokens_per_sec,
+        )
         t_mark, steps_mark = time.time(), step
 
       evaluated = step % tc.eval_every == 0 or last_step
@@ -545,8 +627,9 @@ class _Run:
       self.ckpts.save(step, state)
     self.state = state
     self.final_step = int(jax.device_get(state.step))
-    if ended != stopping.SIGTERM and (not self.history
-                                      or self.history[-1]["step"] != self.final_step):
+    if ended != stopping.SIGTERM and (
+      not self.history or self.history[-1]["step"] != self.final_step
+    ):
       # Restored at a step that was never evaluated (num_steps lowered, or a checkpoint written
       # at a non-eval step): evaluate it so that every checkpoint the run ends on is scored.
       self.validate(self.final_step, state.params)
@@ -557,8 +640,9 @@ class _Run:
   def validate(self, step: int, params) -> dict:
     """Evaluates the validation split; appends to the history (memory, file, TensorBoard)."""
     cfg = self.config.eval
-    batches = self.source.eval_batches("validation", cfg.seed, cfg.num_examples, cfg.batch_size,
-                                       self.eval_sh)
+    batches = self.source.eval_batches(
+      "validation", cfg.seed, cfg.num_examples, cfg.batch_size, self.eval_sh
+    )
     if not hasattr(self, "eval_step"):
       self.eval_step = self.setup.eval_step(cfg.batch_size)
     ev = run_eval(self.eval_step, params, batches)
@@ -566,10 +650,16 @@ class _Run:
     self.history.append(row)
     files.append_jsonl(os.path.join(self.workdir, EVAL_HISTORY_FILE), [row])
     if hasattr(self, "writer"):
-      self.writer.write_scalars(step, {f"eval/{k}": v for k, v in row.items()
-                                       if k != "step" and v is not None})
-    logging.info("eval step %d  loss %.4f  token_acc %.4f  seq_acc %.4f", step, ev["loss"],
-                 ev["token_accuracy"], ev["sequence_accuracy"])
+      self.writer.write_scalars(
+        step, {f"eval/{k}": v for k, v in row.items() if k != "step" and v is not None}
+      )
+    logging.info(
+      "eval step %d  loss %.4f  token_acc %.4f  seq_acc %.4f",
+      step,
+      ev["loss"],
+      ev["token_accuracy"],
+      ev["sequence_accuracy"],
+    )
     return row
 
   # -- finish ------------------------------------------------------------------------------
@@ -582,8 +672,9 @@ class _Run:
       self.ckpts.wait()
       params = self.ckpts.restore(step, self.setup.abstract_state()).params
     cfg = self.config.eval
-    batches = self.source.eval_batches("test", cfg.seed, cfg.num_examples, cfg.batch_size,
-                                       self.eval_sh)
+    batches = self.source.eval_batches(
+      "test", cfg.seed, cfg.num_examples, cfg.batch_size, self.eval_sh
+    )
     if not hasattr(self, "eval_step"):
       self.eval_step = self.setup.eval_step(cfg.batch_size)
     return run_eval(self.eval_step, params, batches)
@@ -595,28 +686,34 @@ class _Run:
     test = None
     if ended_by != stopping.SIGTERM and selected is not None:
       test = self.test_at(selected)
-      logging.info("test split at the selected step %d: loss %.4f  token_acc %.4f  seq_acc %.4f",
-                   selected, test["loss"], test["token_accuracy"], test["sequence_accuracy"])
+      logging.info(
+        "test split at the selected step %d: loss %.4f  token_acc %.4f  seq_acc %.4f",
+        selected,
+        test["loss"],
+        test["token_accuracy"],
+        test["sequence_accuracy"],
+      )
     last_loss = self.last_loss
     if last_loss is None and self.start == self.final_step:  # nothing trained in this call
       last_loss = files.read_json(os.path.join(self.workdir, SUMMARY_FILE), {}).get("loss")
     pick = lambda d, k: None if d is None else d[k]
     return {
-        "step": self.final_step,
-        "loss": last_loss,
-        "ended_by": ended_by,
-        "stopped": ended_by,
-        "selected_step": selected,
-        "steps_to_100": stopping.steps_to_100(self.history),
-        "first_step_100": next((r["step"] for r in self.history
-                                if r["sequence_accuracy"] == 1.0), None),
-        **{f"validation_{k}": pick(val, k) for k in _EVAL_KEYS},
-        **{f"test_{k}": pick(test, k) for k in _EVAL_KEYS},
-        "eval_loss": pick(test, "loss"),
-        "token_accuracy": pick(test, "token_accuracy"),
-        "sequence_accuracy": pick(test, "sequence_accuracy"),
-        "wall_seconds": time.time() - self.t_start,
-        "num_params": self.num_params,
+      "step": self.final_step,
+      "loss": last_loss,
+      "ended_by": ended_by,
+      "stopped": ended_by,
+      "selected_step": selected,
+      "steps_to_100": stopping.steps_to_100(self.history),
+      "first_step_100": next(
+        (r["step"] for r in self.history if r["sequence_accuracy"] == 1.0), None
+      ),
+      **{f"validation_{k}": pick(val, k) for k in _EVAL_KEYS},
+      **{f"test_{k}": pick(test, k) for k in _EVAL_KEYS},
+      "eval_loss": pick(test, "loss"),
+      "token_accuracy": pick(test, "token_accuracy"),
+      "sequence_accuracy": pick(test, "sequence_accuracy"),
+      "wall_seconds": time.time() - self.t_start,
+      "num_params": self.num_params,
     }
 
 
@@ -650,12 +747,17 @@ def train_and_evaluate(config, workdir: str) -> dict:
     run.open(stack)
     done = run.finished_summary()
     if done is not None:
-      logging.info("already done: %s holds a finished run (step %d, ended by %s); nothing to do",
-                   run.workdir, done["step"], done["ended_by"])
+      logging.info(
+        "already done: %s holds a finished run (step %d, ended by %s); nothing to do",
+        run.workdir,
+        done["step"],
+        done["ended_by"],
+      )
       return done
     if stored is None or provenance.differences(stored, config):
-      write_train_config(run.workdir, config, vocab_size=run.setup.vocab_size,
-                         max_len=run.setup.max_len)
+      write_train_config(
+        run.workdir, config, vocab_size=run.setup.vocab_size, max_len=run.setup.max_len
+      )
     ended_by = run.loop(stack)
     summary = run.summary(ended_by)
   files.write_json(os.path.join(run.workdir, SUMMARY_FILE), summary)

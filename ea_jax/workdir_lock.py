@@ -4,6 +4,7 @@ The kernel releases the lock when its process dies, even by `kill -9`, so a lock
 a dead trainer is stale by construction: the next trainer takes it over (and says whose it
 was). A live holder makes a second trainer fail at once with the holder's host and pid.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -36,16 +37,29 @@ class WorkdirLock:
       holder = _read(fd)
       os.close(fd)
       raise WorkdirLockedError(
-          f"{os.path.dirname(self.path)} is in use by another trainer (pid {holder.get('pid')} "
-          f"on {holder.get('host')}, since {holder.get('since')}); wait for it or stop it, or "
-          f"use another --workdir") from None
+        f"{os.path.dirname(self.path)} is in use by another trainer (pid {holder.get('pid')} "
+        f"on {holder.get('host')}, since {holder.get('since')}); wait for it or stop it, or "
+        f"use another --workdir"
+      ) from None
     previous = _read(fd)
     if previous:
-      logging.warning("taking over the lock of a trainer that is gone (pid %s on %s)",
-                      previous.get("pid"), previous.get("host"))
+      logging.warning(
+        "taking over the lock of a trainer that is gone (pid %s on %s)",
+        previous.get("pid"),
+        previous.get("host"),
+      )
     os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                              "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
+    os.pwrite(
+      fd,
+      json.dumps(
+        {
+          "host": socket.gethostname(),
+          "pid": os.getpid(),
+          "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+      ).encode(),
+      0,
+    )
     os.fsync(fd)
     self._fd = fd
     return self

@@ -1,4 +1,5 @@
 """Test-wide JAX settings: CPU, strict rank promotion, float32 by default."""
+
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

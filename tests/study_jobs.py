@@ -1,4 +1,5 @@
 """Job functions for the study executor's tests (importable by spawned worker processes)."""
+
 import os
 import signal
 import time

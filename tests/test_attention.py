@@ -1,4 +1,5 @@
 """Tests of ea_jax.attention against a float64 numpy reference written here, and invariants."""
+
 import functools
 import sys
 import types
@@ -71,19 +72,41 @@ def ref_attention(q, k, v, kind, **kw):
 
 def run(impl, kind, kernel, q, k, v, *, mask=None, is_causal=False, scale=None, eps=1e-6):
   """The function under test, jitted (block sizes are part of the cache key)."""
-  return _run(q, k, v, mask, impl=impl, kind=kind, kernel=kernel, is_causal=is_causal,
-              scale=scale, eps=eps, blocks=(A.chunked.CHUNK_ROWS, A.linear.LINEAR_CHUNK))
+  return _run(
+    q,
+    k,
+    v,
+    mask,
+    impl=impl,
+    kind=kind,
+    kernel=kernel,
+    is_causal=is_causal,
+    scale=scale,
+    eps=eps,
+    blocks=(A.chunked.CHUNK_ROWS, A.linear.LINEAR_CHUNK),
+  )
 
 
-@functools.partial(jax.jit, static_argnames=("impl", "kind", "kernel", "is_causal", "scale",
-                                             "eps", "blocks"))
+@functools.partial(
+  jax.jit, static_argnames=("impl", "kind", "kernel", "is_causal", "scale", "eps", "blocks")
+)
 def _run(q, k, v, mask, *, impl, kind, kernel, is_causal, scale, eps, blocks):
   del blocks
   if kind == "ea":
-    return A.expressive_attention(q, k, v, mask=mask, is_causal=is_causal, scale=scale, eps=eps,
-                                  kernel=kernel, implementation=impl)
-  return A.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, scale=scale,
-                                 implementation=impl)
+    return A.expressive_attention(
+      q,
+      k,
+      v,
+      mask=mask,
+      is_causal=is_causal,
+      scale=scale,
+      eps=eps,
+      kernel=kernel,
+      implementation=impl,
+    )
+  return A.dot_product_attention(
+    q, k, v, mask=mask, is_causal=is_causal, scale=scale, implementation=impl
+  )
 
 
 def make(rng, B=2, T=37, S=None, N=2, K=None, H=8, dtype=jnp.float32, scale=1.0):
@@ -100,8 +123,9 @@ def applicable(impl, kind, kernel, causal, has_mask):
   return impl != "linear" or (kind == "ea" and kernel == "square" and causal and not has_mask)
 
 
-def valid_params(impls, variants, cases=(None,), causal_of=lambda case: True,
-                 masked_of=lambda case: False):
+def valid_params(
+  impls, variants, cases=(None,), causal_of=lambda case: True, masked_of=lambda case: False
+):
   """(impl, kind, kernel[, case]) combinations that `impl` accepts (no skipped parametrisations)."""
   out = []
   for impl in impls:
@@ -117,8 +141,12 @@ def valid_params(impls, variants, cases=(None,), causal_of=lambda case: True,
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("impl,kind,kernel,case", valid_params(
-    IMPLS, VARIANTS, CASES, causal_of=lambda c: c != "mask", masked_of=lambda c: c == "mask"))
+@pytest.mark.parametrize(
+  "impl,kind,kernel,case",
+  valid_params(
+    IMPLS, VARIANTS, CASES, causal_of=lambda c: c != "mask", masked_of=lambda c: c == "mask"
+  ),
+)
 def test_matches_reference(impl, kind, kernel, case):
   rng = np.random.default_rng(0)
   dtype = jnp.bfloat16 if case == "bf16" else jnp.float32
@@ -130,8 +158,15 @@ def test_matches_reference(impl, kind, kernel, case):
     mask = jnp.asarray(rng.random((2, 1, 37, 37)) > 0.4)
   out = run(impl, kind, kernel, q, k, v, mask=mask, is_causal=causal)
   assert out.dtype == dtype and out.shape == q.shape
-  want = ref_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
-                       kind, mask=mask, causal=causal, kernel=kernel)
+  want = ref_attention(
+    q.astype(jnp.float32),
+    k.astype(jnp.float32),
+    v.astype(jnp.float32),
+    kind,
+    mask=mask,
+    causal=causal,
+    kernel=kernel,
+  )
   tol = 2e-2 if case == "bf16" else 2e-5
   np.testing.assert_allclose(np.asarray(out, np.float64), want, atol=tol, rtol=tol)
 
@@ -142,8 +177,14 @@ def test_float16_accumulates_in_float32(impl):
   q, k, v = make(rng, dtype=jnp.float16, scale=4.0)  # row sums of s^2 exceed the float16 range
   out = run(impl, "ea", "square", q, k, v, is_causal=True)
   assert out.dtype == jnp.float16 and np.all(np.isfinite(out))
-  want = ref_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), "ea",
-                       causal=True, kernel="square")
+  want = ref_attention(
+    q.astype(jnp.float32),
+    k.astype(jnp.float32),
+    v.astype(jnp.float32),
+    "ea",
+    causal=True,
+    kernel="square",
+  )
   np.testing.assert_allclose(np.asarray(out, np.float64), want, atol=5e-3, rtol=5e-3)
 
 
@@ -153,8 +194,9 @@ def test_attention_weights_match_reference_and_rows_sum_to_one(kind, kernel):
   q, k, _ = make(rng, T=19, S=23, N=4, K=2)
   mask = rng.random((2, 4, 19, 23)) > 0.5
   mask[0, 1, 3] = False  # a row with nothing allowed
-  w = A.attention_weights(q, k, kind=kind, mask=jnp.asarray(mask), is_causal=True, eps=0.0,
-                          kernel=kernel or "rational")
+  w = A.attention_weights(
+    q, k, kind=kind, mask=jnp.asarray(mask), is_causal=True, eps=0.0, kernel=kernel or "rational"
+  )
   want = ref_weights(q, k, kind, mask=mask, causal=True, eps=0.0, kernel=kernel)
   assert w.shape == (2, 4, 19, 23)
   np.testing.assert_allclose(w, want, atol=1e-5, rtol=1e-5)
@@ -246,15 +288,38 @@ def test_check_grads_float64(impl, kind, kernel, monkeypatch):
 @functools.partial(jax.jit, static_argnames=("impl", "kind", "kernel", "is_causal", "blocks"))
 def _grads(q, k, v, mask, ct, *, impl, kind, kernel, is_causal, blocks):
   """d/d(q, k, v) of sum(out * ct) (jitted and cached across tests; blocks in the cache key)."""
+
   def loss(q, k, v):
-    return jnp.sum(_run(q, k, v, mask, impl=impl, kind=kind, kernel=kernel, is_causal=is_causal,
-                        scale=None, eps=1e-6, blocks=blocks) * ct)
+    return jnp.sum(
+      _run(
+        q,
+        k,
+        v,
+        mask,
+        impl=impl,
+        kind=kind,
+        kernel=kernel,
+        is_causal=is_causal,
+        scale=None,
+        eps=1e-6,
+        blocks=blocks,
+      )
+      * ct
+    )
+
   return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
 
 
-@pytest.mark.parametrize("impl,kind,kernel,case", valid_params(
-    ("chunked", "linear"), VARIANTS, ("causal_gqa", "mask_t_ne_s"),
-    causal_of=lambda c: c == "causal_gqa", masked_of=lambda c: c == "mask_t_ne_s"))
+@pytest.mark.parametrize(
+  "impl,kind,kernel,case",
+  valid_params(
+    ("chunked", "linear"),
+    VARIANTS,
+    ("causal_gqa", "mask_t_ne_s"),
+    causal_of=lambda c: c == "causal_gqa",
+    masked_of=lambda c: c == "mask_t_ne_s",
+  ),
+)
 def test_gradients_match_naive(impl, kind, kernel, case):
   rng = np.random.default_rng(8)
   if case == "causal_gqa":
@@ -267,23 +332,46 @@ def test_gradients_match_naive(impl, kind, kernel, case):
     kw = dict(mask=jnp.asarray(mask))
   q = q.at[:, :5].set(0.0)  # ... and at q = 0
   ct = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
-  got = _grads(q, k, v, kw.get("mask"), ct, impl=impl, kind=kind, kernel=kernel,
-               is_causal=kw.get("is_causal", False),
-               blocks=(A.chunked.CHUNK_ROWS, A.linear.LINEAR_CHUNK))
-  want = _grads(q, k, v, kw.get("mask"), ct, impl="naive", kind=kind, kernel=kernel,
-                is_causal=kw.get("is_causal", False), blocks=None)
+  got = _grads(
+    q,
+    k,
+    v,
+    kw.get("mask"),
+    ct,
+    impl=impl,
+    kind=kind,
+    kernel=kernel,
+    is_causal=kw.get("is_causal", False),
+    blocks=(A.chunked.CHUNK_ROWS, A.linear.LINEAR_CHUNK),
+  )
+  want = _grads(
+    q,
+    k,
+    v,
+    kw.get("mask"),
+    ct,
+    impl="naive",
+    kind=kind,
+    kernel=kernel,
+    is_causal=kw.get("is_causal", False),
+    blocks=None,
+  )
   for g, w, name in zip(got, want, "qkv"):
     assert np.all(np.isfinite(g)) and np.all(np.isfinite(w)), f"d{name} not finite"
-    np.testing.assert_allclose(g, w, atol=5e-5 * float(np.abs(w).max()), rtol=1e-4,
-                               err_msg=f"d{name}")
+    np.testing.assert_allclose(
+      g, w, atol=5e-5 * float(np.abs(w).max()), rtol=1e-4, err_msg=f"d{name}"
+    )
 
 
 def test_gradient_flows_to_scale():
   rng = np.random.default_rng(9)
   q, k, v = make(rng, T=12)
   for impl in ("naive", "chunked"):
-    f = jax.jit(lambda s, impl=impl: jnp.sum(
-        A.expressive_attention(q, k, v, scale=s, implementation=impl) * v[:, :, :1]))
+    f = jax.jit(
+      lambda s, impl=impl: jnp.sum(
+        A.expressive_attention(q, k, v, scale=s, implementation=impl) * v[:, :, :1]
+      )
+    )
     g, h = float(jax.grad(f)(0.7)), 1e-3
     assert abs(g - (float(f(0.7 + h)) - float(f(0.7 - h))) / (2 * h)) < 1e-2 * (1 + abs(g))
 
@@ -303,7 +391,7 @@ def test_kv_cache_decode_equals_full_sequence(kind, kernel):
   cache = A.init_kv_cache(B, T + 3, K, H)
   outs = []
   for t in range(T):
-    out, cache = step(cache, q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1])
+    out, cache = step(cache, q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1])
     outs.append(out)
   assert int(cache.length) == T
   np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=1e-5, rtol=1e-5)
@@ -319,7 +407,7 @@ def test_recurrent_decode_equals_full_sequence_and_state_size_is_constant():
   step = jax.jit(A.recurrent_step)
   outs = []
   for t in range(T):
-    out, new_state = step(state, q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1])
+    out, new_state = step(state, q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1])
     assert jax.tree.map(jnp.shape, new_state) == jax.tree.map(jnp.shape, state)
     state = new_state
     outs.append(out)
@@ -349,16 +437,16 @@ def test_kv_cache_past_its_end_under_jit_drops_the_token_and_flags_it(kind, kern
   step = jax.jit(functools.partial(A.kv_cache_step, kind=kind, kernel=kernel or "rational"))
   cache = A.init_kv_cache(B, S, K, H)
   for t in range(S):
-    _, cache = step(cache, q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1])
+    _, cache = step(cache, q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1])
   assert not bool(cache.overflowed) and int(cache.length) == S
   full = cache
   for t in (S, S + 1):
-    out, cache = step(cache, q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1])
+    out, cache = step(cache, q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1])
     assert bool(cache.overflowed) and int(cache.length) == S
     np.testing.assert_array_equal(cache.key, full.key)
     np.testing.assert_array_equal(cache.value, full.value)
     # The query attends over the S cached tokens only (not over its own dropped token).
-    want = ref_attention(q[:, t:t + 1], k[:, :S], v[:, :S], kind, kernel=kernel)
+    want = ref_attention(q[:, t : t + 1], k[:, :S], v[:, :S], kind, kernel=kernel)
     np.testing.assert_allclose(out, want, atol=1e-5, rtol=1e-5)
 
 
@@ -373,15 +461,21 @@ def test_auto_rule():
   for backend in ("gpu", "tpu"):
     for causal in (False, True):
       for kernel in A.KERNELS:
-        assert choose("ea", is_causal=causal, has_mask=False, kernel=kernel, backend=backend,
-                      **big) == "pallas"
-        assert choose("ea", is_causal=causal, has_mask=True, kernel=kernel, backend=backend,
-                      **big) == "chunked"
+        assert (
+          choose("ea", is_causal=causal, has_mask=False, kernel=kernel, backend=backend, **big)
+          == "pallas"
+        )
+        assert (
+          choose("ea", is_causal=causal, has_mask=True, kernel=kernel, backend=backend, **big)
+          == "chunked"
+        )
     assert choose("dpa", is_causal=True, has_mask=False, backend=backend, **big) == "chunked"
-    assert choose("dpa", T=512, S=512, H=32, is_causal=True, has_mask=False,
-                  backend=backend) == "naive"
-    assert choose("ea", T=512, S=512, H=32, is_causal=True, has_mask=True,
-                  backend=backend) == "naive"
+    assert (
+      choose("dpa", T=512, S=512, H=32, is_causal=True, has_mask=False, backend=backend) == "naive"
+    )
+    assert (
+      choose("ea", T=512, S=512, H=32, is_causal=True, has_mask=True, backend=backend) == "naive"
+    )
   # CPU: always "chunked"; never "linear", whose error on nearly orthogonal queries exceeds 1e-4
   # (test_auto_rule_is_exact_on_ill_conditioned_queries, test_linear_stays_within_its_bound).
   for kind in A.KINDS:
@@ -389,13 +483,24 @@ def test_auto_rule():
       for causal in (False, True):
         for has_mask in (False, True):
           for T in (16, 128, 1024, 8192, 32768):
-            got = choose(kind, T=T, S=T, H=32, is_causal=causal, has_mask=has_mask,
-                         kernel=kernel, backend="cpu")
+            got = choose(
+              kind,
+              T=T,
+              S=T,
+              H=32,
+              is_causal=causal,
+              has_mask=has_mask,
+              kernel=kernel,
+              backend="cpu",
+            )
             assert got == "chunked", (kind, kernel, causal, has_mask, T, got)
   rng = np.random.default_rng(13)
   q, k, v = make(rng)
-  np.testing.assert_allclose(A.expressive_attention(q, k, v, is_causal=True),
-                             ref_attention(q, k, v, "ea", causal=True), atol=2e-5)
+  np.testing.assert_allclose(
+    A.expressive_attention(q, k, v, is_causal=True),
+    ref_attention(q, k, v, "ea", causal=True),
+    atol=2e-5,
+  )
 
 
 def test_dpa_matches_jax_nn_dot_product_attention():
@@ -410,8 +515,9 @@ def test_dpa_matches_jax_nn_dot_product_attention():
     mask = jnp.asarray(rng.random((2, 4, T, S)) > 0.2) if not causal else None
     end_aligned = jnp.arange(S)[None, :] <= jnp.arange(T)[:, None] + (S - T)
     oracle_mask = end_aligned[None, None] if causal and T != S else mask
-    want = jax.nn.dot_product_attention(q, k, v, mask=oracle_mask, is_causal=causal and T == S,
-                                        implementation="xla")
+    want = jax.nn.dot_product_attention(
+      q, k, v, mask=oracle_mask, is_causal=causal and T == S, implementation="xla"
+    )
     for impl in ("naive", "chunked"):
       got = run(impl, "dpa", None, q, k, v, mask=mask, is_causal=causal)
       np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5, err_msg=f"{impl} T={T} S={S}")
@@ -465,8 +571,11 @@ def test_auto_rule_is_exact_on_ill_conditioned_queries(ill_conditioned):
   for impl in (None, "naive", "chunked"):
     with pytest.MonkeyPatch.context() as mp:
       mp.setattr(A.chunked, "CHUNK_ROWS", 256)
-      out = jax.jit(lambda q, k, v, impl=impl: A.expressive_attention(
-          q, k, v, is_causal=True, kernel="square", implementation=impl))(q, k, v)
+      out = jax.jit(
+        lambda q, k, v, impl=impl: A.expressive_attention(
+          q, k, v, is_causal=True, kernel="square", implementation=impl
+        )
+      )(q, k, v)
     assert normwise_error(out, want) < 1e-4, impl
 
 
@@ -493,9 +602,9 @@ def test_recurrent_state_stays_within_its_bound():
     def body(state, x):
       out, state = A.recurrent_step(state, *x)
       return state, out
+
     xs = tuple(jnp.swapaxes(x, 0, 1)[:, :, None] for x in (q, k, v))
-    return jnp.swapaxes(jax.lax.scan(body, A.init_recurrent_state(1, 2, 32), xs)[1][:, :, 0],
-                        0, 1)
+    return jnp.swapaxes(jax.lax.scan(body, A.init_recurrent_state(1, 2, 32), xs)[1][:, :, 0], 0, 1)
 
   assert normwise_error(decode(q, k, v), want) < RECURRENT_BOUND_F01
 
@@ -507,11 +616,14 @@ def test_recurrent_state_stays_within_its_bound():
 
 def test_chunked_trace_does_not_grow_with_length():
   """The block loops are loops: the fwd+bwd program is the same size at 4 and at 64 blocks."""
+
   def size(T):
     q = jnp.zeros((1, T, 2, 8))
-    loss = lambda q: jnp.sum(A.expressive_attention(q, q, q, is_causal=True,
-                                                    implementation="chunked"))
+    loss = lambda q: jnp.sum(
+      A.expressive_attention(q, q, q, is_causal=True, implementation="chunked")
+    )
     return str(jax.make_jaxpr(jax.grad(loss))(q)).count("dot_general")
+
   # 4 products forward (unmasked and masked loop, 2 each), 10 backward; unrolled code would
   # have them once per block.
   assert size(64) == size(1024) == 14
@@ -556,10 +668,17 @@ print("MESH_OK")
 def test_chunked_with_several_blocks_under_an_8_device_mesh():
   import os  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
+
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  proc = subprocess.run([sys.executable, "-c", _MESH_SCRIPT], cwd=root, env=env,
-                        capture_output=True, text=True, timeout=300)
+  proc = subprocess.run(
+    [sys.executable, "-c", _MESH_SCRIPT],
+    cwd=root,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "MESH_OK" in proc.stdout
 
@@ -575,10 +694,12 @@ def test_pallas_dispatch_passes_keyword_arguments(monkeypatch):
   module.expressive_attention_pallas = fake
   monkeypatch.setitem(sys.modules, "ea_jax.kernels.pallas_attention", module)
   import ea_jax.kernels  # pylint: disable=g-import-not-at-top
+
   monkeypatch.setattr(ea_jax.kernels, "pallas_attention", module, raising=False)
   q, k, v = make(np.random.default_rng(14), H=4)
-  A.expressive_attention(q, k, v, is_causal=True, scale=0.5, eps=1e-3, kernel="square",
-                         implementation="pallas")
+  A.expressive_attention(
+    q, k, v, is_causal=True, scale=0.5, eps=1e-3, kernel="square", implementation="pallas"
+  )
   assert calls == [dict(mask=None, is_causal=True, scale=0.5, eps=1e-3, kernel="square")]
   monkeypatch.setattr(A, "choose_implementation", lambda *a, **kw: "pallas")
   A.expressive_attention(q, k, v)
@@ -595,27 +716,39 @@ def test_errors_name_the_argument():
   kv = jnp.zeros((2, 5, 2, 8))
   ea = A.expressive_attention
   cases = [
-      (lambda: ea(x[0], kv, kv), "query must have rank 4"),
-      (lambda: ea(x, kv[0], kv), "key must have rank 4"),
-      (lambda: ea(x, kv, kv[:, :3]), "value shape"),
-      (lambda: ea(x, jnp.zeros((2, 5, 3, 8)), jnp.zeros((2, 5, 3, 8))), "multiple"),
-      (lambda: ea(x, jnp.zeros((2, 5, 2, 4)), jnp.zeros((2, 5, 2, 4))), "head dim"),
-      (lambda: ea(x, jnp.zeros((3, 5, 2, 8)), jnp.zeros((3, 5, 2, 8))), "batch size"),
-      (lambda: ea(x, kv, kv, implementation="flash"), "implementation"),
-      (lambda: ea(x, kv, kv, kernel="cubic"), "kernel"),
-      (lambda: ea(x, kv, kv, eps=-1.0), "eps"),
-      (lambda: ea(x, kv, kv, implementation="linear", kernel="square"), "is_causal"),
-      (lambda: ea(x, kv, kv, implementation="linear", is_causal=True), "kernel='square'"),
-      (lambda: ea(x, kv, kv, implementation="linear", is_causal=True, kernel="square",
-                  mask=jnp.ones((5, 5), bool)), "no mask"),
-      (lambda: ea(x, kv, kv, mask=jnp.ones((3, 5, 5), bool)), r"mask of shape \(3, 5, 5\)"),
-      (lambda: ea(x, kv, kv, mask=jnp.ones((5, 5))), "boolean"),
-      (lambda: A.dot_product_attention(x, kv, kv, implementation="linear"), "linear"),
-      (lambda: A.dot_product_attention(x, kv, kv, implementation="pallas"), "pallas"),
-      (lambda: A.attention_weights(x, kv, kind="softmax"), "kind"),
-      (lambda: A.kv_cache_step(A.init_kv_cache(2, 8, 2, 8), x, kv, kv, kind="ea"), "one token"),
-      (lambda: A.recurrent_step(A.init_recurrent_state(2, 2, 4), x[:, :1], kv[:, :1], kv[:, :1]),
-       "state shapes"),
+    (lambda: ea(x[0], kv, kv), "query must have rank 4"),
+    (lambda: ea(x, kv[0], kv), "key must have rank 4"),
+    (lambda: ea(x, kv, kv[:, :3]), "value shape"),
+    (lambda: ea(x, jnp.zeros((2, 5, 3, 8)), jnp.zeros((2, 5, 3, 8))), "multiple"),
+    (lambda: ea(x, jnp.zeros((2, 5, 2, 4)), jnp.zeros((2, 5, 2, 4))), "head dim"),
+    (lambda: ea(x, jnp.zeros((3, 5, 2, 8)), jnp.zeros((3, 5, 2, 8))), "batch size"),
+    (lambda: ea(x, kv, kv, implementation="flash"), "implementation"),
+    (lambda: ea(x, kv, kv, kernel="cubic"), "kernel"),
+    (lambda: ea(x, kv, kv, eps=-1.0), "eps"),
+    (lambda: ea(x, kv, kv, implementation="linear", kernel="square"), "is_causal"),
+    (lambda: ea(x, kv, kv, implementation="linear", is_causal=True), "kernel='square'"),
+    (
+      lambda: ea(
+        x,
+        kv,
+        kv,
+        implementation="linear",
+        is_causal=True,
+        kernel="square",
+        mask=jnp.ones((5, 5), bool),
+      ),
+      "no mask",
+    ),
+    (lambda: ea(x, kv, kv, mask=jnp.ones((3, 5, 5), bool)), r"mask of shape \(3, 5, 5\)"),
+    (lambda: ea(x, kv, kv, mask=jnp.ones((5, 5))), "boolean"),
+    (lambda: A.dot_product_attention(x, kv, kv, implementation="linear"), "linear"),
+    (lambda: A.dot_product_attention(x, kv, kv, implementation="pallas"), "pallas"),
+    (lambda: A.attention_weights(x, kv, kind="softmax"), "kind"),
+    (lambda: A.kv_cache_step(A.init_kv_cache(2, 8, 2, 8), x, kv, kv, kind="ea"), "one token"),
+    (
+      lambda: A.recurrent_step(A.init_recurrent_state(2, 2, 4), x[:, :1], kv[:, :1], kv[:, :1]),
+      "state shapes",
+    ),
   ]
   for fn, message in cases:
     with pytest.raises(ValueError, match=message):
@@ -629,9 +762,17 @@ def test_errors_name_the_argument():
 
 @hypothesis.settings(max_examples=6, deadline=None, derandomize=True)
 @hypothesis.given(
-    B=st.integers(1, 2), T=st.integers(1, 40), S=st.integers(1, 40), K=st.integers(1, 2),
-    G=st.integers(1, 3), H=st.integers(1, 8), causal=st.booleans(), masked=st.booleans(),
-    variant=st.sampled_from(VARIANTS), seed=st.integers(0, 2**16))
+  B=st.integers(1, 2),
+  T=st.integers(1, 40),
+  S=st.integers(1, 40),
+  K=st.integers(1, 2),
+  G=st.integers(1, 3),
+  H=st.integers(1, 8),
+  causal=st.booleans(),
+  masked=st.booleans(),
+  variant=st.sampled_from(VARIANTS),
+  seed=st.integers(0, 2**16),
+)
 def test_random_shapes_match_reference(B, T, S, K, G, H, causal, masked, variant, seed):
   kind, kernel = variant
   rng = np.random.default_rng(seed)

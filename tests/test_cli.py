@@ -1,15 +1,15 @@
 """train.py / eval.py end to end in subprocesses (tiny config, temp workdir), and a two-process
 jax.distributed run on localhost that must match the one-process run."""
+
 import json
 import os
 import socket
 import subprocess
 import sys
 
+import chex
 import jax
-import numpy as np
 import pytest
-
 import train_helpers
 
 REPO = train_helpers.REPO
@@ -24,8 +24,9 @@ def _env():
 
 
 def _run(args, timeout=300):
-  proc = subprocess.run([sys.executable, *args], cwd=REPO, env=_env(), capture_output=True,
-                        text=True, timeout=timeout)
+  proc = subprocess.run(
+    [sys.executable, *args], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout
+  )
   assert proc.returncode == 0, f"{args}\n{proc.stderr[-5000:]}"
   return proc
 
@@ -51,8 +52,16 @@ def test_train_then_eval_end_to_end(one_process):
   assert f"{summary['test_sequence_accuracy']:.4f}" in lines[1]
   assert lines[2] == f"summary: {os.path.join(workdir, 'train_summary.json')}"
   # No --config: the run's own; the test split at the selected step is the summary's.
-  proc = _run(["eval.py", f"--workdir={workdir}", "--split=test", "--plot_attention",
-               "--num_attention_examples=2", f"--step={summary['selected_step']}"])
+  proc = _run(
+    [
+      "eval.py",
+      f"--workdir={workdir}",
+      "--split=test",
+      "--plot_attention",
+      "--num_attention_examples=2",
+      f"--step={summary['selected_step']}",
+    ]
+  )
   path = os.path.join(workdir, f"eval_test_L48_step{summary['selected_step']}.json")
   with open(path) as f:
     result = json.load(f)
@@ -63,8 +72,10 @@ def test_train_then_eval_end_to_end(one_process):
   assert "ea (rational) attention, 1 layers x 16 wide" in lines[0]
   assert f"sequence {result['sequence_accuracy']:.4f}" in lines[1]
   assert len(result["per_position_accuracy"]) == result["seq_len"]
-  assert [os.path.basename(p) for p in result["attention_plots"]] == ["example_0.png",
-                                                                      "example_1.png"]
+  assert [os.path.basename(p) for p in result["attention_plots"]] == [
+    "example_0.png",
+    "example_1.png",
+  ]
   for p in result["attention_plots"]:
     with open(p, "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -76,16 +87,29 @@ def test_train_then_eval_end_to_end(one_process):
     assert json.load(f)["loss"] == pytest.approx(last["loss"], rel=1e-5)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["train.py", f"--config={TINY}", "--config.train.learning_rate=-1"],
-     "error: config.train.learning_rate=-1.0: must be > 0"),
-    (["eval.py", f"--config={TINY}", "--config.model.attention=dpa"],
-     "error: the config differs from the run in"),
-])
+@pytest.mark.parametrize(
+  "args, message",
+  [
+    (
+      ["train.py", f"--config={TINY}", "--config.train.learning_rate=-1"],
+      "error: config.train.learning_rate=-1.0: must be > 0",
+    ),
+    (
+      ["eval.py", f"--config={TINY}", "--config.model.attention=dpa"],
+      "error: the config differs from the run in",
+    ),
+  ],
+)
 def test_project_errors_are_one_line_and_exit_nonzero(one_process, tmp_path, args, message):
   workdir = one_process[0] if args[0] == "eval.py" else str(tmp_path / "never")
-  proc = subprocess.run([sys.executable, *args, f"--workdir={workdir}"], cwd=REPO, env=_env(),
-                        capture_output=True, text=True, timeout=300)
+  proc = subprocess.run(
+    [sys.executable, *args, f"--workdir={workdir}"],
+    cwd=REPO,
+    env=_env(),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 1
   assert "Traceback" not in proc.stderr
   errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
@@ -103,11 +127,25 @@ def test_two_processes_match_one_process(one_process, tmp_path):
   ref_dir, ref, _ = one_process
   workdir = str(tmp_path / "two_process")
   port = _free_port()
-  args = [sys.executable, "train.py", f"--config={TINY}", f"--workdir={workdir}",
-          f"--coordinator_address=localhost:{port}", "--num_processes=2"]
-  procs = [subprocess.Popen(args + [f"--process_id={i}"], cwd=REPO, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-           for i in range(2)]
+  args = [
+    sys.executable,
+    "train.py",
+    f"--config={TINY}",
+    f"--workdir={workdir}",
+    f"--coordinator_address=localhost:{port}",
+    "--num_processes=2",
+  ]
+  procs = [
+    subprocess.Popen(
+      args + [f"--process_id={i}"],
+      cwd=REPO,
+      env=_env(),
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
   errs = [p.communicate(timeout=300)[1] for p in procs]
   for p, err in zip(procs, errs):
     assert p.returncode == 0, err[-5000:]
@@ -120,11 +158,11 @@ def test_two_processes_match_one_process(one_process, tmp_path):
   # Parameters written by two processes restore onto this one device and match.
   config = train_helpers.load_config("tiny")
   a, b = _restore(ref_dir, config), _restore(workdir, config)
-  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
-    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+  chex.assert_trees_all_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def _restore(workdir, config):
   from ea_jax import train_lib
+
   _, _, state = train_lib.restore(workdir, config=config)
   return jax.device_get(state.params)

@@ -1,15 +1,13 @@
 """Data sources: npz validation errors, deterministic (seed, step) batches, fixed eval sets."""
+
 import math
-import os
 
 import jax
 import numpy as np
 import pytest
-
-from ea_jax import data
-from ea_jax import sharding
-from ea_jax import tasks
 import train_helpers
+
+from ea_jax import data, sharding, tasks
 
 
 def _arrays(n=6, length=5, vocab=7, seed=0):
@@ -33,12 +31,15 @@ def test_valid_npz_loads_and_infers_vocab(tmp_path):
   assert vocab == max(arrays["inputs"].max(), arrays["targets"].max()) + 1
   assert batch.inputs.dtype == np.int32 and batch.weights.dtype == np.float32
   np.testing.assert_array_equal(batch.targets, arrays["targets"])
-  _, vocab = data.load_npz(_save(tmp_path, "v.npz", {**arrays, "vocab_size": np.int32(50)}),
-                           field="f")
+  _, vocab = data.load_npz(
+    _save(tmp_path, "v.npz", {**arrays, "vocab_size": np.int32(50)}), field="f"
+  )
   assert vocab == 50
 
 
-@pytest.mark.parametrize("mutate, message", [
+@pytest.mark.parametrize(
+  "mutate, message",
+  [
     (lambda a: a.pop("weights"), r"missing array\(s\) \['weights'\]"),
     (lambda a: a.update(inputs=a["inputs"].astype(np.float32)), "'inputs' must have an integer"),
     (lambda a: a.update(targets=a["targets"][:, :, None]), "'targets' must have rank 2"),
@@ -49,9 +50,14 @@ def test_valid_npz_loads_and_infers_vocab(tmp_path):
     (lambda a: a.update(inputs=a["inputs"] - 10), "tokens must be >= 0"),
     (lambda a: a.update(vocab_size=np.int32(3)), r"out of the vocabulary \[0, 3\)"),
     (lambda a: a.update(vocab_size=np.float32(9.0)), "'vocab_size' must be a positive integer"),
-    (lambda a: a.update(inputs=a["inputs"][:0], targets=a["targets"][:0],
-                        weights=a["weights"][:0]), "is empty"),
-])
+    (
+      lambda a: a.update(
+        inputs=a["inputs"][:0], targets=a["targets"][:0], weights=a["weights"][:0]
+      ),
+      "is empty",
+    ),
+  ],
+)
 def test_npz_rejects_malformed_arrays(tmp_path, mutate, message):
   arrays = _arrays()
   mutate(arrays)
@@ -125,8 +131,7 @@ def test_generator_batches_are_split_samples_at_folded_keys():
   np.testing.assert_array_equal(np.asarray(task.split_of(_full(test[0]))), 2)
   # Padding: rows 6, 7 of the 8 drawn carry no weight; the others keep the task's weights.
   np.testing.assert_array_equal(np.asarray(val[1].weights)[2:], 0.0)
-  np.testing.assert_array_equal(np.asarray(val[1].weights)[:2],
-                                np.asarray(want_val.weights)[4:6])
+  np.testing.assert_array_equal(np.asarray(val[1].weights)[:2], np.asarray(want_val.weights)[4:6])
   with pytest.raises(ValueError, match="config.eval.split='train'"):
     src.eval_batches("train", 7, 6, 4, sh)
 
@@ -135,21 +140,29 @@ def test_eval_set_larger_than_its_split_is_refused():
   config = train_helpers.load_config("tiny", {"task": tasks.ladder("recurrence")[0]})
   src = data.make_source(config)
   keys = src.task.num_split_keys("validation")  # 4**6 prefixes, 10% of them
-  assert keys == round(0.9 * 4 ** 6) - round(0.8 * 4 ** 6)
+  assert keys == round(0.9 * 4**6) - round(0.8 * 4**6)
   sh = _one_device_sharding(4)
   assert len(src.eval_batches("validation", 0, keys, 512, sh)) == math.ceil(keys / 512)
-  with pytest.raises(ValueError, match=rf"config.eval.num_examples={keys + 1}: task level "
-                     rf"recurrence N=4 R=1 has only {keys} distinct validation sequences"):
+  with pytest.raises(
+    ValueError,
+    match=rf"config.eval.num_examples={keys + 1}: task level "
+    rf"recurrence N=4 R=1 has only {keys} distinct validation sequences",
+  ):
     src.eval_batches("validation", 0, keys + 1, 512, sh)
 
 
 def test_npz_source_train_and_padded_eval(tmp_path):
   train = _arrays(n=6, seed=1)
   ev = _arrays(n=5, seed=2)
-  config = train_helpers.load_config("tiny", {
-      "data.source": "npz", "data.train_path": _save(tmp_path, "t.npz", train),
+  config = train_helpers.load_config(
+    "tiny",
+    {
+      "data.source": "npz",
+      "data.train_path": _save(tmp_path, "t.npz", train),
       "data.eval_path": _save(tmp_path, "e.npz", ev),
-      "data.test_path": _save(tmp_path, "x.npz", _arrays(n=3, seed=3))})
+      "data.test_path": _save(tmp_path, "x.npz", _arrays(n=3, seed=3)),
+    },
+  )
   src = data.make_source(config)
   assert src.seq_len == 5
   sh = _one_device_sharding(4)
@@ -170,10 +183,17 @@ def test_unknown_source_rejected():
 
 def test_tfds_source_reads_frozen_level(tmp_path):
   from ea_jax.tasks import tfds_builder
+
   name = tfds_builder.builder_config_name("recurrence", 0)
-  config = train_helpers.load_config("tiny", {
-      "data.source": "tfds", "data.tfds_config": name, "data.tfds_data_dir": str(tmp_path),
-      "task": tasks.ladder("recurrence")[0]})
+  config = train_helpers.load_config(
+    "tiny",
+    {
+      "data.source": "tfds",
+      "data.tfds_config": name,
+      "data.tfds_data_dir": str(tmp_path),
+      "task": tasks.ladder("recurrence")[0],
+    },
+  )
   src = data.make_source(config, splits=("train", "validation"))
   assert src.vocab_size == tasks.make_task(config.task).vocab_size
   train = tfds_builder.load_split(name, "train", str(tmp_path))
@@ -183,26 +203,30 @@ def test_tfds_source_reads_frozen_level(tmp_path):
   np.testing.assert_array_equal(np.asarray(b.targets), train["targets"][idx])
   np.testing.assert_array_equal(np.asarray(b.weights), train["weights"][idx])
   with pytest.raises(ValueError, match="tfds_data_dir is empty"):
-    data.make_source(train_helpers.load_config("tiny", {"data.source": "tfds",
-                                                        "data.tfds_config": name}))
+    data.make_source(
+      train_helpers.load_config("tiny", {"data.source": "tfds", "data.tfds_config": name})
+    )
 
 
 def test_npz_test_split_needs_its_own_file(tmp_path, caplog):
-  paths = {k: _save(tmp_path, f"{k}.npz", _arrays(n=4, seed=i))
-           for i, k in enumerate(("train", "val", "test"))}
-  base = {"data.source": "npz", "data.train_path": paths["train"],
-          "data.eval_path": paths["val"]}
+  paths = {
+    k: _save(tmp_path, f"{k}.npz", _arrays(n=4, seed=i))
+    for i, k in enumerate(("train", "val", "test"))
+  }
+  base = {"data.source": "npz", "data.train_path": paths["train"], "data.eval_path": paths["val"]}
   # Training needs no test file.
   data.make_source(train_helpers.load_config("tiny", base), splits=("train", "validation"))
   with pytest.raises(ValueError, match=r"config.data.test_path is empty.*test_path=eval_path"):
     data.make_source(train_helpers.load_config("tiny", base), splits=("test",))
-  src = data.make_source(train_helpers.load_config("tiny", {**base,
-                                                            "data.test_path": paths["test"]}))
+  src = data.make_source(
+    train_helpers.load_config("tiny", {**base, "data.test_path": paths["test"]})
+  )
   np.testing.assert_array_equal(src.evals["test"].inputs, _arrays(n=4, seed=2)["inputs"])
   np.testing.assert_array_equal(src.evals["validation"].inputs, _arrays(n=4, seed=1)["inputs"])
   with caplog.at_level("WARNING"):
-    same = data.make_source(train_helpers.load_config("tiny", {**base,
-                                                               "data.test_path": paths["val"]}))
+    same = data.make_source(
+      train_helpers.load_config("tiny", {**base, "data.test_path": paths["val"]})
+    )
   assert "test split is the validation split" in caplog.text
   np.testing.assert_array_equal(same.evals["test"].inputs, same.evals["validation"].inputs)
 
@@ -210,9 +234,14 @@ def test_npz_test_split_needs_its_own_file(tmp_path, caplog):
 def test_npz_rows_shared_with_training_are_counted(tmp_path, caplog):
   train = _arrays(n=6, seed=1)
   ev = {k: v[[0, 2, 4]] for k, v in train.items()}  # three training rows
-  config = train_helpers.load_config("tiny", {
-      "data.source": "npz", "data.train_path": _save(tmp_path, "t.npz", train),
-      "data.eval_path": _save(tmp_path, "e.npz", ev)})
+  config = train_helpers.load_config(
+    "tiny",
+    {
+      "data.source": "npz",
+      "data.train_path": _save(tmp_path, "t.npz", train),
+      "data.eval_path": _save(tmp_path, "e.npz", ev),
+    },
+  )
   with caplog.at_level("WARNING"):
     data.make_source(config, splits=("train", "validation"))
   assert "config.data.eval_path shares 3 of its 3 sequences" in caplog.text
@@ -224,7 +253,7 @@ def test_finite_training_set_repeats_in_epochs_of_distinct_sequences():
   sh = _one_device_sharding(4)
   get = src.train_batches(3, 4, sh)
   x = np.concatenate([_full(get(step)) for step in range(10)])  # 40 rows = 4 epochs of 10
-  epochs = [x[i:i + 10] for i in range(0, 40, 10)]
+  epochs = [x[i : i + 10] for i in range(0, 40, 10)]
   first = {tuple(r) for r in epochs[0].tolist()}
   assert len(first) == 10  # distinct sequences
   for e in epochs[1:]:
@@ -240,11 +269,17 @@ def test_finite_training_set_repeats_in_epochs_of_distinct_sequences():
   assert len({tuple(r) for r in streamed.tolist()}) > 10
 
 
-@pytest.mark.parametrize("size,match", [
+@pytest.mark.parametrize(
+  "size,match",
+  [
     (-1, r"config.data.train_size=-1; allowed: 0 \(streaming\)"),
-    (10 ** 9, r"config.data.train_size=1000000000: task level recurrence N=5 R=2 has only "
-              r"12500 distinct train sequences"),
-])
+    (
+      10**9,
+      r"config.data.train_size=1000000000: task level recurrence N=5 R=2 has only "
+      r"12500 distinct train sequences",
+    ),
+  ],
+)
 def test_bad_train_size(size, match):
   config = train_helpers.load_config("tiny", {"data.train_size": size})
   with pytest.raises(ValueError, match=match):

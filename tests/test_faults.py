@@ -1,10 +1,10 @@
 """The fault campaign (benchmarks/faults.py) on the tiny config: its in-process cases (damaged
 checkpoints, provenance mismatches) and one kill -9 during a save in a real train.py."""
+
 import os
 import sys
 
 import pytest
-
 import train_helpers
 
 sys.path.insert(0, os.path.join(train_helpers.REPO, "benchmarks"))
@@ -21,8 +21,14 @@ def campaign(tmp_path_factory):
 
 
 def test_damaged_checkpoints_and_provenance_are_refused_or_resumed_exactly(campaign):
-  names = ["damaged_garbage", "damaged_no_metadata", "damaged_leftover_tmp",
-           "provenance_attention", "provenance_task", "provenance_eval"]
+  names = [
+    "damaged_garbage",
+    "damaged_no_metadata",
+    "damaged_leftover_tmp",
+    "provenance_attention",
+    "provenance_task",
+    "provenance_eval",
+  ]
   rows = {r["case"]: r for r in faults.run(campaign, names, tries=1)}
   assert all(r["lost"] == 0 for r in rows.values()), rows
   assert rows["damaged_leftover_tmp"]["exact"] == 1  # a half-written save is ignored
@@ -37,6 +43,7 @@ def test_damaged_checkpoints_and_provenance_are_refused_or_resumed_exactly(campa
 def test_the_comparison_detects_a_different_run(campaign, tmp_path):
   # The comparison itself must fail on a run that is not the reference's.
   from ea_jax import train_lib
+
   other = str(tmp_path / "other")
   train_lib.train_and_evaluate(faults._config({"train.seed": 3}), other)  # pylint: disable=protected-access
   assert campaign.compare(other).startswith("lost:")

@@ -1,4 +1,5 @@
 """The shared file helpers: round trips, atomic replacement, torn JSON lines."""
+
 import os
 
 import pytest
@@ -27,8 +28,10 @@ def test_failed_write_keeps_the_previous_file(tmp_path):
 def test_csv_round_trip_and_column_check(tmp_path):
   path = str(tmp_path / "r.csv")
   files.write_csv(path, [{"a": 1, "b": 0.5}, {"a": 2, "b": 1 / 3}], float_format="{:.3g}")
-  assert files.read_csv(path, columns=("a", "b")) == [{"a": "1", "b": "0.5"},
-                                                      {"a": "2", "b": "0.333"}]
+  assert files.read_csv(path, columns=("a", "b")) == [
+    {"a": "1", "b": "0.5"},
+    {"a": "2", "b": "0.333"},
+  ]
   with pytest.raises(ValueError, match="columns"):
     files.read_csv(path, columns=("a", "c"))
   with pytest.raises(ValueError, match="no rows"):

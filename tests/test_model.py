@@ -1,4 +1,5 @@
 """Tests for ea_jax.model: shapes, causality, dtypes, logical axes, decode == prefill, maps, config."""
+
 import functools
 
 import flax.linen as nn
@@ -17,8 +18,15 @@ LOGICAL_NAMES = {"vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "norm
 
 
 def make_cfg(**overrides):
-  fields = dict(vocab_size=VOCAB, max_len=MAX_LEN, num_layers=1, num_heads=4, num_kv_heads=2,
-                embed_dim=16, mlp_dim=32)
+  fields = dict(
+    vocab_size=VOCAB,
+    max_len=MAX_LEN,
+    num_layers=1,
+    num_heads=4,
+    num_kv_heads=2,
+    embed_dim=16,
+    mlp_dim=32,
+  )
   fields.update(overrides)
   return M.ModelConfig(**fields)
 
@@ -94,11 +102,14 @@ def test_logits_shape_dtype_and_causality(attention, pos_encoding):
   assert float(jnp.max(jnp.abs(changed[:, j] - logits[:, j]))) > 1e-4
 
 
-@pytest.mark.parametrize("overrides", [
+@pytest.mark.parametrize(
+  "overrides",
+  [
     dict(norm="rmsnorm", mlp="swiglu", tie_embeddings=True),
     dict(attention="ea", ea_kernel="square", attention_impl="linear", qk_norm=True),
     dict(attention="dpa", num_kv_heads=1, attention_scale=0.5),
-])
+  ],
+)
 def test_variants_are_causal(overrides):
   """Perturbing a future token, and the gradient of past logits w.r.t. future embeddings."""
   cfg = make_cfg(**overrides)
@@ -107,7 +118,7 @@ def test_variants_are_causal(overrides):
   t = 4
   logits = forward(model, params, x_BL)
   changed = forward(model, params, x_BL.at[:, t + 1].set((x_BL[:, t + 1] + 3) % VOCAB))
-  np.testing.assert_allclose(changed[:, :t + 1], logits[:, :t + 1], rtol=0, atol=1e-6)
+  np.testing.assert_allclose(changed[:, : t + 1], logits[:, : t + 1], rtol=0, atol=1e-6)
   assert float(jnp.max(jnp.abs(changed[:, t + 1] - logits[:, t + 1]))) > 1e-4
   if cfg.tie_embeddings:
     return  # tied: every embedding row also feeds the output projection, so grads are non-zero
@@ -117,8 +128,8 @@ def test_variants_are_causal(overrides):
 
   # Rows of the embedding table for tokens that occur only after position t get no gradient.
   grad_VD = jax.jit(jax.grad(logit_sum))(params)["embed"]["embedding"]
-  seen = set(np.asarray(x_BL[:, :t + 1]).ravel().tolist())
-  later_only = set(np.asarray(x_BL[:, t + 1:]).ravel().tolist()) - seen
+  seen = set(np.asarray(x_BL[:, : t + 1]).ravel().tolist())
+  later_only = set(np.asarray(x_BL[:, t + 1 :]).ravel().tolist()) - seen
   assert later_only, "test tokens should contain a token that only occurs after t"
   for v in later_only:
     assert float(jnp.max(jnp.abs(grad_VD[v]))) == 0.0, v
@@ -151,17 +162,21 @@ def test_init_with_bfloat16_params():
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("overrides", [
+@pytest.mark.parametrize(
+  "overrides",
+  [
     dict(pos_encoding="learned", mlp="swiglu"),
     dict(norm="rmsnorm", tie_embeddings=True),
-])
+  ],
+)
 def test_every_param_has_logical_axis_names(overrides):
   _, variables = abstract_init(make_cfg(**overrides))
   params = nn.meta.unbox(variables)["params"]
   assert set(variables) == {"params"}  # nothing but params at init (no sown maps)
   specs = nn.get_partition_spec(variables)["params"]
   flat_specs = jax.tree_util.tree_leaves_with_path(
-      specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    specs, is_leaf=lambda x: isinstance(x, PartitionSpec)
+  )
   flat_params = jax.tree_util.tree_leaves_with_path(params)
   assert [p for p, _ in flat_specs] == [p for p, _ in flat_params]
   for (path, spec), (_, leaf) in zip(flat_specs, flat_params):
@@ -178,9 +193,17 @@ def test_runs_under_logical_rules_and_mesh():
   model, _, params = init(cfg)
   x_BL = tokens(4)
   ref = forward(model, params, x_BL)
-  rules = (("batch", ("data", "fsdp")), ("length", None), ("vocab", "tensor"), ("embed", "fsdp"),
-           ("mlp", "tensor"), ("heads", "tensor"), ("kv_heads", "tensor"), ("head_dim", None),
-           ("norm", None))
+  rules = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("norm", None),
+  )
   mesh = jax.make_mesh((1, 1, 1), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     out = jax.jit(model.apply)({"params": params}, x_BL)
@@ -193,11 +216,17 @@ def test_runs_under_logical_rules_and_mesh():
 
 
 DECODE_CASES = [
-    dict(attention="ea", qk_norm=True),
-    dict(attention="dpa", pos_encoding="learned"),
-    dict(attention="ea", ea_kernel="square", attention_impl="linear"),
-    dict(attention="ea", ea_kernel="square", attention_impl="linear", pos_encoding="learned",
-         num_kv_heads=4, qk_norm=True),
+  dict(attention="ea", qk_norm=True),
+  dict(attention="dpa", pos_encoding="learned"),
+  dict(attention="ea", ea_kernel="square", attention_impl="linear"),
+  dict(
+    attention="ea",
+    ea_kernel="square",
+    attention_impl="linear",
+    pos_encoding="learned",
+    num_kv_heads=4,
+    qk_norm=True,
+  ),
 ]
 
 
@@ -217,7 +246,7 @@ def test_generate_matches_full_forward(overrides):
   np.testing.assert_array_equal(toks_BT[:, :P], prompt_BP)
   full = forward(model, params, toks_BT[:, :-1])
   np.testing.assert_allclose(logits_BTV, full, rtol=1e-4, atol=1e-4)
-  np.testing.assert_array_equal(toks_BT[:, P:], jnp.argmax(full[:, P - 1:], axis=-1))
+  np.testing.assert_array_equal(toks_BT[:, P:], jnp.argmax(full[:, P - 1 :], axis=-1))
   if cfg.attention == "dpa":  # without return_logits only the (same) tokens come back
     np.testing.assert_array_equal(gen(model, params, prompt_BP, num_new), toks_BT)
 
@@ -237,17 +266,21 @@ def test_generate_rejects_bad_lengths():
 
 @functools.partial(jax.jit, static_argnums=0)
 def _layer0_attention_output(model, params, x_BL):
-  _, state = model.apply({"params": params}, x_BL,
-                         capture_intermediates=lambda mdl, _: isinstance(mdl, M.Attention),
-                         mutable=["intermediates"])
+  _, state = model.apply(
+    {"params": params},
+    x_BL,
+    capture_intermediates=lambda mdl, _: isinstance(mdl, M.Attention),
+    mutable=["intermediates"],
+  )
   return state["intermediates"]["block_0"]["attention"]["__call__"][0]
 
 
 def _layernorm(x_BLD, p):
   mu = jnp.mean(x_BLD, axis=-1, keepdims=True)
   var = jnp.mean(jnp.square(x_BLD - mu), axis=-1, keepdims=True)
-  return ((x_BLD - mu) / jnp.sqrt(var + M.NORM_EPS) * p["scale"][None, None, :]
-          + p["bias"][None, None, :])
+  return (x_BLD - mu) / jnp.sqrt(var + M.NORM_EPS) * p["scale"][None, None, :] + p["bias"][
+    None, None, :
+  ]
 
 
 @pytest.mark.parametrize("overrides", DECODE_CASES[:3])
@@ -256,7 +289,7 @@ def test_attention_maps_are_the_weights_used(overrides):
   model, _, params = init(cfg)
   x_BL = tokens(6)
   maps = jax.jit(M.attention_maps, static_argnums=0)(model, params, x_BL)
-  L, N, K, H = MAX_LEN, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  L, N, K = MAX_LEN, cfg.num_heads, cfg.num_kv_heads
   assert len(maps) == cfg.num_layers
   for w in maps:
     assert w.shape == (B, N, L, L) and w.dtype == jnp.float32
@@ -273,8 +306,9 @@ def test_attention_maps_are_the_weights_used(overrides):
   x_BLD = params["embed"]["embedding"][x_BL]
   if cfg.pos_encoding == "learned":
     x_BLD = x_BLD + params["pos_embed"][None, :L]
-  v_BLKH = jnp.einsum("bld,dkh->blkh", _layernorm(x_BLD, p0["attention_norm"]),
-                      p0["attention"]["value"])
+  v_BLKH = jnp.einsum(
+    "bld,dkh->blkh", _layernorm(x_BLD, p0["attention_norm"]), p0["attention"]["value"]
+  )
   v_BLNH = jnp.repeat(v_BLKH, N // K, axis=2)  # query head n reads kv head n // (N // K)
   o_BLNH = jnp.einsum("bnts,bsnh->btnh", maps[0], v_BLNH)
   want = jnp.einsum("blnh,nhd->bld", o_BLNH, p0["attention"]["out"])
@@ -298,7 +332,7 @@ def _dot_flops(jaxpr) -> int:
       out = eqn.outvars[0].aval.shape
       total += 2 * int(np.prod(out)) * int(np.prod([lhs[d] for d in lhs_contract]))
     for param in eqn.params.values():
-      for sub in (param if isinstance(param, (list, tuple)) else [param]):
+      for sub in param if isinstance(param, (list, tuple)) else [param]:
         if isinstance(sub, jax.extend.core.ClosedJaxpr):
           total += _dot_flops(sub.jaxpr)
         elif isinstance(sub, jax.extend.core.Jaxpr):
@@ -322,22 +356,39 @@ def test_flops_per_token_counts_the_forward_matmuls(mlp):
 
 def model_config(**overrides):
   fields = dict(
-      attention="ea", ea_kernel="rational", attention_impl=None, attention_scale=None,
-      ea_eps=1e-6, qk_norm=False, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=16,
-      mlp_dim=32, pos_encoding="rope", norm="layernorm", mlp="gelu", tie_embeddings=False,
-      dtype="float32", param_dtype="float32")
+    attention="ea",
+    ea_kernel="rational",
+    attention_impl=None,
+    attention_scale=None,
+    ea_eps=1e-6,
+    qk_norm=False,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    embed_dim=16,
+    mlp_dim=32,
+    pos_encoding="rope",
+    norm="layernorm",
+    mlp="gelu",
+    tie_embeddings=False,
+    dtype="float32",
+    param_dtype="float32",
+  )
   fields.update(overrides)
   return ml_collections.ConfigDict(fields)
 
 
 def test_from_config_round_trip():
-  cfg = M.ModelConfig.from_config(model_config(attention="dpa", num_kv_heads=1),
-                                  vocab_size=VOCAB, max_len=MAX_LEN)
+  cfg = M.ModelConfig.from_config(
+    model_config(attention="dpa", num_kv_heads=1), vocab_size=VOCAB, max_len=MAX_LEN
+  )
   assert cfg == make_cfg(attention="dpa", num_kv_heads=1, num_layers=2)
   assert cfg.head_dim == 4
 
 
-@pytest.mark.parametrize("overrides, match", [
+@pytest.mark.parametrize(
+  "overrides, match",
+  [
     (dict(attention="linear"), r"model.attention='linear'.*allowed"),
     (dict(ea_kernel="cubic"), r"ea_kernel.*allowed"),
     (dict(attention_impl="flash"), r"attention_impl.*allowed"),
@@ -358,7 +409,8 @@ def test_from_config_round_trip():
     (dict(ea_eps=-1e-3), r"ea_eps"),
     (dict(embed_dim=12, num_heads=4, num_kv_heads=4), r"even head_dim"),
     (dict(num_head=4), r"unknown field.*num_head"),
-])
+  ],
+)
 def test_config_errors_name_the_field(overrides, match):
   with pytest.raises(ValueError, match=match):
     M.ModelConfig.from_config(model_config(**overrides), vocab_size=VOCAB, max_len=MAX_LEN)

@@ -1,5 +1,6 @@
 """Mesh/rules helpers, and a train step on 8 fake CPU devices (data x fsdp x tensor = 2x2x2)
 that must equal the single-device step."""
+
 import json
 import os
 import subprocess
@@ -8,10 +9,10 @@ import sys
 import jax
 import numpy as np
 import pytest
+import train_helpers
 from jax.sharding import PartitionSpec as P
 
 from ea_jax import sharding
-import train_helpers
 
 HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_helpers.py")
 
@@ -49,23 +50,38 @@ def test_fit_spec_drops_axes_that_do_not_divide():
   mesh = jax.sharding.AbstractMesh((2, 1, 4), sharding.MESH_AXES)
   # 2 kv-heads cannot split 4 ways -> replicated; 8 divides.
   assert sharding._fit_spec(P("fsdp", "tensor", None), (16, 2, 8), mesh) == P("fsdp", None, None)
-  assert sharding._fit_spec(P(("data", "tensor"),), (8,), mesh) == P(("data", "tensor"))
-  assert sharding._fit_spec(P(("data", "tensor"),), (6,), mesh) == P("data")
+  assert sharding._fit_spec(
+    P(
+      ("data", "tensor"),
+    ),
+    (8,),
+    mesh,
+  ) == P(("data", "tensor"))
+  assert sharding._fit_spec(
+    P(
+      ("data", "tensor"),
+    ),
+    (6,),
+    mesh,
+  ) == P("data")
 
 
 def test_batch_sharding_spec():
   mesh = sharding.create_mesh({"data": -1, "fsdp": 1, "tensor": 1})
-  assert sharding.batch_sharding(mesh, sharding.logical_rules(), 8).spec == P(("data", "fsdp"),
-                                                                              None)
+  assert sharding.batch_sharding(mesh, sharding.logical_rules(), 8).spec == P(
+    ("data", "fsdp"), None
+  )
 
 
 def _run_in_subprocess(tmp_path, overrides, num_steps, devices):
   out = str(tmp_path / f"run_{devices}.npz")
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             JAX_PLATFORMS="cpu")
+  env = dict(
+    os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu"
+  )
   args = json.dumps({"overrides": overrides, "num_steps": num_steps, "out": out})
-  proc = subprocess.run([sys.executable, HELPER, args], env=env, capture_output=True, text=True,
-                        timeout=240)
+  proc = subprocess.run(
+    [sys.executable, HELPER, args], env=env, capture_output=True, text=True, timeout=240
+  )
   assert proc.returncode == 0, proc.stderr[-4000:]
   with open(out + ".json") as f:
     info = json.load(f)
@@ -78,7 +94,8 @@ def test_sharded_train_steps_match_single_device(tmp_path):
   single = train_helpers.run_steps(train_helpers.load_config("tiny"), steps)
   assert single["num_devices"] == 1
   arrays, info = _run_in_subprocess(
-      tmp_path, {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}, steps, devices=8)
+    tmp_path, {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}, steps, devices=8
+  )
   assert info["num_devices"] == 8
   # On 8 devices (data x fsdp = 4 batch shards): a batch of 9 is refused, naming the shards.
   assert "batch size 9 is not divisible by the 4 batch shards" in info["indivisible_error"]
@@ -89,5 +106,4 @@ def test_sharded_train_steps_match_single_device(tmp_path):
   assert any("mlp" in k or "attention" in k for k in info["sharded"]), info["sharded"]
   np.testing.assert_allclose(arrays["losses"], single["losses"], rtol=2e-5)
   for name, value in single["params"].items():
-    np.testing.assert_allclose(arrays["param:" + name], value, rtol=1e-4, atol=2e-6,
-                               err_msg=name)
+    np.testing.assert_allclose(arrays["param:" + name], value, rtol=1e-4, atol=2e-6, err_msg=name)

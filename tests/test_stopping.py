@@ -1,4 +1,5 @@
 """The stopping rule and checkpoint selection on scripted validation histories."""
+
 import pytest
 
 from ea_jax import stopping
@@ -6,8 +7,10 @@ from ea_jax import stopping
 
 def _history(*rows):
   """Rows (loss, sequence_accuracy) at eval steps 100, 200, ..."""
-  return [{"step": 100 * (i + 1), "loss": loss, "sequence_accuracy": acc}
-          for i, (loss, acc) in enumerate(rows)]
+  return [
+    {"step": 100 * (i + 1), "loss": loss, "sequence_accuracy": acc}
+    for i, (loss, acc) in enumerate(rows)
+  ]
 
 
 def test_solved_needs_two_consecutive_evals_at_one():
@@ -26,8 +29,10 @@ def test_one_then_not_is_not_solved_and_not_selected_by_accuracy():
   assert stopping.steps_to_100(h) is None
   assert stopping.select(h) == 400  # lowest validation loss
   # Later confirmation counts from the first *confirmed* 1.0.
-  h = h + [{"step": 500, "loss": 0.35, "sequence_accuracy": 1.0},
-           {"step": 600, "loss": 0.36, "sequence_accuracy": 1.0}]
+  h = h + [
+    {"step": 500, "loss": 0.35, "sequence_accuracy": 1.0},
+    {"step": 600, "loss": 0.36, "sequence_accuracy": 1.0},
+  ]
   assert stopping.steps_to_100(h) == 500
   assert stopping.select(h) == 500
   assert stopping.decide(h, patience=5, plateau_rel=0.01) == "solved"
@@ -36,7 +41,7 @@ def test_one_then_not_is_not_solved_and_not_selected_by_accuracy():
 def test_plateau_after_patience_evals_without_enough_improvement():
   # Best before the window 2.0; best in the last 2 evals 1.75: 12.5% better.
   h = _history((2.0, 0.0), (1.9, 0.0), (1.75, 0.0))
-  assert stopping.decide(h, patience=2, plateau_rel=0.125) is None   # exactly 12.5%: improved
+  assert stopping.decide(h, patience=2, plateau_rel=0.125) is None  # exactly 12.5%: improved
   assert stopping.decide(h, patience=2, plateau_rel=0.25) == "plateau"
   # With no more evals than `patience` there is no earlier best to compare with.
   assert stopping.decide(h, patience=3, plateau_rel=0.99) is None

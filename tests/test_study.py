@@ -1,5 +1,6 @@
 """The study (ea_jax.study, configs/sweep.py): planning, tuning with a bracketed lr grid,
 paired statistics, the report, the executor's robustness, and a smoke study end to end."""
+
 import itertools
 import math
 import os
@@ -10,11 +11,7 @@ import time
 
 import pytest
 
-from ea_jax.study import plan
-from ea_jax.study import report
-from ea_jax.study import results
-from ea_jax.study import runner
-from ea_jax.study import stats
+from ea_jax.study import plan, report, results, runner, stats
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -23,6 +20,7 @@ import study_jobs  # noqa: E402  (job functions importable by spawned workers)
 
 def study_config(preset=""):
   from configs import sweep
+
   return sweep.get_config(preset)
 
 
@@ -34,11 +32,20 @@ def study_config(preset=""):
 def test_variants_parse_to_model_fields():
   assert plan.parse_variant("dpa") == {"attention": "dpa"}
   assert plan.parse_variant("ea-square+scale=1+qknorm+pos=learned") == {
-      "attention": "ea", "ea_kernel": "square", "attention_scale": 1.0, "qk_norm": True,
-      "pos_encoding": "learned"}
+    "attention": "ea",
+    "ea_kernel": "square",
+    "attention_scale": 1.0,
+    "qk_norm": True,
+    "pos_encoding": "learned",
+  }
   assert plan.kernel_name("ea-rational+eps=1e-3") == "rational"
-  for bad, msg in (("softmax", "base name"), ("dpa+foo", "modifier"), ("dpa+pos=alibi", "pos"),
-                   ("dpa+scale=x", "number"), ("dpa+qknorm=1", "no value")):
+  for bad, msg in (
+    ("softmax", "base name"),
+    ("dpa+foo", "modifier"),
+    ("dpa+pos=alibi", "pos"),
+    ("dpa+scale=x", "number"),
+    ("dpa+qknorm=1", "no value"),
+  ):
     with pytest.raises(ValueError, match=msg):
       plan.parse_variant(bad)
 
@@ -48,12 +55,15 @@ def test_cpu_study_counts_each_task_once_and_shards_partition_it():
   runs = plan.study_runs(config)
   tasks = {r.task for r in runs}
   # recurrence levels 1-2 and recurrence_rules 0-2 share N=5 R=1 and N=5 R=2.
-  assert sorted(r.label for r in runs if r.variant == "dpa" and r.width == 4
-                and r.seed == 0) == ["N=5 R=1", "N=5 R=2", "N=5 R=3"]
+  assert sorted(r.label for r in runs if r.variant == "dpa" and r.width == 4 and r.seed == 0) == [
+    "N=5 R=1",
+    "N=5 R=2",
+    "N=5 R=3",
+  ]
   assert len(runs) == len(tasks) * 3 * 3 * 3
   shared = [r for r in runs if len(r.levels) == 2]
   assert {r.label for r in shared} == {"N=5 R=1", "N=5 R=2"}
-  assert all(r.learning_rate is None for r in runs)   # tuned
+  assert all(r.learning_rate is None for r in runs)  # tuned
   parts = [plan.shard(runs, i, 4) for i in range(4)]
   assert sorted(itertools.chain(*parts), key=runs.index) == runs
   with pytest.raises(ValueError, match="num_shards"):
@@ -65,13 +75,15 @@ def test_tuning_task_is_never_a_reported_one_and_bad_fields_are_named():
   tune_task = plan.tuning_task(config)
   assert tune_task.rule_seed == 1 and tune_task.label == "N=5 R=2"
   assert plan.task_items(tune_task) not in {r.task for r in plan.study_runs(config)}
-  cases = (("tune.rule_seed", 0, "rule seed of a reported level|also a reported level"),
-           ("tune.seed", 0, "also a study seed"),
-           ("tune.pos_width", 48, "pos_width"),
-           ("tune.lr_grid", (1e-2, 3e-3), "increasing"),
-           ("tune.pos_encodings", ("alibi",), "pos_encodings"),
-           ("widths", (10,), "multiple of 2 \\* num_heads"),
-           ("variants", ("dpa", "dpa"), "duplicates"))
+  cases = (
+    ("tune.rule_seed", 0, "rule seed of a reported level|also a reported level"),
+    ("tune.seed", 0, "also a study seed"),
+    ("tune.pos_width", 48, "pos_width"),
+    ("tune.lr_grid", (1e-2, 3e-3), "increasing"),
+    ("tune.pos_encodings", ("alibi",), "pos_encodings"),
+    ("widths", (10,), "multiple of 2 \\* num_heads"),
+    ("variants", ("dpa", "dpa"), "duplicates"),
+  )
   for field, value, msg in cases:
     c = study_config()
     with c.unlocked():
@@ -94,8 +106,9 @@ def test_presets_build():
 # ------------------------------------------------------------------------------------------
 
 
-def _tune_config(grid=(1e-3, 3e-3, 1e-2), pos=("rope", "learned"), widths=(16, 32),
-                 max_extensions=3):
+def _tune_config(
+  grid=(1e-3, 3e-3, 1e-2), pos=("rope", "learned"), widths=(16, 32), max_extensions=3
+):
   c = study_config()
   with c.unlocked():
     c.variants = ("dpa",)
@@ -108,8 +121,12 @@ def _tune_config(grid=(1e-3, 3e-3, 1e-2), pos=("rope", "learned"), widths=(16, 3
 
 
 def _row(lr, pos, loss, status="ok"):
-  return {"learning_rate": repr(lr), "pos_encoding": pos, "validation_loss": repr(loss),
-          "status": status}
+  return {
+    "learning_rate": repr(lr),
+    "pos_encoding": pos,
+    "validation_loss": repr(loss),
+    "status": status,
+  }
 
 
 def _fill(config, loss_fn, rounds=10):
@@ -131,7 +148,11 @@ def test_interior_optimum_needs_no_extension():
   for w in (16, 32):
     c = choices[("dpa", w)]
     assert (c["learning_rate"], c["pos_encoding"], c["interior"], c["extensions"]) == (
-        3e-3, "learned", True, 0)
+      3e-3,
+      "learned",
+      True,
+      0,
+    )
   # Position encodings are tried at pos_width only: 2 x 3 there, 3 at the other width.
   assert len(done) == 6 + 3
 
@@ -154,23 +175,40 @@ def test_edge_choice_extends_the_grid_until_bracketed():
 
 def test_extensions_stop_at_the_limit_and_the_choice_is_marked_edge():
   config = _tune_config(grid=(1e-3, 3e-3, 1e-2), pos=("rope",), widths=(32,), max_extensions=2)
-  choices, done = _fill(config, lambda w, lr, pos: -lr)   # ever better upwards
+  choices, done = _fill(config, lambda w, lr, pos: -lr)  # ever better upwards
   c = choices[("dpa", 32)]
   assert c["learning_rate"] == pytest.approx(9e-2) and not c["interior"]
   assert c["extensions"] == 2 and len(done) == 5
-  marked = results.mark_choices([results.tuning_row({
-      "variant": "dpa", "width": 32, "pos_encoding": "rope", "learning_rate": lr,
-      "wall_seconds": 1.0, "status": "ok", "run_id": f"r{lr}",
-      "summary": {"validation_loss": -lr}}) for (_, _, lr, _) in done], choices)
+  marked = results.mark_choices(
+    [
+      results.tuning_row(
+        {
+          "variant": "dpa",
+          "width": 32,
+          "pos_encoding": "rope",
+          "learning_rate": lr,
+          "wall_seconds": 1.0,
+          "status": "ok",
+          "run_id": f"r{lr}",
+          "summary": {"validation_loss": -lr},
+        }
+      )
+      for (_, _, lr, _) in done
+    ],
+    choices,
+  )
   assert [(r["chosen"], r["interior"]) for r in marked if r["chosen"] == "True"] == [
-      ("True", "False")]
+    ("True", "False")
+  ]
 
 
 def test_diverged_tuning_runs_lose():
   config = _tune_config(grid=(1e-3, 3e-3, 1e-2), pos=("rope",), widths=(32,), max_extensions=0)
-  done = {("dpa", 32, 1e-3, "rope"): _row(1e-3, "rope", 0.5),
-          ("dpa", 32, 3e-3, "rope"): _row(3e-3, "rope", 0.4),
-          ("dpa", 32, 1e-2, "rope"): _row(1e-2, "rope", float("nan"), status="diverged")}
+  done = {
+    ("dpa", 32, 1e-3, "rope"): _row(1e-3, "rope", 0.5),
+    ("dpa", 32, 3e-3, "rope"): _row(3e-3, "rope", 0.4),
+    ("dpa", 32, 1e-2, "rope"): _row(1e-2, "rope", float("nan"), status="diverged"),
+  }
   _, choices = results.tuning_plan(config, done)
   assert choices[("dpa", 32)]["learning_rate"] == 3e-3 and choices[("dpa", 32)]["interior"]
 
@@ -184,7 +222,7 @@ def _binomial_quantile(n, p, q):
   """Smallest k with P(Bin(n, p) <= k) >= q (written independently of ea_jax.study.stats)."""
   acc = 0.0
   for k in range(n + 1):
-    acc += math.comb(n, k) * p ** k * (1 - p) ** (n - k)
+    acc += math.comb(n, k) * p**k * (1 - p) ** (n - k)
     if acc >= q - 1e-12:
       return k
   return n
@@ -199,7 +237,7 @@ def test_exact_bootstrap_of_binary_data_is_the_binomial(n, ones):
   p = ones / n
   for k in range(n + 1):
     mass = probs[abs(means - k / n) < 1e-9].sum()
-    assert mass == pytest.approx(math.comb(n, k) * p ** k * (1 - p) ** (n - k))
+    assert mass == pytest.approx(math.comb(n, k) * p**k * (1 - p) ** (n - k))
   lo, hi = stats.bootstrap_interval(values, 0.95)
   assert lo == pytest.approx(_binomial_quantile(n, p, 0.025) / n)
   assert hi == pytest.approx(_binomial_quantile(n, p, 0.975) / n)
@@ -222,15 +260,29 @@ def test_three_seeds_give_the_min_max_interval_and_verdicts():
 # ------------------------------------------------------------------------------------------
 
 
-def _result_row(label, variant, width, seed, seq, ended="plateau", ladders=("recurrence",),
-                complexity=None):
+def _result_row(
+  label, variant, width, seed, seq, ended="plateau", ladders=("recurrence",), complexity=None
+):
   complexity = complexity if complexity is not None else {"A": 1.0, "B": 2.0}[label]
   base = {c: "" for c in results.RESULT_COLUMNS}
-  base.update(label=label, complexity=repr(complexity), variant=variant, width=str(width),
-              seed=str(seed), sequence_accuracy=repr(seq), token_accuracy=repr(seq),
-              kernel=plan.kernel_name(variant), ended_by=ended, status="ok",
-              learning_rate="0.01", pos_encoding="rope", steps="100", wall_seconds="1.0",
-              run_id=f"{label}-{variant}-{width}-{seed}", level="0")
+  base.update(
+    label=label,
+    complexity=repr(complexity),
+    variant=variant,
+    width=str(width),
+    seed=str(seed),
+    sequence_accuracy=repr(seq),
+    token_accuracy=repr(seq),
+    kernel=plan.kernel_name(variant),
+    ended_by=ended,
+    status="ok",
+    learning_rate="0.01",
+    pos_encoding="rope",
+    steps="100",
+    wall_seconds="1.0",
+    run_id=f"{label}-{variant}-{width}-{seed}",
+    level="0",
+  )
   return [{**base, "task": t} for t in ladders]
 
 
@@ -239,8 +291,14 @@ def test_cells_count_a_shared_level_once_and_frontier_and_verdicts_follow():
   for seed in range(3):
     # Level A is shared by two ladders: its rows appear twice, its runs count once.
     rows += _result_row("A", "dpa", 16, seed, 1.0, "solved", ("recurrence", "recurrence_rules"))
-    rows += _result_row("A", "ea-rational", 16, seed, [0.5, 1.0, 0.995][seed],
-                        ladders=("recurrence", "recurrence_rules"))
+    rows += _result_row(
+      "A",
+      "ea-rational",
+      16,
+      seed,
+      [0.5, 1.0, 0.995][seed],
+      ladders=("recurrence", "recurrence_rules"),
+    )
     rows += _result_row("B", "dpa", 16, seed, 0.2)
     rows += _result_row("B", "ea-rational", 16, seed, 0.6, "max_steps" if seed == 0 else "plateau")
     rows += _result_row("B", "dpa", 32, seed, 0.995, "solved")
@@ -251,11 +309,15 @@ def test_cells_count_a_shared_level_once_and_frontier_and_verdicts_follow():
   assert cs[("B", "ea-rational", 16)]["max_steps"] == 1
   assert cs[("B", "ea-rational", 16)]["seq_mean"] == pytest.approx(0.6)
   front = report.frontier(list(cs.values()))
-  assert front == {("A", "dpa"): 16, ("A", "ea-rational"): None, ("B", "dpa"): 32,
-                   ("B", "ea-rational"): 32}
+  assert front == {
+    ("A", "dpa"): 16,
+    ("A", "ea-rational"): None,
+    ("B", "dpa"): 32,
+    ("B", "ea-rational"): 32,
+  }
   comp = {(c["label"], c["width"]): c for c in report.comparisons(list(cs.values()))}
-  assert len(comp) == 3                                   # A w16, B w16, B w32: once each
-  assert comp[("A", 16)]["verdict"] == "tie"               # diffs -0.5, 0, -0.005 include 0
+  assert len(comp) == 3  # A w16, B w16, B w32: once each
+  assert comp[("A", 16)]["verdict"] == "tie"  # diffs -0.5, 0, -0.005 include 0
   assert comp[("B", 16)]["verdict"] == "EA ahead"
   assert comp[("B", 16)]["diff"]["mean"] == pytest.approx(0.4)
   assert report.converged_fraction(rows) == (17, 18)
@@ -296,7 +358,7 @@ def test_more_jobs_than_workers_times_pool_size_all_finish(tmp_path):
   ex.close()
   assert sorted(r["run_id"] for r in out) == sorted(f"job{i}" for i in range(12))
   assert all(r["status"] == "ok" for r in out)
-  assert len({r["summary"]["pid"] for r in out}) >= 4     # pools were replaced (fresh workers)
+  assert len({r["summary"]["pid"] for r in out}) >= 4  # pools were replaced (fresh workers)
   assert time.time() - t0 < 120
 
 
@@ -311,8 +373,7 @@ def test_a_killed_worker_is_reported_and_the_rest_finish(tmp_path):
   # The lost run was retried, and so were the runs that shared its pool, without a charge.
   assert all(r["status"] == "ok" for r in out.values()), out
   assert any("worker process died" in line for line in logs)
-  ex = runner.Executor(2, None, tasks_per_pool=10, target=study_jobs.always_dies,
-                       log=logs.append)
+  ex = runner.Executor(2, None, tasks_per_pool=10, target=study_jobs.always_dies, log=logs.append)
   out = list(ex.map(_jobs(1, tmp_path / "x")))
   ex.close()
   assert [r["status"] for r in out] == ["error"]
@@ -323,7 +384,7 @@ def test_workers_die_with_their_parent(tmp_path):
   pid_file = tmp_path / "pids"
   script = textwrap.dedent(f"""
       import sys
-      sys.path[:0] = [{ROOT!r}, {os.path.join(ROOT, 'tests')!r}]
+      sys.path[:0] = [{ROOT!r}, {os.path.join(ROOT, "tests")!r}]
       import study_jobs
       from ea_jax.study import runner
       ex = runner.Executor(2, None, target=study_jobs.sleeps_long, log=print)
@@ -333,12 +394,11 @@ def test_workers_die_with_their_parent(tmp_path):
   """)
   parent = subprocess.Popen([sys.executable, "-c", script])
   deadline = time.time() + 90
-  while time.time() < deadline and (not pid_file.exists() or
-                                    len(pid_file.read_text().split()) < 2):
+  while time.time() < deadline and (not pid_file.exists() or len(pid_file.read_text().split()) < 2):
     time.sleep(0.2)
   workers = [int(p) for p in pid_file.read_text().split()]
   assert len(workers) == 2
-  parent.kill()                                            # kill -9: no clean-up code runs
+  parent.kill()  # kill -9: no clean-up code runs
   parent.wait()
   deadline = time.time() + 10
   alive = workers
@@ -400,26 +460,42 @@ def test_smoke_study_end_to_end(tmp_path):
 
 def check_csv_figures_and_summary(smoke):
   import json
+
   config, workdir, out, logs = smoke
   assert not out["errors"], out["errors"]
   with open(os.path.join(workdir, "results.csv")) as f:
     header = f.readline().strip().split(",")
-  assert header[:10] == ["task", "level", "complexity", "attention", "seed", "token_accuracy",
-                         "sequence_accuracy", "final_loss", "steps", "wall_seconds"]
-  for col in ("kernel", "width", "ended_by", "test_sequence_accuracy",
-              "validation_sequence_accuracy", "selected_step"):
+  assert header[:10] == [
+    "task",
+    "level",
+    "complexity",
+    "attention",
+    "seed",
+    "token_accuracy",
+    "sequence_accuracy",
+    "final_loss",
+    "steps",
+    "wall_seconds",
+  ]
+  for col in (
+    "kernel",
+    "width",
+    "ended_by",
+    "test_sequence_accuracy",
+    "validation_sequence_accuracy",
+    "selected_step",
+  ):
     assert col in header
   rows = results.read_results(os.path.join(workdir, "results.csv"))
-  assert len(rows) == 2 * 2                       # 2 levels x 2 variants x 1 width x 1 seed
+  assert len(rows) == 2 * 2  # 2 levels x 2 variants x 1 width x 1 seed
   choices = out["choices"]
   assert set(choices) == {("dpa", 16), ("ea-square", 16)}
   tuning = results.read_tuning(os.path.join(workdir, "tuning.csv"))
-  assert len(tuning) == 2 * 3                     # 2 variants x (2 lrs + 1 extension)
+  assert len(tuning) == 2 * 3  # 2 variants x (2 lrs + 1 extension)
   for v in ("dpa", "ea-square"):
     c = choices[(v, 16)]
     assert len(c["grid"]) == 3 and c["extensions"] == 1
-    best = min((r for r in tuning if r["variant"] == v),
-               key=lambda r: float(r["validation_loss"]))
+    best = min((r for r in tuning if r["variant"] == v), key=lambda r: float(r["validation_loss"]))
     assert c["learning_rate"] == pytest.approx(float(best["learning_rate"]))
     assert [r["chosen"] for r in tuning if r["variant"] == v].count("True") == 1
   for r in rows:
@@ -440,23 +516,34 @@ def check_csv_figures_and_summary(smoke):
       assert f.read(8) == b"\x89PNG\r\n\x1a\n", png
   with open(os.path.join(workdir, "summary.md")) as f:
     text = f.read()
-  for needle in ("## Verdict", "## Tuned settings", "## Capacity map", "## Frontier",
-                 "## EA − DPA, paired over seeds", "## Per cell", "## Attention geometry",
-                 "runs converged", "**yes**"):
+  for needle in (
+    "## Verdict",
+    "## Tuned settings",
+    "## Capacity map",
+    "## Frontier",
+    "## EA − DPA, paired over seeds",
+    "## Per cell",
+    "## Attention geometry",
+    "runs converged",
+    "**yes**",
+  ):
     assert needle in text, needle
 
 
 def check_resume_trains_nothing(smoke):
   config, workdir, _, _ = smoke
-  stamps = {d: os.path.getmtime(os.path.join(workdir, "runs", d, "result.json"))
-            for d in os.listdir(os.path.join(workdir, "runs"))}
+  stamps = {
+    d: os.path.getmtime(os.path.join(workdir, "runs", d, "result.json"))
+    for d in os.listdir(os.path.join(workdir, "runs"))
+  }
   before = open(os.path.join(workdir, "results.csv")).read()
   logs = []
   out = runner.run_study(config, workdir, workers=0, log=logs.append)
-  assert "4 of 4 runs already finished; running 0" in logs          # main
-  assert not any(line.startswith("tuning round") for line in logs)   # tuning complete
-  assert {d: os.path.getmtime(os.path.join(workdir, "runs", d, "result.json"))
-          for d in stamps} == stamps
+  assert "4 of 4 runs already finished; running 0" in logs  # main
+  assert not any(line.startswith("tuning round") for line in logs)  # tuning complete
+  assert {
+    d: os.path.getmtime(os.path.join(workdir, "runs", d, "result.json")) for d in stamps
+  } == stamps
   assert open(os.path.join(workdir, "results.csv")).read() == before
   assert not out["errors"]
   first, again = runner.read_invocations(workdir)
@@ -466,30 +553,35 @@ def check_resume_trains_nothing(smoke):
 
 def check_shards_and_collect_give_the_unsharded_csv(smoke, tmp_path):
   import shutil
+
   config, workdir, _, _ = smoke
   config = config.copy_and_resolve_references()
   with config.unlocked():
-    config.geometry.enabled = False   # covered above; the CSVs are what is compared
+    config.geometry.enabled = False  # covered above; the CSVs are what is compared
   sharded = str(tmp_path / "sharded")
-  shutil.copytree(workdir, sharded, ignore=shutil.ignore_patterns("*.csv", "*.png", "*.md",
-                                                                  "study_config.json"))
+  shutil.copytree(
+    workdir, sharded, ignore=shutil.ignore_patterns("*.csv", "*.png", "*.md", "study_config.json")
+  )
   reference = results.read_results(os.path.join(workdir, "results.csv"))
-  rerun = reference[-1]["run_id"]      # one study run is trained again by its shard
+  rerun = reference[-1]["run_id"]  # one study run is trained again by its shard
   shutil.rmtree(os.path.join(sharded, "runs", rerun))
   with pytest.raises(ValueError, match="in steps"):
     runner.run_study(config, sharded, workers=0, shard_index=0, num_shards=2)
   for stage in ("tune", "main"):
-    for i in range(2):   # two workers, as in the unsharded run: the same numerics
-      runner.run_study(config, sharded, workers=2, stage=stage, shard_index=i, num_shards=2,
-                       log=lambda _: None)
+    for i in range(2):  # two workers, as in the unsharded run: the same numerics
+      runner.run_study(
+        config, sharded, workers=2, stage=stage, shard_index=i, num_shards=2, log=lambda _: None
+      )
   runner.collect(config, sharded, log=lambda _: None)
   merged = results.read_results(os.path.join(sharded, "results.csv"))
   assert [r["run_id"] for r in merged] == [r["run_id"] for r in reference]
   for got, want in zip(merged, reference):
     assert {k: v for k, v in got.items() if k != "wall_seconds"} == {
-        k: v for k, v in want.items() if k != "wall_seconds"}, got["run_id"]
+      k: v for k, v in want.items() if k != "wall_seconds"
+    }, got["run_id"]
   assert results.read_tuning(os.path.join(sharded, "tuning.csv")) == results.read_tuning(
-      os.path.join(workdir, "tuning.csv"))
+    os.path.join(workdir, "tuning.csv")
+  )
 
 
 def test_main_stage_needs_the_tuning_runs(tmp_path):

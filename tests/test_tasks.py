@@ -4,6 +4,7 @@ Every ladder level is sampled and checked by an independent, plain-Python checke
 re-derives each scored target from the input sequence and decides by its own route which positions
 are determined; the sampler's weights must agree with it.
 """
+
 import functools
 import math
 
@@ -14,8 +15,7 @@ import numpy as np
 import pytest
 
 from ea_jax import tasks
-from ea_jax.tasks import ladders
-from ea_jax.tasks import recurrence
+from ea_jax.tasks import ladders, recurrence
 
 CHECK_BATCH = 64  # rows re-derived in plain Python per level (a study training batch)
 
@@ -31,8 +31,9 @@ def _quick_compilation():
 
 
 def _all_levels():
-  return [(name, i, cfg) for name in tasks.ladder_names()
-          for i, cfg in enumerate(tasks.ladder(name))]
+  return [
+    (name, i, cfg) for name in tasks.ladder_names() for i, cfg in enumerate(tasks.ladder(name))
+  ]
 
 
 LEVELS = _all_levels()
@@ -54,8 +55,9 @@ def check_recurrence(task, x_BT):
     x = [int(v) for v in x_BT[b]]
     first_fail = {}
     for rule in task.rule_delays:
-      first_fail[rule] = next((s for s in range(big_d, big_t)
-                               if x[s] != sum(x[s - d] for d in rule) % n), big_t)
+      first_fail[rule] = next(
+        (s for s in range(big_d, big_t) if x[s] != sum(x[s - d] for d in rule) % n), big_t
+      )
     followed = [r for r in task.rule_delays if first_fail[r] == big_t]
     assert followed, f"row {b} follows none of the rules {task.rule_delays}"
     rules_seen.update(followed)
@@ -75,7 +77,7 @@ def check_recall(task, x_BT):
   expected = np.zeros((x_BT.shape[0], x_BT.shape[1] - 1))
   for b, row in enumerate(x_BT.tolist()):
     assert row[sep] == task.sep_id and row.count(task.sep_id) == 1
-    items = [tuple(row[i:i + w + 1]) for i in range(0, sep, w + 1)]
+    items = [tuple(row[i : i + w + 1]) for i in range(0, sep, w + 1)]
     table = {item[:w]: item[w] for item in items}
     assert len(table) == p, "keys must be distinct"
     assert len(set(table.values())) == p, "values must be distinct"
@@ -87,10 +89,10 @@ def check_recall(task, x_BT):
         for key, v in table.items():
           by_token.setdefault(key[pos], set()).add(v)
         assert all(len(vs) >= 2 for vs in by_token.values()), (pos, by_token)
-    queries = row[sep + 1:]
+    queries = row[sep + 1 :]
     assert len(queries) == task.num_queries * (w + 1)
     for i in range(0, len(queries), w + 1):
-      key, value = tuple(queries[i:i + w]), queries[i + w]
+      key, value = tuple(queries[i : i + w]), queries[i + w]
       assert table[key] == value
     for t in range(sep + 1, len(row) - 1):  # target x_{t+1} is a value token in the query part
       if row[t + 1] >= k:
@@ -103,11 +105,11 @@ def check_induction(task, x_BT):
   n, m = task.context_len, task.copy_len
   expected = np.zeros((x_BT.shape[0], x_BT.shape[1] - 1))
   for b, row in enumerate(x_BT.tolist()):
-    c, copy = row[:n], row[n + 1:]
+    c, copy = row[:n], row[n + 1 :]
     assert row[n] == task.sep_id and task.sep_id not in c + copy and len(copy) == m
-    assert any(c[k:k + m] == copy for k in range(n - m + 1))
+    assert any(c[k : k + m] == copy for k in range(n - m + 1))
     for j in range(m):
-      candidates = [k for k in range(n - m + 1) if c[k:k + j] == copy[:j]]
+      candidates = [k for k in range(n - m + 1) if c[k : k + j] == copy[:j]]
       predictions = {c[k + j] for k in candidates}
       if len(predictions) == 1:
         assert predictions == {copy[j]}
@@ -122,7 +124,7 @@ def check_selective_copy(task, x_BT):
     mark = row.index(task.mark_id)
     assert mark == task.region_len and row.count(task.mark_id) == 1
     data = [t for t in row[:mark] if t != task.blank_id]
-    assert len(data) == task.num_data and row[mark + 1:] == data
+    assert len(data) == task.num_data and row[mark + 1 :] == data
     expected[b, mark:] = 1.0
   return expected
 
@@ -169,15 +171,21 @@ def check_dyck(task, x_BT):
 
 
 CHECKERS = {
-    "recurrence": lambda task, x: check_recurrence(task, x)[0],
-    "recall": check_recall,
-    "induction": check_induction,
-    "selective_copy": check_selective_copy,
-    "modular": check_modular,
-    "dyck": check_dyck,
+  "recurrence": lambda task, x: check_recurrence(task, x)[0],
+  "recall": check_recall,
+  "induction": check_induction,
+  "selective_copy": check_selective_copy,
+  "modular": check_modular,
+  "dyck": check_dyck,
 }
-MIN_SCORED_FRACTION = {"recurrence": 0.6, "recall": 0.08, "induction": 0.08,
-                       "selective_copy": 0.15, "modular": 0.1, "dyck": 0.07}
+MIN_SCORED_FRACTION = {
+  "recurrence": 0.6,
+  "recall": 0.08,
+  "induction": 0.08,
+  "selective_copy": 0.15,
+  "modular": 0.1,
+  "dyck": 0.07,
+}
 
 
 def _sequences(batch):
@@ -193,8 +201,16 @@ def _sequences(batch):
 
 def test_ladders_are_ordered_and_described():
   names = tasks.ladder_names()
-  for required in ("recurrence", "recurrence_rules", "recall", "recall_conjunctive", "induction",
-                   "selective_copy", "modular", "dyck"):
+  for required in (
+    "recurrence",
+    "recurrence_rules",
+    "recall",
+    "recall_conjunctive",
+    "induction",
+    "selective_copy",
+    "modular",
+    "dyck",
+  ):
     assert required in names
   for name in names:
     levels = tasks.ladder(name)
@@ -258,9 +274,11 @@ def test_checkers_reject_a_corrupted_scored_target(name):
 
 def test_sampling_inside_a_larger_jit_matches_direct_sampling():
   from ea_jax import data
+
   level_tasks, first, _ = _ladder_samples("recurrence")
-  direct = level_tasks[0].sample(jax.random.fold_in(data.stream_key(0, "train"), 0),
-                                 CHECK_BATCH, "train")
+  direct = level_tasks[0].sample(
+    jax.random.fold_in(data.stream_key(0, "train"), 0), CHECK_BATCH, "train"
+  )
   for a, b in zip(direct, first[0]):
     np.testing.assert_array_equal(np.asarray(a), b)
 
@@ -271,8 +289,15 @@ def test_sampling_inside_a_larger_jit_matches_direct_sampling():
 
 
 def _recurrence_cfg(**overrides):
-  cfg = dict(name="recurrence", num_symbols=5, num_rules=3, max_delay=4, num_delays=2, seq_len=24,
-             rule_seed=0)
+  cfg = dict(
+    name="recurrence",
+    num_symbols=5,
+    num_rules=3,
+    max_delay=4,
+    num_delays=2,
+    seq_len=24,
+    rule_seed=0,
+  )
   cfg.update(overrides)
   return ml_collections.ConfigDict(cfg)
 
@@ -283,8 +308,7 @@ def test_recurrence_rules_are_distinct_deterministic_and_nested():
   assert all(len(r) == 2 and all(1 <= d <= 4 for d in r) for r in task.rule_delays)
   small = tasks.make_task(_recurrence_cfg(num_rules=3))
   assert task.rule_delays[:3] == small.rule_delays
-  seeds = {tasks.make_task(_recurrence_cfg(num_rules=3, rule_seed=s)).rule_delays
-           for s in range(6)}
+  seeds = {tasks.make_task(_recurrence_cfg(num_rules=3, rule_seed=s)).rule_delays for s in range(6)}
   assert len(seeds) > 1
   many = recurrence.draw_rules(40, max_delay=30, num_delays=3, rule_seed=1)
   assert len(set(many)) == 40
@@ -296,18 +320,23 @@ def test_recurrence_uses_every_rule_and_explicit_rules():
   _, seen = check_recurrence(task, _sequences(batch))
   assert seen == set(task.rule_delays)
 
-  explicit = tasks.make_task(_recurrence_cfg(num_rules=2, max_delay=2, num_delays=1,
-                                             rules=((1,), (2,))))
+  explicit = tasks.make_task(
+    _recurrence_cfg(num_rules=2, max_delay=2, num_delays=1, rules=((1,), (2,)))
+  )
   assert explicit.rule_delays == ((1,), (2,))
   batch = explicit.sample(jax.random.key(4), 32)
-  np.testing.assert_array_equal(np.asarray(batch.weights),
-                                check_recurrence(explicit, _sequences(batch))[0])
+  np.testing.assert_array_equal(
+    np.asarray(batch.weights), check_recurrence(explicit, _sequences(batch))[0]
+  )
 
 
 def test_recurrence_weights_on_worked_example():
   """The module docstring's example: rules copy x_{s-1} or x_{s-2}; x = 3 1 3 1 3 1."""
-  task = tasks.make_task(_recurrence_cfg(num_symbols=5, num_rules=2, max_delay=2, num_delays=1,
-                                         seq_len=5, rules=((1,), (2,))))
+  task = tasks.make_task(
+    _recurrence_cfg(
+      num_symbols=5, num_rules=2, max_delay=2, num_delays=1, seq_len=5, rules=((1,), (2,))
+    )
+  )
   x = jax.numpy.asarray([[3, 1, 3, 1, 3, 1]])
   scored = recurrence.scored_targets(x, jax.numpy.asarray(task.coefficients_RD()), 5)
   np.testing.assert_array_equal(np.asarray(scored[0]), [False, False, True, True, True])
@@ -318,8 +347,7 @@ def test_tasks_compare_by_their_dials():
   same = tasks.make_task(dict(tasks.default_task()))
   assert task == same and hash(task) == hash(same)  # a jit cache key: equal dials, one program
   assert task != tasks.make_task(tasks.ladder("recurrence")[1])
-  assert task != tasks.make_task({**dict(tasks.default_task()),
-                                  "split_fractions": (0.7, 0.2, 0.1)})
+  assert task != tasks.make_task({**dict(tasks.default_task()), "split_fractions": (0.7, 0.2, 0.1)})
 
 
 def test_sample_accepts_traced_and_legacy_keys():
@@ -336,7 +364,9 @@ def test_sample_accepts_traced_and_legacy_keys():
     task.sample(key, 8, "dev")
 
 
-@pytest.mark.parametrize("overrides,match", [
+@pytest.mark.parametrize(
+  "overrides,match",
+  [
     (dict(num_symbols=1), r"num_symbols=1.*integer >= 2"),
     (dict(num_symbols=2.5), r"num_symbols=2.5"),
     (dict(max_delay=24), r"seq_len=24 is too short for max_delay=24.*integer >= 25"),
@@ -349,7 +379,8 @@ def test_sample_accepts_traced_and_legacy_keys():
     (dict(num_rules=1, rules=((1, 5),)), r"rules contains \(1, 5\).*\[1, max_delay=4\]"),
     (dict(num_symbol=5), r"unknown field\(s\) \['num_symbol'\].*'num_symbols'"),
     (dict(name="recurence"), r"task.name='recurence'.*'recurrence'"),
-])
+  ],
+)
 def test_recurrence_bad_config(overrides, match):
   with pytest.raises(ValueError, match=match):
     tasks.make_task(_recurrence_cfg(**overrides))
@@ -364,7 +395,9 @@ def test_make_task_requires_name_and_ignores_descriptions():
   assert tasks.make_task(dict(_recurrence_cfg())) == plain
 
 
-@pytest.mark.parametrize("cfg,match", [
+@pytest.mark.parametrize(
+  "cfg,match",
+  [
     (dict(name="recall", num_pairs=5, conjunctive=True), r"recall.num_pairs=5.*even"),
     (dict(name="recall", num_pairs=8, num_values=4), r"recall.num_values=4.*>= 8"),
     (dict(name="recall", num_pairs=8, num_keys=4), r"recall.num_keys=4.*>= 8"),
@@ -375,33 +408,62 @@ def test_make_task_requires_name_and_ignores_descriptions():
     (dict(name="modular", block_len=0), r"modular.block_len=0.*>= 1"),
     (dict(name="dyck", max_depth=30, seq_len=47), r"dyck.seq_len=47.*>= 59.*\[1, 24\]"),
     (dict(name="dyck", num_types=1), r"dyck.num_types=1.*>= 2"),
-    (dict(name="modular", split_fractions=(0.8, 0.1, 0.2)), r"modular.split_fractions=.*sums "
-     r"to 1.1; allowed: 3 positive numbers"),
-    (dict(name="modular", split_fractions=(0.9, 0.1, 0.0)), r"modular.split_fractions=.*3 "
-     r"positive numbers"),
+    (
+      dict(name="modular", split_fractions=(0.8, 0.1, 0.2)),
+      r"modular.split_fractions=.*sums "
+      r"to 1.1; allowed: 3 positive numbers",
+    ),
+    (
+      dict(name="modular", split_fractions=(0.9, 0.1, 0.0)),
+      r"modular.split_fractions=.*3 "
+      r"positive numbers",
+    ),
     (dict(name="modular", split_fractions=(0.5, 0.5)), r"modular.split_fractions=\(0.5, 0.5\)"),
-    (dict(name="recall", num_keys=4, num_values=4, num_pairs=2, num_queries=2),
-     r"recall.split_fractions=\(0.8, 0.1, 0.1\) leaves split 'test' empty: this level has only "
-     r"4 split keys"),
+    (
+      dict(name="recall", num_keys=4, num_values=4, num_pairs=2, num_queries=2),
+      r"recall.split_fractions=\(0.8, 0.1, 0.1\) leaves split 'test' empty: this level has only "
+      r"4 split keys",
+    ),
     (dict(name="dyck", num_type=2), r"unknown field\(s\) \['num_type'\].*'num_types'"),
-])
+  ],
+)
 def test_other_families_bad_config(cfg, match):
   with pytest.raises(ValueError, match=match):
     tasks.make_task(ml_collections.ConfigDict(cfg))
 
 
-@pytest.mark.parametrize("family,cfg,x,weights", [
-    ("recall", dict(num_keys=4, num_values=4, num_pairs=2, num_queries=2,
-                    split_fractions=(0.5, 0.25, 0.25)),  # 4 split keys: one per query pair
-     [2, 5, 0, 7, 8, 0, 7, 2, 5], [0, 0, 0, 0, 0, 1, 0, 1]),
-    ("induction", dict(num_symbols=3, context_len=6, copy_len=3),
-     [1, 2, 1, 0, 2, 1, 3, 1, 0, 2], [0, 0, 0, 0, 0, 0, 0, 0, 1]),
-    ("selective_copy", dict(num_symbols=4, region_len=5, num_data=2),
-     [4, 2, 4, 4, 0, 5, 2, 0], [0, 0, 0, 0, 0, 1, 1]),
-    ("modular", dict(num_symbols=5, block_len=2, num_blocks=2),
-     [3, 4, 5, 2, 1, 1, 5, 4], [0, 0, 1, 0, 0, 0, 1]),
+@pytest.mark.parametrize(
+  "family,cfg,x,weights",
+  [
+    (
+      "recall",
+      dict(
+        num_keys=4, num_values=4, num_pairs=2, num_queries=2, split_fractions=(0.5, 0.25, 0.25)
+      ),  # 4 split keys: one per query pair
+      [2, 5, 0, 7, 8, 0, 7, 2, 5],
+      [0, 0, 0, 0, 0, 1, 0, 1],
+    ),
+    (
+      "induction",
+      dict(num_symbols=3, context_len=6, copy_len=3),
+      [1, 2, 1, 0, 2, 1, 3, 1, 0, 2],
+      [0, 0, 0, 0, 0, 0, 0, 0, 1],
+    ),
+    (
+      "selective_copy",
+      dict(num_symbols=4, region_len=5, num_data=2),
+      [4, 2, 4, 4, 0, 5, 2, 0],
+      [0, 0, 0, 0, 0, 1, 1],
+    ),
+    (
+      "modular",
+      dict(num_symbols=5, block_len=2, num_blocks=2),
+      [3, 4, 5, 2, 1, 1, 5, 4],
+      [0, 0, 1, 0, 0, 0, 1],
+    ),
     ("dyck", dict(num_types=2, max_depth=2, seq_len=5), [0, 1, 3, 1, 3, 2], [0, 1, 0, 1, 1]),
-])
+  ],
+)
 def test_worked_examples_of_module_docstrings(family, cfg, x, weights):
   """The docstring examples, checked by the independent checkers (layout and weights)."""
   task = tasks.make_task(dict(name=family, **cfg))
@@ -416,6 +478,7 @@ def test_worked_examples_of_module_docstrings(family, cfg, x, weights):
 
 def test_tfds_config_names():
   from ea_jax.tasks import tfds_builder
+
   assert tfds_builder.builder_config_name("recurrence", 2) == "recurrence-2"
   names = [c.name for c in tfds_builder.EaLadder.BUILDER_CONFIGS]
   expected = [tfds_builder.builder_config_name(name, i) for name, i, _ in LEVELS]
@@ -435,6 +498,7 @@ def test_tfds_config_names():
 
 def test_tfds_round_trip(tmp_path, monkeypatch):
   from ea_jax.tasks import tfds_builder
+
   sizes = {"train": 24, "validation": 8, "test": 8}
   config = tfds_builder.make_config("dyck", 1, split_sizes=sizes, seed=3)
   assert config.name == "dyck-1-n24.8.8-s3"
@@ -454,13 +518,14 @@ def test_tfds_round_trip(tmp_path, monkeypatch):
   x = {s: np.concatenate([a["inputs"], a["targets"][:, -1:]], axis=1) for s, a in loaded.items()}
   for i, a in enumerate(tasks.SPLITS):
     np.testing.assert_array_equal(np.asarray(task.split_of(x[a])), i)
-    for b in tasks.SPLITS[i + 1:]:
+    for b in tasks.SPLITS[i + 1 :]:
       assert overlap_count(x[a], x[b]) == 0, (a, b)
   prepared = tmp_path / "ea_ladder" / config.name / tfds_builder.DATASET_VERSION
   assert list(prepared.glob("*array_record*"))
 
   def no_generation(*args, **kwargs):
     raise AssertionError("the prepared dataset should be read, not generated again")
+
   monkeypatch.setattr(tfds_builder, "generate_split", no_generation)
   again = tfds_builder.load_split(config, "test", tmp_path)
   np.testing.assert_array_equal(again["inputs"], loaded["test"]["inputs"])
@@ -470,11 +535,11 @@ def test_tfds_round_trip(tmp_path, monkeypatch):
 # Splits: train, validation and test share no sequence
 # ------------------------------------------------------------------------------------------------
 
-STUDY_BUDGET = (600, 64)     # configs/sweep.py: steps x batch
+STUDY_BUDGET = (600, 64)  # configs/sweep.py: steps x batch
 DEFAULT_BUDGET = (3000, 32)  # configs/default.py: steps x batch
-EVAL_DRAW = 2048             # validation and test sequences drawn per level (fewer if the split
-                             # has fewer distinct sequences)
-CHECKED_ROWS = 48            # rows per split re-derived by the plain-Python checkers
+EVAL_DRAW = 2048  # validation and test sequences drawn per level (fewer if the split
+# has fewer distinct sequences)
+CHECKED_ROWS = 48  # rows per split re-derived by the plain-Python checkers
 
 
 def _rows(x_NT):
@@ -490,8 +555,9 @@ def overlap_count(a_NT, b_MT):
 
 def _full(batch):
   inputs, targets = np.asarray(batch.inputs), np.asarray(batch.targets)
-  return np.concatenate([inputs.reshape(-1, inputs.shape[-1]),
-                         targets.reshape(-1, targets.shape[-1])[:, -1:]], axis=1)
+  return np.concatenate(
+    [inputs.reshape(-1, inputs.shape[-1]), targets.reshape(-1, targets.shape[-1])[:, -1:]], axis=1
+  )
 
 
 @functools.cache
@@ -501,6 +567,7 @@ def _split_draws(name):
   eval draw); the default config's training stream for the default task's level. All levels of a
   ladder are drawn by one jit (one compilation per ladder)."""
   from ea_jax import data
+
   level_tasks = [tasks.make_task(cfg) for cfg in tasks.ladder(name)]
   train_key = data.stream_key(0, "train")
 
@@ -513,11 +580,15 @@ def _split_draws(name):
     return task.sample_distinct(data.stream_key(1, split), jnp.arange(n), split)
 
   def draw_level(task):
-    out = {"study": stream(task, *STUDY_BUDGET), "validation": held_out(task, "validation"),
-           "test": held_out(task, "test")}
+    out = {
+      "study": stream(task, *STUDY_BUDGET),
+      "validation": held_out(task, "validation"),
+      "test": held_out(task, "test"),
+    }
     if task == tasks.make_task(tasks.default_task()):
       out["default"] = stream(task, *DEFAULT_BUDGET)
     return out
+
   draws = jax.device_get(jax.jit(lambda: [draw_level(t) for t in level_tasks])())
   return level_tasks, draws
 
@@ -557,8 +628,9 @@ def test_overlap_counter_finds_shared_sequences():
   brute = len({tuple(r) for r in shared.tolist()} & {tuple(r) for r in train.tolist()})
   assert found == brute and found > 100
   mixed = np.concatenate([_full(task.sample(jax.random.key(2), 64, "validation")), shared[:5]])
-  assert overlap_count(train, mixed) == len({tuple(r) for r in shared[:5].tolist()}
-                                            & {tuple(r) for r in train.tolist()})
+  assert overlap_count(train, mixed) == len(
+    {tuple(r) for r in shared[:5].tolist()} & {tuple(r) for r in train.tolist()}
+  )
 
 
 THIRDS = (1 / 3, 1 / 3, 1 / 3)
@@ -566,19 +638,38 @@ HALF = (0.5, 0.25, 0.25)
 # Tiny levels whose every sequence can be enumerated: (config, per-position token ranges of a
 # superset of the family's sequences, which the checker then filters).
 TINY_LEVELS = {
-    "recurrence": (dict(name="recurrence", num_symbols=3, num_rules=2, max_delay=2, num_delays=1,
-                        seq_len=5, split_fractions=THIRDS), [range(3)] * 6),
-    "recall": (dict(name="recall", num_keys=2, num_values=2, num_pairs=2, num_queries=2,
-                    split_fractions=HALF),
-               [range(2), range(2, 4)] * 2 + [range(4, 5)] + [range(2), range(2, 4)] * 2),
-    "induction": (dict(name="induction", num_symbols=2, context_len=4, copy_len=2,
-                       split_fractions=HALF), [range(2)] * 4 + [range(2, 3)] + [range(2)] * 2),
-    "selective_copy": (dict(name="selective_copy", num_symbols=3, region_len=3, num_data=1,
-                            split_fractions=THIRDS), [range(4)] * 3 + [range(4, 5), range(3)]),
-    "modular": (dict(name="modular", num_symbols=2, block_len=1, num_blocks=3,
-                     split_fractions=HALF), [range(2), range(2, 3), range(2)] * 3),
-    "dyck": (dict(name="dyck", num_types=2, max_depth=2, seq_len=5, split_fractions=HALF),
-             [range(4)] * 6),
+  "recurrence": (
+    dict(
+      name="recurrence",
+      num_symbols=3,
+      num_rules=2,
+      max_delay=2,
+      num_delays=1,
+      seq_len=5,
+      split_fractions=THIRDS,
+    ),
+    [range(3)] * 6,
+  ),
+  "recall": (
+    dict(name="recall", num_keys=2, num_values=2, num_pairs=2, num_queries=2, split_fractions=HALF),
+    [range(2), range(2, 4)] * 2 + [range(4, 5)] + [range(2), range(2, 4)] * 2,
+  ),
+  "induction": (
+    dict(name="induction", num_symbols=2, context_len=4, copy_len=2, split_fractions=HALF),
+    [range(2)] * 4 + [range(2, 3)] + [range(2)] * 2,
+  ),
+  "selective_copy": (
+    dict(name="selective_copy", num_symbols=3, region_len=3, num_data=1, split_fractions=THIRDS),
+    [range(4)] * 3 + [range(4, 5), range(3)],
+  ),
+  "modular": (
+    dict(name="modular", num_symbols=2, block_len=1, num_blocks=3, split_fractions=HALF),
+    [range(2), range(2, 3), range(2)] * 3,
+  ),
+  "dyck": (
+    dict(name="dyck", num_types=2, max_depth=2, seq_len=5, split_fractions=HALF),
+    [range(4)] * 6,
+  ),
 }
 
 
@@ -596,6 +687,7 @@ def test_num_sequences_matches_brute_force_enumeration(family):
   members by `split_of` are each split, whose size must be `num_sequences(split)`; sampling a
   split many times must find exactly those sequences (and nothing else)."""
   import itertools
+
   cfg, ranges = TINY_LEVELS[family]
   task = tasks.make_task(cfg)
   assert len(ranges) == task.seq_len + 1
@@ -613,8 +705,17 @@ def test_num_sequences_matches_brute_force_enumeration(family):
 def test_conjunctive_recall_count_matches_exhaustive_sampling():
   """Conjunctive recall is too large to enumerate by strings (2304 sequences); sampling 40 times
   a split's size must find exactly num_sequences(split) distinct valid sequences."""
-  task = tasks.make_task(dict(name="recall", num_keys=2, num_values=4, num_pairs=4,
-                              num_queries=1, conjunctive=True, split_fractions=HALF))
+  task = tasks.make_task(
+    dict(
+      name="recall",
+      num_keys=2,
+      num_values=4,
+      num_pairs=4,
+      num_queries=1,
+      conjunctive=True,
+      split_fractions=HALF,
+    )
+  )
   assert [task.num_sequences(s) for s in tasks.SPLITS] == [1152, 576, 576]
   seen = set()
   for i, split in enumerate(tasks.SPLITS):

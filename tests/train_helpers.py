@@ -4,6 +4,7 @@ Run as a script (`python tests/train_helpers.py '<json>'`) it trains in a fresh 
 tests can set XLA_FLAGS (fake devices) before JAX is imported -- and writes the losses and
 final parameters to an .npz file.
 """
+
 import importlib
 import json
 import os
@@ -31,6 +32,7 @@ def run_steps(config, num_steps: int) -> dict:
   import jax
   import numpy as np
   from flax import traverse_util
+
   from ea_jax import data as data_lib
   from ea_jax import train_lib
 
@@ -46,23 +48,33 @@ def run_steps(config, num_steps: int) -> dict:
       state, m = step_fn(state, next_batch(i))
       losses.append(float(m.compute()["loss"]))
     flat = traverse_util.flatten_dict(jax.device_get(state.params), sep="/")
-    sharded = sorted(k for k, v in traverse_util.flatten_dict(state.params, sep="/").items()
-                     if not v.sharding.is_fully_replicated)
-  return {"losses": np.asarray(losses), "params": {k: np.asarray(v) for k, v in flat.items()},
-          "sharded": sharded, "num_devices": jax.device_count()}
+    sharded = sorted(
+      k
+      for k, v in traverse_util.flatten_dict(state.params, sep="/").items()
+      if not v.sharding.is_fully_replicated
+    )
+  return {
+    "losses": np.asarray(losses),
+    "params": {k: np.asarray(v) for k, v in flat.items()},
+    "sharded": sharded,
+    "num_devices": jax.device_count(),
+  }
 
 
 def main():
   args = json.loads(sys.argv[1])
   import jax
+
   jax.config.update("jax_numpy_rank_promotion", "raise")
   import numpy as np
+
   config = load_config(args.get("config", "tiny"), args.get("overrides"))
   out = run_steps(config, args["num_steps"])
   np.savez(args["out"], losses=out["losses"], **{"param:" + k: v for k, v in out["params"].items()})
   with open(args["out"] + ".json", "w") as f:
-    json.dump({"sharded": out["sharded"], "num_devices": out["num_devices"],
-               **sharding_checks(config)}, f)
+    json.dump(
+      {"sharded": out["sharded"], "num_devices": out["num_devices"], **sharding_checks(config)}, f
+    )
 
 
 def sharding_checks(config) -> dict:
@@ -70,7 +82,9 @@ def sharding_checks(config) -> dict:
   whether `host_to_global` puts exactly rows `shard.index` of the host array on each device."""
   import jax
   import numpy as np
+
   from ea_jax import sharding
+
   mesh = sharding.create_mesh(config.mesh)
   rules = sharding.logical_rules(dict(config.logical_axis_rules))
   try:
@@ -81,11 +95,15 @@ def sharding_checks(config) -> dict:
   sh = sharding.batch_sharding(mesh, rules, 8)
   host = np.arange(8 * 5, dtype=np.int32).reshape(8, 5)
   arr = sharding.host_to_global(host, sh)
-  shards_right = all(np.array_equal(np.asarray(s.data), host[s.index])
-                     for s in arr.addressable_shards)
-  return {"indivisible_error": error, "host_to_global_shards_right": shards_right,
-          "host_to_global_equal": bool(np.array_equal(np.asarray(jax.device_get(arr)), host)),
-          "num_shards": len({str(s.index) for s in arr.addressable_shards})}
+  shards_right = all(
+    np.array_equal(np.asarray(s.data), host[s.index]) for s in arr.addressable_shards
+  )
+  return {
+    "indivisible_error": error,
+    "host_to_global_shards_right": shards_right,
+    "host_to_global_equal": bool(np.array_equal(np.asarray(jax.device_get(arr)), host)),
+    "num_shards": len({str(s.index) for s in arr.addressable_shards}),
+  }
 
 
 if __name__ == "__main__":

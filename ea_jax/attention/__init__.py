@@ -28,33 +28,40 @@ Public API (see DESIGN.md, "Contracts: Attention"):
   RecurrentState, init_recurrent_state, recurrent_step,
   IMPLEMENTATIONS, KERNELS, KINDS.
 """
+
 from __future__ import annotations
 
 import jax
 
-from ea_jax.attention import chunked
-from ea_jax.attention import decode
-from ea_jax.attention import linear
-from ea_jax.attention import reference
-from ea_jax.attention.decode import KVCache
-from ea_jax.attention.decode import RecurrentState
-from ea_jax.attention.decode import init_kv_cache
-from ea_jax.attention.decode import init_recurrent_state
-from ea_jax.attention.decode import kv_cache_step
-from ea_jax.attention.decode import recurrent_step
-from ea_jax.attention.linear import num_square_features
-from ea_jax.attention.linear import square_features
-from ea_jax.attention.reference import IMPLEMENTATIONS
-from ea_jax.attention.reference import KERNELS
-from ea_jax.attention.reference import KINDS
-from ea_jax.attention.reference import attention_weights
-from ea_jax.attention.reference import ea_kernel
+from ea_jax.attention import chunked, decode, linear, reference  # noqa: F401 (public submodules)
+from ea_jax.attention.decode import (
+  KVCache,
+  RecurrentState,
+  init_kv_cache,
+  init_recurrent_state,
+  kv_cache_step,
+  recurrent_step,
+)
+from ea_jax.attention.linear import num_square_features, square_features
+from ea_jax.attention.reference import IMPLEMENTATIONS, KERNELS, KINDS, attention_weights, ea_kernel
 
 __all__ = [
-    "IMPLEMENTATIONS", "KERNELS", "KINDS", "KVCache", "RecurrentState", "attention_weights",
-    "choose_implementation", "dot_product_attention", "ea_kernel", "expressive_attention",
-    "init_kv_cache", "init_recurrent_state", "kv_cache_step", "num_square_features",
-    "recurrent_step", "square_features",
+  "IMPLEMENTATIONS",
+  "KERNELS",
+  "KINDS",
+  "KVCache",
+  "RecurrentState",
+  "attention_weights",
+  "choose_implementation",
+  "dot_product_attention",
+  "ea_kernel",
+  "expressive_attention",
+  "init_kv_cache",
+  "init_recurrent_state",
+  "kv_cache_step",
+  "num_square_features",
+  "recurrent_step",
+  "square_features",
 ]
 
 
@@ -101,21 +108,27 @@ def _attention(kind, query, key, value, mask, is_causal, scale, eps, kernel, imp
   mask = reference.check_mask(mask, B, N, T, S)
   scale = reference.default_scale(scale, H)
   if implementation is None:
-    implementation = choose_implementation(kind, T=T, S=S, H=H, is_causal=is_causal,
-                                           has_mask=mask is not None, kernel=kernel)
+    implementation = choose_implementation(
+      kind, T=T, S=S, H=H, is_causal=is_causal, has_mask=mask is not None, kernel=kernel
+    )
   if implementation == "linear":
     linear.check_linear(kind, is_causal, kernel, mask)
   if implementation == "pallas":
     if kind != "ea":
-      raise ValueError("implementation='pallas' is only available for expressive_attention; "
-                       "for dot_product_attention use None, 'naive' or 'chunked'")
+      raise ValueError(
+        "implementation='pallas' is only available for expressive_attention; "
+        "for dot_product_attention use None, 'naive' or 'chunked'"
+      )
     try:
       from ea_jax.kernels import pallas_attention  # pylint: disable=g-import-not-at-top
     except ImportError as e:
-      raise ImportError("implementation='pallas' needs ea_jax.kernels.pallas_attention, which could "
-                        f"not be imported ({e}); use implementation=None, 'naive' or 'chunked'") from e
+      raise ImportError(
+        "implementation='pallas' needs ea_jax.kernels.pallas_attention, which could "
+        f"not be imported ({e}); use implementation=None, 'naive' or 'chunked'"
+      ) from e
     return pallas_attention.expressive_attention_pallas(
-        query, key, value, mask=mask, is_causal=is_causal, scale=scale, eps=eps, kernel=kernel)
+      query, key, value, mask=mask, is_causal=is_causal, scale=scale, eps=eps, kernel=kernel
+    )
 
   ct = reference.compute_dtype(query.dtype)
   q, k, v = query.astype(ct), key.astype(ct), value.astype(ct)
@@ -129,21 +142,35 @@ def _attention(kind, query, key, value, mask, is_causal, scale, eps, kernel, imp
   return out.astype(query.dtype)
 
 
-def dot_product_attention(query, key, value, *, mask=None, is_causal=False, scale=None,
-                          implementation=None):
+def dot_product_attention(
+  query, key, value, *, mask=None, is_causal=False, scale=None, implementation=None
+):
   """Softmax attention. query [B,T,N,H], key/value [B,S,K,H] -> [B,T,N,H] (query dtype).
 
   implementation: None (auto, see `choose_implementation`), "naive" or "chunked".
   """
   if implementation == "linear":
-    raise ValueError("implementation='linear' is only available for expressive_attention with "
-                     "kernel='square'; for dot_product_attention use None, 'naive' or 'chunked'")
-  return _attention("dpa", query, key, value, mask, is_causal, scale, 0.0, "rational",
-                    implementation)
+    raise ValueError(
+      "implementation='linear' is only available for expressive_attention with "
+      "kernel='square'; for dot_product_attention use None, 'naive' or 'chunked'"
+    )
+  return _attention(
+    "dpa", query, key, value, mask, is_causal, scale, 0.0, "rational", implementation
+  )
 
 
-def expressive_attention(query, key, value, *, mask=None, is_causal=False, scale=None, eps=1e-6,
-                         kernel="rational", implementation=None):
+def expressive_attention(
+  query,
+  key,
+  value,
+  *,
+  mask=None,
+  is_causal=False,
+  scale=None,
+  eps=1e-6,
+  kernel="rational",
+  implementation=None,
+):
   """Expressive attention. query [B,T,N,H], key/value [B,S,K,H] -> [B,T,N,H] (query dtype).
 
   kernel: "rational" (s^2/(1+s^2)) or "square" (s^2). implementation: None (auto, see

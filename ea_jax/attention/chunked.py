@@ -10,6 +10,7 @@ EA needs no running maximum: dS = f'(s) (dP - delta) / Z with delta = rowsum(dO 
 Heads run sequentially in groups of h (`lax.map`), so one score block [h, C*G, C] stays in cache.
 Compile time does not grow with T (the loop bodies are traced once).
 """
+
 from __future__ import annotations
 
 import functools
@@ -20,23 +21,24 @@ import jax.numpy as jnp
 
 from ea_jax.attention import reference as ref
 
-CHUNK_ROWS = 256            # query rows and keys per block
+CHUNK_ROWS = 256  # query rows and keys per block
 _STEP_SCORES_CPU = 1 << 18  # score elements per sequential head step on CPU (~1 MiB: fits in L2)
 _STEP_SCORES_ACCEL = 1 << 26
 
 
 class ChunkCfg(NamedTuple):
   """Static settings of one call (a custom_vjp nondiff argument)."""
+
   kind: str
   kernel: str
   eps: float
   is_causal: bool
-  T: int           # unpadded query length
-  S: int           # unpadded key length
-  C: int           # query rows per block (before folding in the G heads) = keys per block
+  T: int  # unpadded query length
+  S: int  # unpadded key length
+  C: int  # query rows per block (before folding in the G heads) = keys per block
   G: int
-  L: int           # query blocks
-  M: int           # key blocks
+  L: int  # query blocks
+  M: int  # key blocks
   heads_per_step: int
   mask_per_head: bool  # mask has a [B*K] axis mapped with the heads (else shared by all)
 
@@ -57,7 +59,7 @@ def _key_ranges(i, cfg):
     end = jnp.int32(M)
     unmasked = jnp.int32(M - 1 if padded_keys else M)
     return unmasked, end
-  first_pos = i * C + cfg.offset        # key position of the block's first row
+  first_pos = i * C + cfg.offset  # key position of the block's first row
   last_pos = first_pos + C - 1
   end = jnp.clip(_div(jnp.maximum(last_pos, -1) + C, C), 0, M)
   unmasked = jnp.clip(_div(jnp.maximum(first_pos + 1, 0), C), 0, M)
@@ -131,8 +133,11 @@ def _rows_fwd(q_hLRH, k_hMCH, v_hMCH, m, cfg):
       mx_safe = jnp.where(jnp.isfinite(mx_new), mx_new, 0.0)
       alpha = jnp.exp(mx - mx_safe)
       p = jnp.exp(s_hRC - mx_safe[..., None])
-      return (mx_new, alpha * l + jnp.sum(p, axis=-1),
-              alpha[..., None] * acc + jnp.einsum("hrc,hcd->hrd", p, v_hCH))
+      return (
+        mx_new,
+        alpha * l + jnp.sum(p, axis=-1),
+        alpha[..., None] * acc + jnp.einsum("hrc,hcd->hrd", p, v_hCH),
+      )
 
     zeros_hR = jnp.zeros((h, R), q_hLRH.dtype)
     zeros_hRH = jnp.zeros((h, R, H), q_hLRH.dtype)
@@ -185,8 +190,11 @@ def _rows_bwd(q_hLRH, k_hMCH, v_hMCH, m, o_hLRH, stat_hLR, do_hLRH, cfg):
       if allowed is not None:
         p, ds = jnp.where(allowed, p, 0.0), jnp.where(allowed, ds, 0.0)
       dq = dq.at[:, i].add(jnp.einsum("hrc,hcd->hrd", ds, k_hCH))
-      return (dk_hCH + jnp.einsum("hrc,hrd->hcd", ds, q_hRH),
-              dv_hCH + jnp.einsum("hrc,hrd->hcd", p, do_hRH), dq)
+      return (
+        dk_hCH + jnp.einsum("hrc,hrd->hcd", ds, q_hRH),
+        dv_hCH + jnp.einsum("hrc,hrd->hcd", p, do_hRH),
+        dq,
+      )
 
     init = (jnp.zeros_like(k_hCH), jnp.zeros_like(v_hCH), dq_hLRH)
     if m is None:
@@ -209,8 +217,9 @@ def _map_heads(fn, per_head, shared, cfg):
   h = cfg.heads_per_step
   # Step j takes heads j, j + X/h, ...: the major (batch) part of X stays in the per-step axis, so
   # a batch sharded over devices stays sharded inside each step.
-  grouped = jax.tree.map(lambda a: jnp.swapaxes(a.reshape((h, X // h) + a.shape[1:]), 0, 1),
-                         per_head)
+  grouped = jax.tree.map(
+    lambda a: jnp.swapaxes(a.reshape((h, X // h) + a.shape[1:]), 0, 1), per_head
+  )
   out = jax.lax.map(lambda xs: fn(*xs, shared), grouped)
   return jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1).reshape((X,) + a.shape[2:]), out)
 
@@ -246,8 +255,9 @@ def _chunked_core_bwd(cfg, res, do_XLRH):
   def step(q, k, v, m, o, stat, do, shared):
     return _rows_bwd(q, k, v, m if m is not None else shared, o, stat, do, cfg)
 
-  dq, dk, dv = _map_heads(step, (q_XLRH, k_XMCH, v_XMCH, per_mask, o, stat, do_XLRH),
-                          shared_mask, cfg)
+  dq, dk, dv = _map_heads(
+    step, (q_XLRH, k_XMCH, v_XMCH, per_mask, o, stat, do_XLRH), shared_mask, cfg
+  )
   return dq, dk, dv, None
 
 
@@ -266,16 +276,19 @@ def chunked(q, k, v, mask, is_causal, kind, scale, eps, kernel):
   q_XLRH = jnp.pad(q, ((0, 0), (0, Tp - T), (0, 0), (0, 0))).reshape(B, L, C, K, G, H)
   q_XLRH = q_XLRH.transpose(0, 3, 1, 2, 4, 5).reshape(B * K, L, C * G, H)  # rows ordered (t, g)
   kv_pad = ((0, 0), (0, Sp - S), (0, 0), (0, 0))
-  k_XMCH = jnp.pad(k, kv_pad).reshape(B, M, C, K, H).transpose(0, 3, 1, 2, 4).reshape(
-      B * K, M, C, H)
-  v_XMCH = jnp.pad(v, kv_pad).reshape(B, M, C, K, H).transpose(0, 3, 1, 2, 4).reshape(
-      B * K, M, C, H)
+  k_XMCH = (
+    jnp.pad(k, kv_pad).reshape(B, M, C, K, H).transpose(0, 3, 1, 2, 4).reshape(B * K, M, C, H)
+  )
+  v_XMCH = (
+    jnp.pad(v, kv_pad).reshape(B, M, C, K, H).transpose(0, 3, 1, 2, 4).reshape(B * K, M, C, H)
+  )
   mask_per_head = False
   if mask is not None:
     m = ref.grouped_mask(mask, K)  # [mb, mk, mg, mt, ms]
     mb, mk, mg, mt, ms = m.shape
-    m = jnp.pad(m, ((0, 0), (0, 0), (0, 0), (0, Tp - T if mt > 1 else 0),
-                    (0, Sp - S if ms > 1 else 0)))
+    m = jnp.pad(
+      m, ((0, 0), (0, 0), (0, 0), (0, Tp - T if mt > 1 else 0), (0, Sp - S if ms > 1 else 0))
+    )
     if mb > 1 or mk > 1:
       mask_per_head = True
       mask = jnp.broadcast_to(m, (B, K) + m.shape[2:]).reshape((B * K,) + m.shape[2:])

@@ -1,5 +1,6 @@
 """One-token decoding: the KV cache (EA and DPA) and the constant-size recurrent state of
 square-kernel EA (its accuracy bound is that of linear.py, see there)."""
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -17,7 +18,8 @@ class KVCache(NamedTuple):
   `overflowed` (bool []) becomes True, and stays True, once a step was asked to append a token
   to a full cache under jit (see kv_cache_step); it defaults to False for caches built by hand.
   """
-  key: jax.Array    # [B,Smax,K,H]
+
+  key: jax.Array  # [B,Smax,K,H]
   value: jax.Array  # [B,Smax,K,H]
   length: jax.Array  # int32 []
   overflowed: jax.Array | bool = False
@@ -26,12 +28,17 @@ class KVCache(NamedTuple):
 def init_kv_cache(batch_size, max_len, num_kv_heads, head_dim, dtype=jnp.float32):
   """An empty KVCache with room for max_len tokens."""
   shape = (batch_size, max_len, num_kv_heads, head_dim)
-  return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32),
-                 jnp.zeros((), jnp.bool_))
+  return KVCache(
+    jnp.zeros(shape, dtype),
+    jnp.zeros(shape, dtype),
+    jnp.zeros((), jnp.int32),
+    jnp.zeros((), jnp.bool_),
+  )
 
 
-def kv_cache_step(cache, query_B1NH, key_B1KH, value_B1KH, *, kind, scale=None, eps=1e-6,
-                  kernel="rational"):
+def kv_cache_step(
+  cache, query_B1NH, key_B1KH, value_B1KH, *, kind, scale=None, eps=1e-6, kernel="rational"
+):
   """Appends one token at position cache.length and attends causally over positions <= length.
 
   Past the cache's end: when `cache.length` is concrete (outside jit), a full cache raises
@@ -47,9 +54,11 @@ def kv_cache_step(cache, query_B1NH, key_B1KH, value_B1KH, *, kind, scale=None, 
   ref.check_eps(eps)
   B, T, S, N, K, H = ref.check_qkv(query_B1NH, cache.key, cache.value)
   if T != 1 or key_B1KH.shape != (B, 1, K, H) or value_B1KH.shape != (B, 1, K, H):
-    raise ValueError(f"kv_cache_step takes one token: query [B,1,N,H], key/value [B,1,K,H] "
-                     f"matching the cache {cache.key.shape}; got query {query_B1NH.shape}, "
-                     f"key {key_B1KH.shape}, value {value_B1KH.shape}")
+    raise ValueError(
+      f"kv_cache_step takes one token: query [B,1,N,H], key/value [B,1,K,H] "
+      f"matching the cache {cache.key.shape}; got query {query_B1NH.shape}, "
+      f"key {key_B1KH.shape}, value {value_B1KH.shape}"
+    )
   if not isinstance(cache.length, jax.core.Tracer) and int(cache.length) >= S:
     raise ValueError(f"KVCache is full: length {int(cache.length)} >= max_len {S}")
   full = cache.length >= S
@@ -57,15 +66,24 @@ def kv_cache_step(cache, query_B1NH, key_B1KH, value_B1KH, *, kind, scale=None, 
   zero = jnp.zeros((), jnp.int32)
 
   def write(buf, x):
-    x = jnp.where(full, jax.lax.dynamic_slice(buf, (zero, pos, zero, zero), x.shape),
-                  x.astype(buf.dtype))
+    x = jnp.where(
+      full, jax.lax.dynamic_slice(buf, (zero, pos, zero, zero), x.shape), x.astype(buf.dtype)
+    )
     return jax.lax.dynamic_update_slice(buf, x, (zero, pos, zero, zero))
 
   new_k, new_v = write(cache.key, key_B1KH), write(cache.value, value_B1KH)
   ct = ref.compute_dtype(query_B1NH.dtype)
   allowed = (jnp.arange(S) <= pos)[None, None, None, None, :]
-  out = ref.naive(query_B1NH.astype(ct), new_k.astype(ct), new_v.astype(ct), allowed, kind,
-                  ref.default_scale(scale, H), eps if kind == "ea" else 0.0, kernel)
+  out = ref.naive(
+    query_B1NH.astype(ct),
+    new_k.astype(ct),
+    new_v.astype(ct),
+    allowed,
+    kind,
+    ref.default_scale(scale, H),
+    eps if kind == "ea" else 0.0,
+    kernel,
+  )
   new_length = jnp.where(full, cache.length, cache.length + 1).astype(jnp.int32)
   overflowed = jnp.logical_or(jnp.asarray(cache.overflowed, jnp.bool_), full)
   return out.astype(query_B1NH.dtype), KVCache(new_k, new_v, new_length, overflowed)
@@ -73,6 +91,7 @@ def kv_cache_step(cache, query_B1NH, key_B1KH, value_B1KH, *, kind, scale=None, 
 
 class RecurrentState(NamedTuple):
   """Square-kernel EA state: kv = sum_j phi(k_j) v_j^T [B,K,F,H], z = sum_j phi(k_j) [B,K,F]."""
+
   kv: jax.Array
   z: jax.Array
 
@@ -80,8 +99,10 @@ class RecurrentState(NamedTuple):
 def init_recurrent_state(batch_size, num_kv_heads, head_dim, dtype=jnp.float32):
   """Zero state for square-kernel EA decoding; its size does not depend on sequence length."""
   F = linear.num_square_features(head_dim)
-  return RecurrentState(jnp.zeros((batch_size, num_kv_heads, F, head_dim), dtype),
-                        jnp.zeros((batch_size, num_kv_heads, F), dtype))
+  return RecurrentState(
+    jnp.zeros((batch_size, num_kv_heads, F, head_dim), dtype),
+    jnp.zeros((batch_size, num_kv_heads, F), dtype),
+  )
 
 
 def recurrent_step(state, query_B1NH, key_B1KH, value_B1KH, *, scale=None, eps=1e-6):
@@ -102,11 +123,15 @@ def recurrent_step(state, query_B1NH, key_B1KH, value_B1KH, *, scale=None, eps=1
   B, T, S, N, K, H = ref.check_qkv(query_B1NH, key_B1KH, value_B1KH)
   F = linear.num_square_features(H)
   if T != 1 or S != 1:
-    raise ValueError(f"recurrent_step takes one token: query [B,1,N,H], key/value [B,1,K,H]; got "
-                     f"query {query_B1NH.shape}, key {key_B1KH.shape}")
+    raise ValueError(
+      f"recurrent_step takes one token: query [B,1,N,H], key/value [B,1,K,H]; got "
+      f"query {query_B1NH.shape}, key {key_B1KH.shape}"
+    )
   if state.kv.shape != (B, K, F, H) or state.z.shape != (B, K, F):
-    raise ValueError(f"state shapes kv {state.kv.shape}, z {state.z.shape} do not match "
-                     f"[B,K,F,H]={[B, K, F, H]} and [B,K,F]={[B, K, F]} for query {query_B1NH.shape}")
+    raise ValueError(
+      f"state shapes kv {state.kv.shape}, z {state.z.shape} do not match "
+      f"[B,K,F,H]={[B, K, F, H]} and [B,K,F]={[B, K, F]} for query {query_B1NH.shape}"
+    )
   ct = state.kv.dtype
   scale = ref.default_scale(scale, H)
   phi_k_BKF = linear.square_features(key_B1KH[:, 0].astype(ct))

@@ -13,12 +13,13 @@ therefore never picks "linear"; choose it by hand where queries are not that clo
 to every key. The recurrent decode state (decode.recurrent_step) has the same contraction and
 the same bound.
 """
+
 from __future__ import annotations
 
 import jax
-from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from ea_jax.attention import reference as ref
 
@@ -28,15 +29,21 @@ LINEAR_CHUNK = 64
 def check_linear(kind, is_causal, kernel, mask):
   """Raises unless this is causal, mask-free, square-kernel EA."""
   if kind != "ea" or kernel != "square":
-    raise ValueError("implementation='linear' needs expressive_attention with kernel='square' "
-                     f"(got {'dot_product_attention' if kind == 'dpa' else 'kernel=' + repr(kernel)}); "
-                     "use 'naive' or 'chunked' otherwise")
+    raise ValueError(
+      "implementation='linear' needs expressive_attention with kernel='square' "
+      f"(got {'dot_product_attention' if kind == 'dpa' else 'kernel=' + repr(kernel)}); "
+      "use 'naive' or 'chunked' otherwise"
+    )
   if not is_causal:
-    raise ValueError("implementation='linear' needs is_causal=True; use 'naive' or 'chunked' "
-                     "for non-causal attention")
+    raise ValueError(
+      "implementation='linear' needs is_causal=True; use 'naive' or 'chunked' "
+      "for non-causal attention"
+    )
   if mask is not None:
-    raise ValueError("implementation='linear' allows no mask (only is_causal=True); pass mask=None "
-                     "or use 'naive' or 'chunked' for arbitrary masks")
+    raise ValueError(
+      "implementation='linear' allows no mask (only is_causal=True); pass mask=None "
+      "or use 'naive' or 'chunked' for arbitrary masks"
+    )
 
 
 def num_square_features(head_dim):
@@ -55,7 +62,7 @@ def square_features(x_XH):
   root2 = jnp.asarray(np.sqrt(2.0), x_XH.dtype)
   parts = [x_XH * x_XH]
   for j in range(1, H):
-    parts.append((x_XH[..., :H - j] * root2) * x_XH[..., j:])
+    parts.append((x_XH[..., : H - j] * root2) * x_XH[..., j:])
   return jnp.concatenate(parts, axis=-1)
 
 
@@ -68,7 +75,7 @@ def linear_causal(q, k, v, scale, eps):
   q = q * scale
   # Query i sits at key position S - T + i: align queries with keys, zero queries where needed.
   if T >= S:
-    q_used = q[:, T - S:]
+    q_used = q[:, T - S :]
   else:
     q_used = jnp.pad(q, ((0, 0), (S - T, 0), (0, 0), (0, 0)))
   C = min(LINEAR_CHUNK, S)
@@ -103,4 +110,4 @@ def linear_causal(q, k, v, scale, eps):
   o = o_LBKRH.reshape(L, B, K, C, G, H).transpose(1, 0, 3, 2, 4, 5).reshape(B, L * C, N, H)[:, :S]
   if T >= S:
     return jnp.pad(o, ((0, 0), (T - S, 0), (0, 0), (0, 0)))
-  return o[:, S - T:]
+  return o[:, S - T :]

@@ -1,5 +1,6 @@
 """The materialised ("naive") EA/DPA reference, and the validation and kernel helpers shared by
 every implementation of the package (letters as in the package docstring)."""
+
 from __future__ import annotations
 
 import jax
@@ -35,14 +36,19 @@ def check_qkv(query, key, value=None):
   B, T, N, H = query.shape
   Bk, S, K, Hk = key.shape
   if Bk != B:
-    raise ValueError(f"batch size of key ({Bk}, shape {key.shape}) != batch size of query "
-                     f"({B}, shape {query.shape})")
+    raise ValueError(
+      f"batch size of key ({Bk}, shape {key.shape}) != batch size of query "
+      f"({B}, shape {query.shape})"
+    )
   if Hk != H:
-    raise ValueError(f"head dim of key ({Hk}, shape {key.shape}) != head dim of query "
-                     f"({H}, shape {query.shape})")
+    raise ValueError(
+      f"head dim of key ({Hk}, shape {key.shape}) != head dim of query ({H}, shape {query.shape})"
+    )
   if K == 0 or N % K != 0:
-    raise ValueError(f"number of query heads N={N} (query shape {query.shape}) must be a multiple "
-                     f"of the number of key/value heads K={K} (key shape {key.shape})")
+    raise ValueError(
+      f"number of query heads N={N} (query shape {query.shape}) must be a multiple "
+      f"of the number of key/value heads K={K} (key shape {key.shape})"
+    )
   return B, T, S, N, K, H
 
 
@@ -163,8 +169,9 @@ def naive(q, k, v, allowed, kind, scale, eps, kernel):
   return o_BTKGH.reshape(B, T, N, H)
 
 
-def attention_weights(query, key, *, kind, mask=None, is_causal=False, scale=None, eps=1e-6,
-                      kernel="rational"):
+def attention_weights(
+  query, key, *, kind, mask=None, is_causal=False, scale=None, eps=1e-6, kernel="rational"
+):
   """Attention weights w [B,N,T,S] (float32, float64 for float64 inputs).
 
   Args:

@@ -1,12 +1,13 @@
 """The study's command line (`python -m ea_jax.study`; `python -m ea_jax.sweep` is an alias).
 
-  python -m ea_jax.study --config=configs/sweep.py --workdir=DIR [--workers=2]
-  python -m ea_jax.study ... --stage=tune --shard_index=I --num_shards=N   (array job; repeat
-                                                                           until no run is needed)
-  python -m ea_jax.study ... --stage=main --shard_index=I --num_shards=N   (array job, step 2)
-  python -m ea_jax.study ... --collect                                     (merge the shards)
-  python -m ea_jax.study ... --publish=docs/results [--readme=README.md]   (copy the report)
+python -m ea_jax.study --config=configs/sweep.py --workdir=DIR [--workers=2]
+python -m ea_jax.study ... --stage=tune --shard_index=I --num_shards=N   (array job; repeat
+                                                                         until no run is needed)
+python -m ea_jax.study ... --stage=main --shard_index=I --num_shards=N   (array job, step 2)
+python -m ea_jax.study ... --collect                                     (merge the shards)
+python -m ea_jax.study ... --publish=docs/results [--readme=README.md]   (copy the report)
 """
+
 from __future__ import annotations
 
 import sys
@@ -18,8 +19,9 @@ def main(argv=None) -> int:
 
   from ea_jax.study import plan, report, runner
 
-  config_flags.DEFINE_config_file("config", None, "Study config (configs/sweep.py[:preset]).",
-                                  lock_config=True)
+  config_flags.DEFINE_config_file(
+    "config", None, "Study config (configs/sweep.py[:preset]).", lock_config=True
+  )
   flags.DEFINE_string("workdir", None, "Study directory (runs/, results.csv, figures).")
   flags.DEFINE_integer("workers", 2, "Worker processes (0 = run in this process).")
   flags.DEFINE_enum("stage", "all", list(plan.STAGES), "tune, main, or all (both).")
@@ -43,9 +45,14 @@ def main(argv=None) -> int:
       if FLAGS.collect:
         runner.collect(FLAGS.config, FLAGS.workdir)
         return 0
-      out = runner.run_study(FLAGS.config, FLAGS.workdir, workers=FLAGS.workers,
-                             stage=FLAGS.stage, shard_index=FLAGS.shard_index,
-                             num_shards=FLAGS.num_shards)
+      out = runner.run_study(
+        FLAGS.config,
+        FLAGS.workdir,
+        workers=FLAGS.workers,
+        stage=FLAGS.stage,
+        shard_index=FLAGS.shard_index,
+        num_shards=FLAGS.num_shards,
+      )
     except (ValueError, RuntimeError, FileNotFoundError) as e:
       if FLAGS.verbose:
         raise

@@ -21,6 +21,7 @@ parent's pid), so `kill -9` of the study leaves no worker behind. SIGTERM to the
 running workers are sent SIGTERM (they checkpoint and return), nothing new starts, and a rerun
 resumes.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -64,7 +65,9 @@ def execute(job: tuple) -> dict:
   """
   run_dir, config_dict, info = job
   import ml_collections
+
   from ea_jax import train_lib
+
   config = ml_collections.ConfigDict(config_dict)
   t0 = time.time()
   try:
@@ -73,13 +76,24 @@ def execute(job: tuple) -> dict:
   except FloatingPointError as e:
     summary, status = {"error": str(e)}, "diverged"
   except Exception as e:  # pylint: disable=broad-except
-    return {**info, "status": "error", "error": f"{type(e).__name__}: {e}",
-            "traceback": traceback.format_exc(), "wall_seconds": time.time() - t0}
+    return {
+      **info,
+      "status": "error",
+      "error": f"{type(e).__name__}: {e}",
+      "traceback": traceback.format_exc(),
+      "wall_seconds": time.time() - t0,
+    }
   if summary.get("ended_by") == "sigterm" or summary.get("stopped") == "sigterm":
-    if _IN_WORKER:   # SIGTERM sent to this worker: report, then leave the pool
+    if _IN_WORKER:  # SIGTERM sent to this worker: report, then leave the pool
       threading.Timer(1.0, os._exit, (0,)).start()
-    return {**info, "status": "error", "error": "interrupted by SIGTERM", "traceback": "",
-            "wall_seconds": time.time() - t0, "stopped": True}
+    return {
+      **info,
+      "status": "error",
+      "error": "interrupted by SIGTERM",
+      "traceback": "",
+      "wall_seconds": time.time() - t0,
+      "stopped": True,
+    }
   result = {**info, "status": status, "summary": summary, "wall_seconds": time.time() - t0}
   files.write_json(os.path.join(run_dir, RESULT_FILE), result, only_process_0=False)
   return result
@@ -93,6 +107,7 @@ def _die_with_parent(parent_pid: int) -> None:
   thread that polls the parent's pid everywhere (covers the race before prctl took effect)."""
   try:
     import ctypes
+
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
   except (OSError, AttributeError):
@@ -103,6 +118,7 @@ def _die_with_parent(parent_pid: int) -> None:
       if os.getppid() != parent_pid:
         os._exit(1)
       time.sleep(0.5)
+
   threading.Thread(target=watch, daemon=True, name="parent-watch").start()
 
 
@@ -111,8 +127,10 @@ def _init_worker(cache_dir: str | None, parent_pid: int) -> None:
   _IN_WORKER = True
   _die_with_parent(parent_pid)
   from absl import logging
-  logging.set_verbosity(logging.WARNING)   # a run's INFO lines would interleave across workers
+
+  logging.set_verbosity(logging.WARNING)  # a run's INFO lines would interleave across workers
   import jax
+
   if cache_dir:
     jax.config.update("jax_compilation_cache_dir", cache_dir)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
@@ -124,9 +142,11 @@ def worker_environment(workers: int, cpu_count: int | None = None) -> dict:
   single-threaded XLA/OpenMP when there are at least as many workers as cores."""
   cpu_count = cpu_count or os.cpu_count() or 1
   threads = max(1, cpu_count // max(1, workers))
-  env = {"JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS") or "cpu",
-         "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
-         "OMP_NUM_THREADS": str(threads)}
+  env = {
+    "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS") or "cpu",
+    "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
+    "OMP_NUM_THREADS": str(threads),
+  }
   flags = os.environ.get("XLA_FLAGS", "")
   if threads == 1 and "xla_cpu_multi_thread_eigen" not in flags:
     flags = (flags + " --xla_cpu_multi_thread_eigen=false").strip()
@@ -153,8 +173,14 @@ def _run_tracked(target: Callable[[tuple], dict], track_dir: str, job: tuple) ->
 
 
 def _failure(job: tuple, message: str, *, stopped: bool = False) -> dict:
-  return {**job[2], "status": "error", "error": message, "traceback": "", "wall_seconds": 0.0,
-          "stopped": stopped}
+  return {
+    **job[2],
+    "status": "error",
+    "error": message,
+    "traceback": "",
+    "wall_seconds": 0.0,
+    "stopped": stopped,
+  }
 
 
 class Executor:
@@ -164,20 +190,33 @@ class Executor:
   docstring for pool replacement, the watchdog, retries and signals.
   """
 
-  def __init__(self, workers: int, cache_dir: str | None, *, tasks_per_pool: int = 40,
-               target: Callable[[tuple], dict] = execute, retries: int = 1,
-               watchdog_seconds: float = WATCHDOG_SECONDS, log=print):
+  def __init__(
+    self,
+    workers: int,
+    cache_dir: str | None,
+    *,
+    tasks_per_pool: int = 40,
+    target: Callable[[tuple], dict] = execute,
+    retries: int = 1,
+    watchdog_seconds: float = WATCHDOG_SECONDS,
+    log=print,
+  ):
     if workers < 0:
       raise ValueError(f"--workers={workers}: must be >= 0 (0 = run in this process)")
     if tasks_per_pool < 1:
       raise ValueError(f"tasks_per_pool={tasks_per_pool}: must be >= 1")
     self.workers, self.cache_dir, self.tasks_per_pool = workers, cache_dir, tasks_per_pool
-    self.target, self.retries, self.watchdog_seconds, self.log = (target, retries,
-                                                                  watchdog_seconds, log)
+    self.target, self.retries, self.watchdog_seconds, self.log = (
+      target,
+      retries,
+      watchdog_seconds,
+      log,
+    )
     self.pool = None
     self.pool_processes = []
     self.stopping = False
     import tempfile
+
     self.track_dir = tempfile.mkdtemp(prefix="ea_jax_study_workers_")
     if workers == 0:
       _init_worker_in_process(cache_dir)
@@ -186,11 +225,14 @@ class Executor:
   def _new_pool(self):
     env = worker_environment(self.workers)
     saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)   # inherited by the workers, which start with the pool
+    os.environ.update(env)  # inherited by the workers, which start with the pool
     try:
       pool = concurrent.futures.ProcessPoolExecutor(
-          self.workers, mp_context=multiprocessing.get_context("spawn"),
-          initializer=_init_worker, initargs=(self.cache_dir, os.getpid()))
+        self.workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_init_worker,
+        initargs=(self.cache_dir, os.getpid()),
+      )
       for f in [pool.submit(os.getpid) for _ in range(self.workers)]:
         f.result()
       self.pool_processes = list(pool._processes.values())  # pylint: disable=protected-access
@@ -229,9 +271,9 @@ class Executor:
           continue
         yield self.target(j)
       return
-    queue = [(j, 0) for j in jobs]           # (job, losses so far)
+    queue = [(j, 0) for j in jobs]  # (job, losses so far)
     while queue:
-      batch, queue = queue[:self.tasks_per_pool], queue[self.tasks_per_pool:]
+      batch, queue = queue[: self.tasks_per_pool], queue[self.tasks_per_pool :]
       if self.stopping:
         for j, _ in batch:
           yield _failure(j, "not started: the study was stopped", stopped=True)
@@ -243,13 +285,15 @@ class Executor:
 
   def _run_batch(self, batch, retry: list) -> Iterable[dict]:
     import functools
+
     self.pool = self._new_pool()
     task = functools.partial(_run_tracked, self.target, self.track_dir)
     futures = {self.pool.submit(task, j): (j, losses) for j, losses in batch}
     pending = set(futures)
     while pending:
-      done, pending = concurrent.futures.wait(pending, timeout=self.watchdog_seconds,
-                                              return_when=concurrent.futures.FIRST_COMPLETED)
+      done, pending = concurrent.futures.wait(
+        pending, timeout=self.watchdog_seconds, return_when=concurrent.futures.FIRST_COMPLETED
+      )
       lost = []
       for f in done:
         job, losses = futures[f]
@@ -266,27 +310,32 @@ class Executor:
         # would ever finish. Tear the pool down and hand its unfinished runs back.
         lost += [futures[f] for f in pending]
         pending = set()
-      if lost and pending:   # the pool is broken: everything it still holds is lost too
+      if lost and pending:  # the pool is broken: everything it still holds is lost too
         lost += [futures[f] for f in pending]
         pending = set()
       culprits = self._culprits() if lost else set()
       if lost:
         self._kill_pool()
       if lost and not self.stopping:
-        self.log(f"a worker process died (exit codes "
-                 f"{[p.exitcode for p in self.pool_processes]}) while running "
-                 f"{sorted(culprits) or 'an unknown run'}; a fresh pool takes over its "
-                 f"{len(lost)} unfinished run(s)")
+        self.log(
+          f"a worker process died (exit codes "
+          f"{[p.exitcode for p in self.pool_processes]}) while running "
+          f"{sorted(culprits) or 'an unknown run'}; a fresh pool takes over its "
+          f"{len(lost)} unfinished run(s)"
+        )
       for job, losses in lost:
         if self.stopping:
           yield _failure(job, "stopped before it finished", stopped=True)
         elif culprits and job[2]["run_id"] not in culprits:
-          retry.append((job, losses))   # a bystander of another run's worker death: no charge
+          retry.append((job, losses))  # a bystander of another run's worker death: no charge
         elif losses < self.retries:
           retry.append((job, losses + 1))
         else:
-          yield _failure(job, f"its worker process died {losses + 1} time(s) (killed or out of "
-                              "memory?); a rerun resumes it from its last checkpoint")
+          yield _failure(
+            job,
+            f"its worker process died {losses + 1} time(s) (killed or out of "
+            "memory?); a rerun resumes it from its last checkpoint",
+          )
 
   def _culprits(self) -> set[str]:
     """Run ids held by workers that died by themselves (not by the pool's own SIGTERM)."""
@@ -309,12 +358,14 @@ class Executor:
 
   def close(self):
     import shutil
+
     self._kill_pool()
     shutil.rmtree(self.track_dir, ignore_errors=True)
 
 
 def _init_worker_in_process(cache_dir: str | None) -> None:
   import jax
+
   if cache_dir:
     jax.config.update("jax_compilation_cache_dir", cache_dir)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
@@ -351,8 +402,9 @@ def run_dir(workdir: str, run: plan_lib.Run) -> str:
   return os.path.join(workdir, RUNS_DIR, run.key)
 
 
-def execute_runs(config, workdir: str, runs: Sequence[plan_lib.Run], executor: Executor,
-                 log=print, on_result=None) -> tuple[dict, list[dict]]:
+def execute_runs(
+  config, workdir: str, runs: Sequence[plan_lib.Run], executor: Executor, log=print, on_result=None
+) -> tuple[dict, list[dict]]:
   """Runs those of `runs` that have no result yet; returns ({run id: result}, errors)."""
   results, todo = {}, []
   for run in runs:
@@ -385,14 +437,20 @@ def execute_runs(config, workdir: str, runs: Sequence[plan_lib.Run], executor: E
     if result["status"] == "diverged":
       acc = "diverged"
     else:
-      acc = (f"val seq {s.get('validation_sequence_accuracy', float('nan')):.3f} test seq "
-             f"{s.get('test_sequence_accuracy', float('nan')):.3f} {s.get('ended_by', '?')} at "
-             f"step {s.get('step')}")
-    log(f"[{i}/{len(todo)}] {name}: {acc} ({result['wall_seconds']:.0f}s, "
-        f"{time.time() - t0:.0f}s elapsed)")
+      acc = (
+        f"val seq {s.get('validation_sequence_accuracy', float('nan')):.3f} test seq "
+        f"{s.get('test_sequence_accuracy', float('nan')):.3f} {s.get('ended_by', '?')} at "
+        f"step {s.get('step')}"
+      )
+    log(
+      f"[{i}/{len(todo)}] {name}: {acc} ({result['wall_seconds']:.0f}s, "
+      f"{time.time() - t0:.0f}s elapsed)"
+    )
   if stopped:
-    log(f"stopped with {stopped} run(s) unfinished (each resumes from its checkpoint, if any, "
-        "on a rerun)")
+    log(
+      f"stopped with {stopped} run(s) unfinished (each resumes from its checkpoint, if any, "
+      "on a rerun)"
+    )
   return results, errors
 
 
@@ -407,8 +465,13 @@ class InvocationLog:
     self.path = os.path.join(workdir, TIMING_FILE)
     self.invocations = read_invocations(workdir)
     self.start = time.time()
-    self.entry = {"started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "seconds": 0.0,
-                  "runs_executed": 0, "workers": workers, "finished": False}
+    self.entry = {
+      "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+      "seconds": 0.0,
+      "runs_executed": 0,
+      "workers": workers,
+      "finished": False,
+    }
     self.invocations.append(self.entry)
     self._write()
 
@@ -438,6 +501,7 @@ def cache_dir(config, workdir: str) -> str | None:
 def _check_workdir_config(config, workdir: str) -> None:
   """A study directory belongs to one study config: refuse another (naming the fields)."""
   import json
+
   path = os.path.join(workdir, CONFIG_FILE)
   current = json.loads(config.to_json())
   stored = files.read_json(path)
@@ -445,14 +509,16 @@ def _check_workdir_config(config, workdir: str) -> None:
     files.write_json(path, current, only_process_0=False)
     return
   import flax
+
   a = flax.traverse_util.flatten_dict(stored, sep=".")
   b = flax.traverse_util.flatten_dict(current, sep=".")
-  differ = sorted(k for k in set(a) | set(b)
-                  if k != "compilation_cache" and a.get(k) != b.get(k))
+  differ = sorted(k for k in set(a) | set(b) if k != "compilation_cache" and a.get(k) != b.get(k))
   if differ:
-    raise ValueError(f"{workdir} holds a study with another config (fields differing: "
-                     f"{', '.join(differ[:8])}{' ...' if len(differ) > 8 else ''}); use a new "
-                     "--workdir, or rerun with the config it was started with")
+    raise ValueError(
+      f"{workdir} holds a study with another config (fields differing: "
+      f"{', '.join(differ[:8])}{' ...' if len(differ) > 8 else ''}); use a new "
+      "--workdir, or rerun with the config it was started with"
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -468,13 +534,27 @@ def _tuning_done(workdir: str, config) -> dict[tuple, dict]:
     if result["variant"] not in config.variants:
       continue
     row = results_lib.tuning_row(result)
-    out[(row["variant"], int(row["width"]), results_lib.lr_key(float(row["learning_rate"])),
-         row["pos_encoding"])] = row
+    out[
+      (
+        row["variant"],
+        int(row["width"]),
+        results_lib.lr_key(float(row["learning_rate"])),
+        row["pos_encoding"],
+      )
+    ] = row
   return out
 
 
-def tune(config, workdir: str, executor: Executor, *, shard_index=0, num_shards=1, log=print,
-         on_result=None) -> tuple[dict, list[dict], list[dict]]:
+def tune(
+  config,
+  workdir: str,
+  executor: Executor,
+  *,
+  shard_index=0,
+  num_shards=1,
+  log=print,
+  on_result=None,
+) -> tuple[dict, list[dict], list[dict]]:
   """Runs the tuning procedure to its end (rounds until `tuning_plan` needs nothing).
 
   Returns (choices, tuning rows with the choices marked, errors). Sharded, each shard runs its
@@ -492,10 +572,19 @@ def tune(config, workdir: str, executor: Executor, *, shard_index=0, num_shards=
     _, errs = execute_runs(config, workdir, mine, executor, log, on_result)
     errors += errs
     if errs or num_shards > 1:
-      break   # errors: a rerun retries them; sharded: the other shards' runs are needed next
-  rows = results_lib.mark_choices(sorted(done.values(), key=lambda r: (
-      list(config.variants).index(r["variant"]), int(r["width"]), r["pos_encoding"],
-      float(r["learning_rate"]))), choices)
+      break  # errors: a rerun retries them; sharded: the other shards' runs are needed next
+  rows = results_lib.mark_choices(
+    sorted(
+      done.values(),
+      key=lambda r: (
+        list(config.variants).index(r["variant"]),
+        int(r["width"]),
+        r["pos_encoding"],
+        float(r["learning_rate"]),
+      ),
+    ),
+    choices,
+  )
   return choices, rows, errors
 
 
@@ -505,15 +594,30 @@ def study_runs_with_settings(config, choices: dict) -> list[plan_lib.Run]:
     return runs
   missing = sorted({(r.variant, r.width) for r in runs} - set(choices))
   if missing:
-    raise RuntimeError(f"the main stage needs the tuned settings of every (variant, width); "
-                       f"missing {missing[:4]}: run --stage=tune (on every shard) first")
-  return [r.with_settings(choices[(r.variant, r.width)]["learning_rate"],
-                          choices[(r.variant, r.width)]["pos_encoding"]) for r in runs]
+    raise RuntimeError(
+      f"the main stage needs the tuned settings of every (variant, width); "
+      f"missing {missing[:4]}: run --stage=tune (on every shard) first"
+    )
+  return [
+    r.with_settings(
+      choices[(r.variant, r.width)]["learning_rate"], choices[(r.variant, r.width)]["pos_encoding"]
+    )
+    for r in runs
+  ]
 
 
-def run_study(config, workdir: str, *, workers: int = 2, stage: str = "all", shard_index: int = 0,
-              num_shards: int = 1, log=print, target: Callable = execute,
-              tasks_per_pool: int = 40) -> dict:
+def run_study(
+  config,
+  workdir: str,
+  *,
+  workers: int = 2,
+  stage: str = "all",
+  shard_index: int = 0,
+  num_shards: int = 1,
+  log=print,
+  target: Callable = execute,
+  tasks_per_pool: int = 40,
+) -> dict:
   """Runs this shard's share of `stage`; unsharded, also writes the CSVs and the report.
 
   Returns {"tuning": rows, "results": rows, "errors": [...], "choices": {...}}.
@@ -524,34 +628,53 @@ def run_study(config, workdir: str, *, workers: int = 2, stage: str = "all", sha
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   _check_workdir_config(config, workdir)
-  log = _tee(log, os.path.join(workdir, LOG_FILE if num_shards == 1 else
-                               f"study_log-{shard_index:05d}-of-{num_shards:05d}.txt"))
+  log = _tee(
+    log,
+    os.path.join(
+      workdir,
+      LOG_FILE if num_shards == 1 else f"study_log-{shard_index:05d}-of-{num_shards:05d}.txt",
+    ),
+  )
   sharded = num_shards > 1
   if sharded and stage == "all" and plan_lib.needs_tuning(config):
-    raise ValueError("a sharded study with tuning runs in steps: --stage=tune on every shard "
-                     "until it reports no runs needed, then --stage=main on every shard, then "
-                     "--collect")
+    raise ValueError(
+      "a sharded study with tuning runs in steps: --stage=tune on every shard "
+      "until it reports no runs needed, then --stage=main on every shard, then "
+      "--collect"
+    )
   timing = InvocationLog(workdir, workers) if not sharded else None
   on_result = timing.run_done if timing else None
-  executor = Executor(workers, cache_dir(config, workdir), target=target,
-                      tasks_per_pool=tasks_per_pool, log=log)
+  executor = Executor(
+    workers, cache_dir(config, workdir), target=target, tasks_per_pool=tasks_per_pool, log=log
+  )
   errors, tuning_rows, rows, choices = [], [], [], {}
   try:
     with _StopOnSigterm(executor, log):
       if plan_lib.needs_tuning(config):
         if stage in ("all", "tune"):
-          choices, tuning_rows, errs = tune(config, workdir, executor, shard_index=shard_index,
-                                            num_shards=num_shards, log=log, on_result=on_result)
+          choices, tuning_rows, errs = tune(
+            config,
+            workdir,
+            executor,
+            shard_index=shard_index,
+            num_shards=num_shards,
+            log=log,
+            on_result=on_result,
+          )
           errors += errs
         else:
           choices, tuning_rows, _ = tune(config, workdir, _NoRuns(), log=lambda *_: None)
         if choices:
-          log("tuned settings: " + ", ".join(
+          log(
+            "tuned settings: "
+            + ", ".join(
               f"{v} w{w}: lr {c['learning_rate']:g} {c['pos_encoding']}"
-              f"{'' if c['interior'] else ' (edge)'}" for (v, w), c in sorted(choices.items())))
+              f"{'' if c['interior'] else ' (edge)'}"
+              for (v, w), c in sorted(choices.items())
+            )
+          )
       if stage in ("all", "main") and not errors and not executor.stopping:
-        runs = plan_lib.shard(study_runs_with_settings(config, choices), shard_index,
-                              num_shards)
+        runs = plan_lib.shard(study_runs_with_settings(config, choices), shard_index, num_shards)
         log(f"main stage: {len(runs)} runs")
         done, errs = execute_runs(config, workdir, runs, executor, log, on_result)
         errors += errs
@@ -574,25 +697,32 @@ def run_study(config, workdir: str, *, workers: int = 2, stage: str = "all", sha
       timing.finish()
       _report(config, workdir, log)
   for e in errors:
-    log(f"ERROR in {e['run_id']}: {e['error']}" + (f"\n{e['traceback']}" if e["traceback"]
-                                                   else ""))
+    log(f"ERROR in {e['run_id']}: {e['error']}" + (f"\n{e['traceback']}" if e["traceback"] else ""))
   if executor.stopping:
     log("stopped; rerun the same command to resume")
-  return {"tuning": tuning_rows, "results": rows, "errors": errors, "choices": choices,
-          "stopped": executor.stopping}
+  return {
+    "tuning": tuning_rows,
+    "results": rows,
+    "errors": errors,
+    "choices": choices,
+    "stopped": executor.stopping,
+  }
 
 
 def _tee(log, path: str):
   """`log`, also appending each line (time-stamped) to `path`."""
+
   def both(line: str) -> None:
     log(line)
     with open(path, "a") as f:
       f.write(f"{time.strftime('%H:%M:%S')} {line}\n")
+
   return both
 
 
 class _NoRuns:
   """An executor stand-in for reading the tuning state without running anything."""
+
   stopping = True
 
 
@@ -603,8 +733,10 @@ def collect(config, workdir: str, log=print) -> dict:
   results_lib.write_tuning(os.path.join(workdir, results_lib.TUNING_CSV), tuning_rows)
   paths = sorted(glob.glob(os.path.join(workdir, SHARD_DIR, "results-*.csv")))
   if not paths:
-    raise FileNotFoundError(f"no {SHARD_DIR}/results-*.csv under {workdir}: run the shards "
-                            "(--stage=main --shard_index=I --num_shards=N) first")
+    raise FileNotFoundError(
+      f"no {SHARD_DIR}/results-*.csv under {workdir}: run the shards "
+      "(--stage=main --shard_index=I --num_shards=N) first"
+    )
   merged = {}
   for p in paths:
     for row in results_lib.read_results(p):
@@ -614,14 +746,17 @@ def collect(config, workdir: str, log=print) -> dict:
   log(f"collected {len(rows)} result rows from {len(paths)} shard files")
   expected = sum(len(r.levels) for r in plan_lib.study_runs(config))
   if len(rows) != expected:
-    log(f"WARNING: {len(rows)} result rows, the plan has {expected}: some shards are missing "
-        "or unfinished")
+    log(
+      f"WARNING: {len(rows)} result rows, the plan has {expected}: some shards are missing "
+      "or unfinished"
+    )
   _report(config, workdir, log)
   return {"tuning": tuning_rows, "results": rows, "choices": choices}
 
 
 def _report(config, workdir: str, log) -> None:
   from ea_jax.study import report
+
   paths = report.write_report(config, workdir)
   log("wrote " + ", ".join(os.path.relpath(p, workdir) for p in paths))
 

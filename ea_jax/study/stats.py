@@ -9,6 +9,7 @@ each with multinomial probability n! / (prod c_i!) / n^n, so the percentile inte
 from the whole bootstrap distribution instead of random draws (n <= 12 here; seeds are few).
 scipy.stats.bootstrap samples randomly and is not a dependency of the project, hence our own.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -67,8 +68,14 @@ def summarize(values: Sequence[float], level: float = 0.95) -> dict:
   """mean, min, max and the bootstrap interval of the mean over seeds."""
   x = np.asarray(values, np.float64)
   lo, hi = bootstrap_interval(x, level)
-  return {"n": int(x.size), "mean": float(x.mean()), "min": float(x.min()),
-          "max": float(x.max()), "lo": lo, "hi": hi}
+  return {
+    "n": int(x.size),
+    "mean": float(x.mean()),
+    "min": float(x.min()),
+    "max": float(x.max()),
+    "lo": lo,
+    "hi": hi,
+  }
 
 
 def paired_difference(a_by_seed: dict, b_by_seed: dict, level: float = 0.95) -> dict | None:
@@ -81,7 +88,7 @@ def paired_difference(a_by_seed: dict, b_by_seed: dict, level: float = 0.95) -> 
 
 
 def verdict(diff: dict | None, margin: float = 0.0) -> str:
-  """"EA ahead" when the interval of EA - DPA lies above `margin`, "DPA ahead" when below
+  """ "EA ahead" when the interval of EA - DPA lies above `margin`, "DPA ahead" when below
   -margin, else "tie" (also when there is no paired difference)."""
   if diff is None:
     return "tie"

@@ -9,10 +9,19 @@ determined by the inputs so far. The three splits (`SPLITS`) never share a seque
 construction (`ea_jax.tasks.splits`); `task.num_sequences(split)` counts a split. The TFDS
 builder lives in `ea_jax.tasks.tfds_builder` (imported on demand: it needs tensorflow_datasets).
 """
+
 from ea_jax.tasks.base import Batch
 from ea_jax.tasks.ladders import default_task, ladder, ladder_names
 from ea_jax.tasks.registry import family_names, make_task
 from ea_jax.tasks.splits import DEFAULT_SPLIT_FRACTIONS, SPLITS
 
-__all__ = ["Batch", "DEFAULT_SPLIT_FRACTIONS", "SPLITS", "default_task", "family_names", "ladder",
-           "ladder_names", "make_task"]
+__all__ = [
+  "Batch",
+  "DEFAULT_SPLIT_FRACTIONS",
+  "SPLITS",
+  "default_task",
+  "family_names",
+  "ladder",
+  "ladder_names",
+  "make_task",
+]

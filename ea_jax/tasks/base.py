@@ -18,6 +18,7 @@ construction (`ea_jax.tasks.splits`): each family implements, for one sequence,
 
 Letters: B batch, L sequence length (= task.seq_len), T = L + 1 drawn tokens.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,7 +33,7 @@ from ea_jax.tasks import splits as splits_lib
 
 
 class Batch(NamedTuple):
-  inputs: jax.Array   # int32 [B, L]
+  inputs: jax.Array  # int32 [B, L]
   targets: jax.Array  # int32 [B, L]
   weights: jax.Array  # float32 [B, L], 1.0 where the target is determined by the inputs so far
 
@@ -73,8 +74,9 @@ class TaskBase:
   def split_space(self) -> splits_lib.SplitSpace:
     """The split keys of this task (built once per task object)."""
     base, count = self._free_digits()
-    return splits_lib.make_space(self.family, base, count, self.split_fractions,
-                                 splits_lib.family_seed(self.family))
+    return splits_lib.make_space(
+      self.family, base, count, self.split_fractions, splits_lib.family_seed(self.family)
+    )
 
   def num_split_keys(self, split: str) -> int:
     """Distinct split keys of `split`: the most sequences `sample_distinct` can draw from it."""
@@ -131,8 +133,9 @@ class TaskBase:
     k_order, k_rows = jax.random.split(rng)
     order_keys = tuple(jax.random.bits(k_order, (splits_lib.ROUNDS,), jnp.uint32))
     u_B = lo + splits_lib.permute(index_B, hi - lo, order_keys, max_size=space.size)
-    bits_BW = jax.vmap(lambda i: jax.random.bits(jax.random.fold_in(k_rows, i),
-                                                 (self._num_bits(),), jnp.uint32))(index_B)
+    bits_BW = jax.vmap(
+      lambda i: jax.random.bits(jax.random.fold_in(k_rows, i), (self._num_bits(),), jnp.uint32)
+    )(index_B)
     return self._build(bits_BW, space.key_of_rank(u_B))
 
   # Family hooks.
@@ -160,9 +163,10 @@ def finish(task, family: str, values: Mapping[str, Any]) -> None:
   its split space (so that a split left empty is refused at construction)."""
   for name, value in values.items():
     object.__setattr__(task, name, value)
-  object.__setattr__(task, "split_fractions",
-                     splits_lib.check_split_fractions(family, task.split_fractions))
-  task.split_space  # pylint: disable=pointless-statement
+  object.__setattr__(
+    task, "split_fractions", splits_lib.check_split_fractions(family, task.split_fractions)
+  )
+  _ = task.split_space  # built now, so that a split left empty is refused here
 
 
 # ------------------------------------------------------------------------------------------------
@@ -192,8 +196,10 @@ def build(cls, family: str, fields: Mapping[str, Any]):
   known = [f.name for f in dataclasses.fields(cls) if f.init]
   unknown = sorted(set(fields) - set(known))
   if unknown:
-    raise ValueError(f"unknown field(s) {unknown} for task family {family!r}; allowed fields: "
-                     f"{known} (plus 'name', 'complexity', 'label')")
+    raise ValueError(
+      f"unknown field(s) {unknown} for task family {family!r}; allowed fields: "
+      f"{known} (plus 'name', 'complexity', 'label')"
+    )
   return cls(**fields)
 
 

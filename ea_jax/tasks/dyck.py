@@ -23,6 +23,7 @@ Complexity (ladders): max_depth * log2(k), the bits of the deepest stack the mod
 
 Letters: B batch, T = L + 1 brackets, D max_depth.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,8 +31,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from ea_jax.tasks import base
-from ea_jax.tasks import splits
+from ea_jax.tasks import base, splits
 
 FAMILY = "dyck"
 
@@ -54,8 +54,10 @@ class DyckTask(base.TaskBase):
     depth = base.check_int(f, "max_depth", self.max_depth, 1)
     seq_len = base.check_int(f, "seq_len", self.seq_len, 1)
     if seq_len < 2 * depth - 1:  # reaching max_depth and closing again takes 2 * max_depth
-      raise ValueError(f"{f}.seq_len={seq_len} is too short for max_depth={depth}; allowed: an "
-                       f"integer >= {2 * depth - 1} (or max_depth in [1, {(seq_len + 1) // 2}])")
+      raise ValueError(
+        f"{f}.seq_len={seq_len} is too short for max_depth={depth}; allowed: an "
+        f"integer >= {2 * depth - 1} (or max_depth in [1, {(seq_len + 1) // 2}])"
+      )
     base.finish(self, f, dict(num_types=k, max_depth=depth, seq_len=seq_len))
 
   @property
@@ -129,5 +131,8 @@ class DyckTask(base.TaskBase):
   def num_sequences(self, split):
     """Exact: patterns x types of the openings, a split holding its share of the key digits."""
     space = self.split_space
-    return self.num_patterns() * self.num_types ** (self.num_openings - space.digits) * \
-        space.num_keys(split)
+    return (
+      self.num_patterns()
+      * self.num_types ** (self.num_openings - space.digits)
+      * space.num_keys(split)
+    )

@@ -25,6 +25,7 @@ Complexity (ladders): log2(n - m + 1), the bits needed to locate the copied segm
 
 Letters: B batch, n context length, m copy length, K = n - m + 1 candidate starts.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,8 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ea_jax.tasks import base
-from ea_jax.tasks import splits
+from ea_jax.tasks import base, splits
 
 FAMILY = "induction"
 
@@ -83,7 +83,7 @@ class InductionTask(base.TaskBase):
     return space.key(space.from_digits(c_N[:j]), splits.hash_values(c_N[j:]))
 
   def _split_key(self, x_T):
-    return self._context_key(x_T[:self.context_len])
+    return self._context_key(x_T[: self.context_len])
 
   def _num_bits(self):
     return self.context_len + 1
@@ -100,7 +100,7 @@ class InductionTask(base.TaskBase):
 
   def num_sequences_is_exact(self, split):
     del split
-    return self.num_symbols ** self.context_len <= EXACT_COUNT_LIMIT
+    return self.num_symbols**self.context_len <= EXACT_COUNT_LIMIT
 
   def num_sequences(self, split):
     """Distinct sequences of `split`: exact (by enumerating every context) when V**n <=
@@ -118,13 +118,18 @@ EXACT_COUNT_LIMIT = 1 << 20
 @functools.lru_cache(maxsize=64)
 def _count_by_enumeration(task) -> tuple[int, int, int]:
   v, n, m = task.num_symbols, task.context_len, task.copy_len
-  idx_C = np.arange(v ** n, dtype=np.int64)
+  idx_C = np.arange(v**n, dtype=np.int64)
   c_CN = (idx_C[:, None] // (v ** np.arange(n, dtype=np.int64))[None, :]) % v
   key_of = jax.jit(jax.vmap(task._context_key))  # pylint: disable=protected-access
   split_C = np.asarray(task.split_space.split_index_of_key(key_of(c_CN.astype(np.int32))))
   # Window k of context c as a base-v number; distinct windows per context.
-  win_CK = np.stack([np.sum(c_CN[:, k:k + m] * (v ** np.arange(m, dtype=np.int64)), axis=1)
-                     for k in range(n - m + 1)], axis=1)
+  win_CK = np.stack(
+    [
+      np.sum(c_CN[:, k : k + m] * (v ** np.arange(m, dtype=np.int64)), axis=1)
+      for k in range(n - m + 1)
+    ],
+    axis=1,
+  )
   win_CK.sort(axis=1)
   distinct_C = 1 + np.sum(win_CK[:, 1:] != win_CK[:, :-1], axis=1)
   return tuple(int(c) for c in np.bincount(split_C, weights=distinct_C, minlength=3))

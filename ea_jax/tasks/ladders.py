@@ -24,6 +24,7 @@ Ladders:
                     complexity = (k + 1) * log2(N).
   dyck              k bracket types and max depth D raised; complexity = D * log2(k).
 """
+
 from __future__ import annotations
 
 import math
@@ -39,22 +40,36 @@ RECURRENCE_NUM_DELAYS = 2
 
 
 def _level(name: str, complexity: float, label: str, **dials) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(name=name, **dials,
-                                        split_fractions=splits.DEFAULT_SPLIT_FRACTIONS,
-                                        complexity=float(complexity), label=label))
+  return ml_collections.ConfigDict(
+    dict(
+      name=name,
+      **dials,
+      split_fractions=splits.DEFAULT_SPLIT_FRACTIONS,
+      complexity=float(complexity),
+      label=label,
+    )
+  )
 
 
 def _recurrence_level(num_symbols: int, num_rules: int) -> ml_collections.ConfigDict:
-  return _level("recurrence", math.log2(num_symbols * num_rules),
-                f"N={num_symbols} R={num_rules}",
-                num_symbols=num_symbols, num_rules=num_rules,
-                max_delay=RECURRENCE_MAX_DELAY, num_delays=RECURRENCE_NUM_DELAYS,
-                seq_len=RECURRENCE_SEQ_LEN, rule_seed=0)
+  return _level(
+    "recurrence",
+    math.log2(num_symbols * num_rules),
+    f"N={num_symbols} R={num_rules}",
+    num_symbols=num_symbols,
+    num_rules=num_rules,
+    max_delay=RECURRENCE_MAX_DELAY,
+    num_delays=RECURRENCE_NUM_DELAYS,
+    seq_len=RECURRENCE_SEQ_LEN,
+    rule_seed=0,
+  )
 
 
 def recurrence_ladder():
-  return [_recurrence_level(n, r) for n, r in
-          ((4, 1), (5, 1), (5, 2), (6, 2), (6, 3), (8, 3), (8, 4), (10, 6), (12, 8), (16, 12))]
+  return [
+    _recurrence_level(n, r)
+    for n, r in ((4, 1), (5, 1), (5, 2), (6, 2), (6, 3), (8, 3), (8, 4), (10, 6), (12, 8), (16, 12))
+  ]
 
 
 def recurrence_rules_ladder():
@@ -62,50 +77,93 @@ def recurrence_rules_ladder():
 
 
 def recall_ladder():
-  return [_level("recall", math.log2(p * 32), f"P={p} Q={q}", num_keys=32, num_values=32,
-                 num_pairs=p, num_queries=q, conjunctive=False)
-          for p, q in ((4, 8), (6, 8), (8, 10), (12, 12), (16, 12), (20, 12))]
+  return [
+    _level(
+      "recall",
+      math.log2(p * 32),
+      f"P={p} Q={q}",
+      num_keys=32,
+      num_values=32,
+      num_pairs=p,
+      num_queries=q,
+      conjunctive=False,
+    )
+    for p, q in ((4, 8), (6, 8), (8, 10), (12, 12), (16, 12), (20, 12))
+  ]
 
 
 def recall_conjunctive_ladder():
-  return [_level("recall", math.log2(p * 32) + 1, f"P={p} pair keys", num_keys=16,
-                 num_values=32, num_pairs=p, num_queries=6, conjunctive=True)
-          for p in (4, 6, 8, 10, 12, 14)]
+  return [
+    _level(
+      "recall",
+      math.log2(p * 32) + 1,
+      f"P={p} pair keys",
+      num_keys=16,
+      num_values=32,
+      num_pairs=p,
+      num_queries=6,
+      conjunctive=True,
+    )
+    for p in (4, 6, 8, 10, 12, 14)
+  ]
 
 
 def induction_ladder():
-  return [_level("induction", math.log2(n - 10 + 1), f"n={n} m=10", num_symbols=6,
-                 context_len=n, copy_len=10)
-          for n in (12, 16, 24, 32, 40, 48, 54)]
+  return [
+    _level(
+      "induction", math.log2(n - 10 + 1), f"n={n} m=10", num_symbols=6, context_len=n, copy_len=10
+    )
+    for n in (12, 16, 24, 32, 40, 48, 54)
+  ]
 
 
 def selective_copy_ladder():
-  return [_level("selective_copy", math.log2(math.comb(n, m)), f"n={n} M={m}", num_symbols=8,
-                 region_len=n, num_data=m)
-          for n, m in ((16, 4), (24, 6), (32, 8), (36, 12), (44, 14), (48, 16))]
+  return [
+    _level(
+      "selective_copy",
+      math.log2(math.comb(n, m)),
+      f"n={n} M={m}",
+      num_symbols=8,
+      region_len=n,
+      num_data=m,
+    )
+    for n, m in ((16, 4), (24, 6), (32, 8), (36, 12), (44, 14), (48, 16))
+  ]
 
 
 def modular_ladder():
-  return [_level("modular", (k + 1) * math.log2(n), f"N={n} k={k}", num_symbols=n, block_len=k,
-                 num_blocks=j)
-          for n, k, j in ((3, 1, 16), (3, 2, 12), (5, 2, 12), (5, 3, 10), (7, 3, 10), (7, 4, 8),
-                          (10, 5, 8))]
+  return [
+    _level(
+      "modular", (k + 1) * math.log2(n), f"N={n} k={k}", num_symbols=n, block_len=k, num_blocks=j
+    )
+    for n, k, j in (
+      (3, 1, 16),
+      (3, 2, 12),
+      (5, 2, 12),
+      (5, 3, 10),
+      (7, 3, 10),
+      (7, 4, 8),
+      (10, 5, 8),
+    )
+  ]
 
 
 def dyck_ladder():
-  return [_level("dyck", d * math.log2(k), f"k={k} D={d}", num_types=k, max_depth=d, seq_len=63)
-          for k, d in ((2, 2), (2, 3), (3, 4), (4, 6), (6, 8), (8, 12))]
+  return [
+    _level("dyck", d * math.log2(k), f"k={k} D={d}", num_types=k, max_depth=d, seq_len=63)
+    for k, d in ((2, 2), (2, 3), (3, 4), (4, 6), (6, 8), (8, 12))
+  ]
 
 
 LADDERS = {
-    "recurrence": recurrence_ladder,
-    "recurrence_rules": recurrence_rules_ladder,
-    "recall": recall_ladder,
-    "recall_conjunctive": recall_conjunctive_ladder,
-    "induction": induction_ladder,
-    "selective_copy": selective_copy_ladder,
-    "modular": modular_ladder,
-    "dyck": dyck_ladder,
+  "recurrence": recurrence_ladder,
+  "recurrence_rules": recurrence_rules_ladder,
+  "recall": recall_ladder,
+  "recall_conjunctive": recall_conjunctive_ladder,
+  "induction": induction_ladder,
+  "selective_copy": selective_copy_ladder,
+  "modular": modular_ladder,
+  "dyck": dyck_ladder,
 }
 
 

@@ -20,15 +20,14 @@ Complexity (ladders): (k + 1) * log2(N), the bits of context each sum depends on
 
 Letters: B batch, J blocks, k block length, T = J (k + 2) tokens.
 """
+
 from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 
-from ea_jax.tasks import base
-from ea_jax.tasks import splits
+from ea_jax.tasks import base, splits
 
 FAMILY = "modular"
 
@@ -97,4 +96,4 @@ class ModularTask(base.TaskBase):
     """Exact: every arrangement of the J * k symbols is a distinct sequence."""
     space = self.split_space
     free = self.num_blocks * self.block_len - space.digits
-    return self.num_symbols ** free * space.num_keys(split)
+    return self.num_symbols**free * space.num_keys(split)

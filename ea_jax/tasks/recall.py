@@ -24,16 +24,15 @@ variant adds 1 (a key is two tokens).
 
 Letters: B batch, P pairs, Q queries, W key width (1 or 2), T = L + 1 tokens.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
 
-import jax
 import jax.numpy as jnp
 
-from ea_jax.tasks import base
-from ea_jax.tasks import splits
+from ea_jax.tasks import base, splits
 
 FAMILY = "recall"
 
@@ -57,16 +56,18 @@ class RecallTask(base.TaskBase):
     if conjunctive:
       pairs = base.check_int(f, "num_pairs", self.num_pairs, 4)
       if pairs % 2:
-        raise ValueError(f"{f}.num_pairs={pairs}; allowed: an even integer >= 4 when "
-                         "conjunctive=True")
+        raise ValueError(
+          f"{f}.num_pairs={pairs}; allowed: an even integer >= 4 when conjunctive=True"
+        )
       keys = base.check_int(f, "num_keys", self.num_keys, pairs // 2)
     else:
       pairs = base.check_int(f, "num_pairs", self.num_pairs, 2)
       keys = base.check_int(f, "num_keys", self.num_keys, pairs)
     values = base.check_int(f, "num_values", self.num_values, pairs)
     queries = base.check_int(f, "num_queries", self.num_queries, 1)
-    base.finish(self, f, dict(num_keys=keys, num_values=values, num_pairs=pairs,
-                              num_queries=queries))
+    base.finish(
+      self, f, dict(num_keys=keys, num_values=values, num_pairs=pairs, num_queries=queries)
+    )
 
   @property
   def key_width(self) -> int:
@@ -99,8 +100,8 @@ class RecallTask(base.TaskBase):
 
   def _split_key(self, x_T):
     p, q, w = self.num_pairs, self.num_queries, self.key_width
-    context_PI = x_T[:p * (w + 1)].reshape(p, w + 1)
-    queries_QI = x_T[p * (w + 1) + 1:].reshape(q, w + 1)
+    context_PI = x_T[: p * (w + 1)].reshape(p, w + 1)
+    queries_QI = x_T[p * (w + 1) + 1 :].reshape(q, w + 1)
     same_QP = jnp.all(queries_QI[:, None, :w] == context_PI[None, :, :w], axis=2)
     chosen_Q = jnp.argmax(same_QP, axis=1).astype(jnp.int32)
     space, j, h = self._key_from(context_PI, chosen_Q)
@@ -110,10 +111,15 @@ class RecallTask(base.TaskBase):
     return self.key_width * self.num_keys + self.num_values + self.num_pairs + self.num_queries
 
   def _sequence(self, bits_W, s):
-    p, q, w, nk, nv = self.num_pairs, self.num_queries, self.key_width, self.num_keys, \
-        self.num_values
-    bits_key, bits_val = bits_W[:w * nk], bits_W[w * nk:w * nk + nv]
-    bits_order, bits_query = bits_W[w * nk + nv:w * nk + nv + p], bits_W[w * nk + nv + p:]
+    p, q, w, nk, nv = (
+      self.num_pairs,
+      self.num_queries,
+      self.key_width,
+      self.num_keys,
+      self.num_values,
+    )
+    bits_key, bits_val = bits_W[: w * nk], bits_W[w * nk : w * nk + nv]
+    bits_order, bits_query = bits_W[w * nk + nv : w * nk + nv + p], bits_W[w * nk + nv + p :]
     if self.conjunctive:
       m = p // 2
       first_M = base.distinct_indices(bits_key[:nk], m)
@@ -153,5 +159,8 @@ class RecallTask(base.TaskBase):
   def num_sequences(self, split):
     """Exact: contexts x queries; a split holds its share of the first j queries' values."""
     space = self.split_space
-    return self.num_contexts() * self.num_pairs ** (self.num_queries - space.digits) * \
-        space.num_keys(split)
+    return (
+      self.num_contexts()
+      * self.num_pairs ** (self.num_queries - space.digits)
+      * space.num_keys(split)
+    )

@@ -24,6 +24,7 @@ Complexity (ladders): log2(N * R), the bits needed to name the hidden rule and t
 Letters: B batch, T = L + 1 drawn symbols, L seq_len, R rules, D max_delay, S = T - D
 rule-determined positions.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,8 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ea_jax.tasks import base
-from ea_jax.tasks import splits
+from ea_jax.tasks import base, splits
 
 FAMILY = "recurrence"
 # Below this many possible rules the rules are a prefix of a permutation of all of them.
@@ -62,8 +62,9 @@ def _unrank_combination(rank: int, n: int, k: int) -> tuple[int, ...]:
   return tuple(out)
 
 
-def draw_rules(num_rules: int, max_delay: int, num_delays: int, rule_seed: int
-               ) -> tuple[tuple[int, ...], ...]:
+def draw_rules(
+  num_rules: int, max_delay: int, num_delays: int, rule_seed: int
+) -> tuple[tuple[int, ...], ...]:
   """`num_rules` distinct rules, deterministic in `rule_seed`.
 
   For a fixed seed the rules of a smaller `num_rules` are a prefix of those of a larger one, so
@@ -105,15 +106,18 @@ class RecurrenceTask(base.TaskBase):
     max_delay = base.check_int(f, "max_delay", self.max_delay, 1)
     seq_len = base.check_int(f, "seq_len", self.seq_len, 1)
     if seq_len < max_delay + 1:  # x_{max_delay}, the first rule-determined symbol, is a target
-      raise ValueError(f"{f}.seq_len={seq_len} is too short for max_delay={max_delay} (nothing "
-                       f"left to predict); allowed: an integer >= {max_delay + 1}")
+      raise ValueError(
+        f"{f}.seq_len={seq_len} is too short for max_delay={max_delay} (nothing "
+        f"left to predict); allowed: an integer >= {max_delay + 1}"
+      )
     num_delays = base.check_int(f, "num_delays", self.num_delays, 1, max_delay)
     total = num_possible_rules(max_delay, num_delays)
     num_rules = base.check_int(f, "num_rules", self.num_rules, 1)
     if num_rules > total:
       raise ValueError(
-          f"{f}.num_rules={num_rules} exceeds the {total} distinct rules of num_delays="
-          f"{num_delays} delays from 1..max_delay={max_delay}; allowed: an integer in [1, {total}]")
+        f"{f}.num_rules={num_rules} exceeds the {total} distinct rules of num_delays="
+        f"{num_delays} delays from 1..max_delay={max_delay}; allowed: an integer in [1, {total}]"
+      )
     seed = base.check_int(f, "rule_seed", self.rule_seed, 0)
     if self.rules is None:
       rules = draw_rules(num_rules, max_delay, num_delays, seed)
@@ -121,8 +125,18 @@ class RecurrenceTask(base.TaskBase):
       rules = _check_rules(self.rules, num_rules, max_delay, num_delays)
       object.__setattr__(self, "rules", rules)
     object.__setattr__(self, "rule_delays", rules)
-    base.finish(self, f, dict(num_symbols=n, seq_len=seq_len, max_delay=max_delay,
-                              num_delays=num_delays, num_rules=num_rules, rule_seed=seed))
+    base.finish(
+      self,
+      f,
+      dict(
+        num_symbols=n,
+        seq_len=seq_len,
+        max_delay=max_delay,
+        num_delays=num_delays,
+        num_rules=num_rules,
+        rule_seed=seed,
+      ),
+    )
 
   @property
   def vocab_size(self) -> int:
@@ -163,13 +177,13 @@ class RecurrenceTask(base.TaskBase):
     return space.key(space.from_digits(prefix_D[:j]), splits.hash_values(prefix_D[j:]))
 
   def _split_key(self, x_T):
-    return self._prefix_key(x_T[:self.max_delay])
+    return self._prefix_key(x_T[: self.max_delay])
 
   def _num_bits(self):
     return 1 + self.max_delay
 
   def _sequence(self, bits_W, s):
-    n, big_d, space = self.num_symbols, self.max_delay, self.split_space
+    n, space = self.num_symbols, self.split_space
     rule = base.uniform_ints(bits_W[0], self.num_rules)
     prefix_D = base.uniform_ints(bits_W[1:], n)
     j = space.digits
@@ -202,7 +216,7 @@ _COUNT_CHUNK = 1 << 16
 
 
 def _enumeration_size(task) -> int:
-  return task.num_rules * task.num_symbols ** task.max_delay
+  return task.num_rules * task.num_symbols**task.max_delay
 
 
 @functools.lru_cache(maxsize=64)
@@ -214,7 +228,7 @@ def _count_by_enumeration(task) -> tuple[int, int, int]:
   key_of = jax.jit(jax.vmap(task._prefix_key))  # pylint: disable=protected-access
   counts = np.zeros(3, np.int64)
   powers_D = n ** np.arange(big_d, dtype=np.int64)
-  total = n ** big_d
+  total = n**big_d
   for start in range(0, total, _COUNT_CHUNK):
     idx_P = np.arange(start, min(start + _COUNT_CHUNK, total), dtype=np.int64)
     prefix_PD = (idx_P[:, None] // powers_D[None, :]) % n
@@ -241,7 +255,7 @@ def scored_targets(x_BT: jax.Array, coef_RD: jax.Array, num_symbols: int) -> jax
   big_t = x_BT.shape[1]
   big_d = coef_RD.shape[1]
   # lagged[b, d-1, s-D] = x_{s-d} for s in [D, T).
-  lagged_BDS = jnp.stack([x_BT[:, big_d - d: big_t - d] for d in range(1, big_d + 1)], axis=1)
+  lagged_BDS = jnp.stack([x_BT[:, big_d - d : big_t - d] for d in range(1, big_d + 1)], axis=1)
   pred_BRS = jnp.sum(coef_RD[None, :, :, None] * lagged_BDS[:, None, :, :], axis=2) % num_symbols
   match_BRS = pred_BRS == x_BT[:, None, big_d:]
   consistent_after_BRS = jnp.cumprod(match_BRS.astype(jnp.int32), axis=2).astype(bool)
@@ -257,16 +271,24 @@ def _check_rules(rules, num_rules, max_delay, num_delays):
   try:
     rules = tuple(tuple(int(d) for d in rule) for rule in rules)
   except (TypeError, ValueError):
-    raise ValueError(f"{f}.rules={rules!r}; allowed: a sequence of tuples of integer "
-                     "delays") from None
+    raise ValueError(
+      f"{f}.rules={rules!r}; allowed: a sequence of tuples of integer delays"
+    ) from None
   if len(rules) != num_rules:
-    raise ValueError(f"{f}.rules has {len(rules)} rules but num_rules={num_rules}; "
-                     "allowed: exactly num_rules rules")
+    raise ValueError(
+      f"{f}.rules has {len(rules)} rules but num_rules={num_rules}; "
+      "allowed: exactly num_rules rules"
+    )
   for rule in rules:
-    if len(rule) != num_delays or len(set(rule)) != num_delays or not all(
-        1 <= d <= max_delay for d in rule):
-      raise ValueError(f"{f}.rules contains {rule}; allowed: {num_delays} distinct delays in "
-                       f"[1, max_delay={max_delay}]")
+    if (
+      len(rule) != num_delays
+      or len(set(rule)) != num_delays
+      or not all(1 <= d <= max_delay for d in rule)
+    ):
+      raise ValueError(
+        f"{f}.rules contains {rule}; allowed: {num_delays} distinct delays in "
+        f"[1, max_delay={max_delay}]"
+      )
   canonical = [tuple(sorted(rule)) for rule in rules]
   dupes = sorted({r for r in canonical if canonical.count(r) > 1})
   if dupes:

@@ -1,26 +1,20 @@
 """`make_task(task_config)`: the task family named by `task_config.name`, built from its dials."""
+
 from __future__ import annotations
 
 from typing import Any, Mapping
 
-from ea_jax.tasks import base
-from ea_jax.tasks import dyck
-from ea_jax.tasks import induction
-from ea_jax.tasks import modular
-from ea_jax.tasks import recall
-from ea_jax.tasks import recurrence
-from ea_jax.tasks import selective_copy
-from ea_jax.tasks import text
+from ea_jax.tasks import base, dyck, induction, modular, recall, recurrence, selective_copy, text
 
 # Family name -> task dataclass. Each family module documents its layout and dials.
 FAMILIES = {
-    recurrence.FAMILY: recurrence.RecurrenceTask,
-    recall.FAMILY: recall.RecallTask,
-    induction.FAMILY: induction.InductionTask,
-    selective_copy.FAMILY: selective_copy.SelectiveCopyTask,
-    modular.FAMILY: modular.ModularTask,
-    dyck.FAMILY: dyck.DyckTask,
-    text.FAMILY: text.TextTask,
+  recurrence.FAMILY: recurrence.RecurrenceTask,
+  recall.FAMILY: recall.RecallTask,
+  induction.FAMILY: induction.InductionTask,
+  selective_copy.FAMILY: selective_copy.SelectiveCopyTask,
+  modular.FAMILY: modular.ModularTask,
+  dyck.FAMILY: dyck.DyckTask,
+  text.FAMILY: text.TextTask,
 }
 # Fields every task config may carry that describe the config rather than the task.
 DESCRIPTIVE_FIELDS = ("complexity", "label")
@@ -35,8 +29,10 @@ def _as_dict(task_config: Any) -> dict:
     return dict(task_config.to_dict())
   if isinstance(task_config, Mapping):
     return dict(task_config)
-  raise ValueError(f"task_config must be a ConfigDict or mapping with a 'name' field; got "
-                   f"{type(task_config).__name__}")
+  raise ValueError(
+    f"task_config must be a ConfigDict or mapping with a 'name' field; got "
+    f"{type(task_config).__name__}"
+  )
 
 
 def make_task(task_config: Any):

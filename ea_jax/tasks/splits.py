@@ -28,6 +28,7 @@ be evaluated (and inverted) pointwise, hence this one.
 
 Letters: B batch, K hashed values.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -62,8 +63,9 @@ def check_split_fractions(family: str, fractions: Any) -> tuple[float, float, fl
   if len(values) != 3 or not all(math.isfinite(f) and f > 0 for f in values):
     raise ValueError(f"{family}.split_fractions={fractions!r}; allowed: {allowed}")
   if abs(sum(values) - 1.0) > 1e-6:
-    raise ValueError(f"{family}.split_fractions={fractions!r} sums to {sum(values):.6g}; "
-                     f"allowed: {allowed}")
+    raise ValueError(
+      f"{family}.split_fractions={fractions!r} sums to {sum(values):.6g}; allowed: {allowed}"
+    )
   return values
 
 
@@ -122,8 +124,9 @@ def _feistel(x, half, keys, inverse=False):
   return (left << half) | right
 
 
-def permute(x: jax.Array, size: Any, keys: Sequence[Any], inverse: bool = False,
-            max_size: int | None = None) -> jax.Array:
+def permute(
+  x: jax.Array, size: Any, keys: Sequence[Any], inverse: bool = False, max_size: int | None = None
+) -> jax.Array:
   """A keyed bijection of `[0, size)` applied to `x` (or its inverse); int32 in, int32 out.
 
   `keys` are Python ints or traced uint32 scalars. `size` is a Python int, or a traced int when
@@ -135,6 +138,7 @@ def permute(x: jax.Array, size: Any, keys: Sequence[Any], inverse: bool = False,
 
   def walk(v):
     return jnp.where(v >= limit, _feistel(v, half, keys, inverse), v)
+
   y = jax.lax.while_loop(lambda v: jnp.any(v >= limit), walk, y)
   return y.astype(jnp.int32)
 
@@ -149,10 +153,10 @@ class SplitSpace:
   """The split keys `[0, size)` of one task and the ranges of `pi^-1(key)` per split."""
 
   family: str
-  base: int        # the free digits' base
-  digits: int      # how many free digits form `a`
-  bounds: tuple    # (0, b_1, b_2, size)
-  keys: tuple      # round keys of pi
+  base: int  # the free digits' base
+  digits: int  # how many free digits form `a`
+  bounds: tuple  # (0, b_1, b_2, size)
+  keys: tuple  # round keys of pi
 
   @property
   def size(self) -> int:
@@ -185,34 +189,36 @@ class SplitSpace:
   def key(self, a: jax.Array, h: jax.Array) -> jax.Array:
     """Split key `(a + h) mod size` of free-digit number `a` and rest hash `h`."""
     size = jnp.uint32(self.size)
-    return ((jnp.asarray(a).astype(jnp.uint32) + jnp.asarray(h, jnp.uint32) % size)
-            % size).astype(jnp.int32)
+    return ((jnp.asarray(a).astype(jnp.uint32) + jnp.asarray(h, jnp.uint32) % size) % size).astype(
+      jnp.int32
+    )
 
   def to_digits(self, a: jax.Array) -> jax.Array:
     """int32 [..., digits]: little-endian base-`base` digits of `a`."""
-    powers = jnp.asarray([self.base ** i for i in range(self.digits)], jnp.int32)
+    powers = jnp.asarray([self.base**i for i in range(self.digits)], jnp.int32)
     return (jnp.asarray(a, jnp.int32)[..., None] // powers) % self.base
 
   def from_digits(self, d: jax.Array) -> jax.Array:
-    powers = jnp.asarray([self.base ** i for i in range(self.digits)], jnp.int32)
+    powers = jnp.asarray([self.base**i for i in range(self.digits)], jnp.int32)
     return jnp.sum(jnp.asarray(d, jnp.int32) * powers, axis=-1)
 
 
-def make_space(family: str, base: int, available: int, fractions: Sequence[float],
-               seed: int) -> SplitSpace:
+def make_space(
+  family: str, base: int, available: int, fractions: Sequence[float], seed: int
+) -> SplitSpace:
   """The split space of a task with `available` free digits of `base`; errors name the field."""
   digits = key_digits(base, available)
-  size = base ** digits
+  size = base**digits
   cuts = np.cumsum(fractions)
   bounds = (0, int(round(cuts[0] * size)), int(round(cuts[1] * size)), size)
   for i, split in enumerate(SPLITS):
     if bounds[i + 1] <= bounds[i]:
       raise ValueError(
-          f"{family}.split_fractions={tuple(fractions)} leaves split {split!r} empty: this "
-          f"level has only {size} split keys ({digits} free digit(s) of base {base}); allowed: "
-          f"fractions of at least 1/{size} each, or a level with more free content")
-  return SplitSpace(family=family, base=base, digits=digits, bounds=bounds,
-                    keys=round_keys(seed))
+        f"{family}.split_fractions={tuple(fractions)} leaves split {split!r} empty: this "
+        f"level has only {size} split keys ({digits} free digit(s) of base {base}); allowed: "
+        f"fractions of at least 1/{size} each, or a level with more free content"
+      )
+  return SplitSpace(family=family, base=base, digits=digits, bounds=bounds, keys=round_keys(seed))
 
 
 def family_seed(family: str) -> int:

@@ -28,6 +28,7 @@ are a function of (key, split) alone.
 
 Letters: B batch, L sequence length (= seq_len), T = L + 1 drawn characters.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,14 +45,14 @@ from ea_jax.tasks import base
 FAMILY = "text"
 CORPORA = ("shakespeare", "files", "tfds")
 SPLITS = ("train", "validation", "test")
-SEPARATOR = "\n\n"                  # between documents of one split
+SEPARATOR = "\n\n"  # between documents of one split
 DEFAULT_DATA_DIR = "workdirs/lm_data"  # relative to the working directory (`make lm-data`)
 
 
 class Corpus(NamedTuple):
-  vocabulary: str            # token i is vocabulary[i]
-  tokens: dict               # split -> 1-D numpy array (uint8 if the vocabulary fits, else int32)
-  documents: dict            # split -> tuple of document names (works, paths or example indices)
+  vocabulary: str  # token i is vocabulary[i]
+  tokens: dict  # split -> 1-D numpy array (uint8 if the vocabulary fits, else int32)
+  documents: dict  # split -> tuple of document names (works, paths or example indices)
 
 
 def _split_list(paths: str) -> tuple[str, ...]:
@@ -62,60 +63,81 @@ def _read_files(field: str, paths: str) -> list[tuple[str, str]]:
   docs = []
   for path in _split_list(paths):
     if not os.path.isfile(path):
-      raise ValueError(f"{FAMILY}.{field}: {path!r} is not a file; allowed: comma-separated "
-                       "paths of UTF-8 text files")
+      raise ValueError(
+        f"{FAMILY}.{field}: {path!r} is not a file; allowed: comma-separated "
+        "paths of UTF-8 text files"
+      )
     with open(path, encoding="utf-8") as f:
       docs.append((path, f.read()))
   if not docs:
-    raise ValueError(f"{FAMILY}.{field}={paths!r}; allowed: one or more comma-separated paths "
-                     "(corpus='files' needs text_files, validation_files and test_files)")
+    raise ValueError(
+      f"{FAMILY}.{field}={paths!r}; allowed: one or more comma-separated paths "
+      "(corpus='files' needs text_files, validation_files and test_files)"
+    )
   return docs
 
 
 def _files_documents(text_files, validation_files, test_files) -> dict:
-  fields = {"train": ("text_files", text_files), "validation": ("validation_files",
-            validation_files), "test": ("test_files", test_files)}
+  fields = {
+    "train": ("text_files", text_files),
+    "validation": ("validation_files", validation_files),
+    "test": ("test_files", test_files),
+  }
   seen = {}
   for split, (field, paths) in fields.items():
     for path in _split_list(paths):
       real = os.path.realpath(path)
       if real in seen and seen[real] != split:
-        raise ValueError(f"{FAMILY}.{field}: {path!r} is also in the {seen[real]} split; "
-                         "allowed: each file in one split only")
+        raise ValueError(
+          f"{FAMILY}.{field}: {path!r} is also in the {seen[real]} split; "
+          "allowed: each file in one split only"
+        )
       seen[real] = split
   return {split: _read_files(field, paths) for split, (field, paths) in fields.items()}
 
 
 def _shakespeare_documents(data_dir) -> dict:
   from ea_jax.tasks import shakespeare_builder  # imports tensorflow_datasets: only when used
+
   path = os.path.join(os.path.abspath(data_dir), shakespeare_builder.DATASET_NAME)
-  manual = os.path.join(os.path.abspath(data_dir), "downloads", "manual",
-                        shakespeare_builder.TARBALL)
+  manual = os.path.join(
+    os.path.abspath(data_dir), "downloads", "manual", shakespeare_builder.TARBALL
+  )
   if not os.path.isdir(path) and not os.path.isfile(manual):
-    raise ValueError(f"{FAMILY}.data_dir={data_dir!r} holds no prepared {path!r} and no "
-                     f"{manual!r}; run `make lm-data` (python -m "
-                     "ea_jax.tasks.shakespeare_prepare --data_dir=...) first")
-  return {split: [(e["work"], e["text"]) for e in shakespeare_builder.load_split(split, data_dir)]
-          for split in SPLITS}
+    raise ValueError(
+      f"{FAMILY}.data_dir={data_dir!r} holds no prepared {path!r} and no "
+      f"{manual!r}; run `make lm-data` (python -m "
+      "ea_jax.tasks.shakespeare_prepare --data_dir=...) first"
+    )
+  return {
+    split: [(e["work"], e["text"]) for e in shakespeare_builder.load_split(split, data_dir)]
+    for split in SPLITS
+  }
 
 
 def _tfds_documents(name, data_dir, text_key, tfds_splits) -> dict:
   import tensorflow_datasets as tfds  # only when used
+
   names = _split_list(tfds_splits)
   if len(names) != 3:
-    raise ValueError(f"{FAMILY}.tfds_splits={tfds_splits!r}; allowed: three comma-separated TFDS "
-                     "split names (train, validation, test), e.g. 'train,validation,test'")
+    raise ValueError(
+      f"{FAMILY}.tfds_splits={tfds_splits!r}; allowed: three comma-separated TFDS "
+      "split names (train, validation, test), e.g. 'train,validation,test'"
+    )
   out = {}
   for split, tfds_split in zip(SPLITS, names):
     ds = tfds.load(name, split=tfds_split, data_dir=data_dir or None, download=False)
     docs = []
     for i, example in enumerate(tfds.as_numpy(ds)):
       if text_key not in example:
-        raise ValueError(f"{FAMILY}.tfds_text_key={text_key!r} is not a field of {name!r}; "
-                         f"allowed: {sorted(example)}")
+        raise ValueError(
+          f"{FAMILY}.tfds_text_key={text_key!r} is not a field of {name!r}; "
+          f"allowed: {sorted(example)}"
+        )
       value = example[text_key]
-      docs.append((f"{tfds_split}[{i}]", value.decode("utf-8") if isinstance(value, bytes)
-                   else str(value)))
+      docs.append(
+        (f"{tfds_split}[{i}]", value.decode("utf-8") if isinstance(value, bytes) else str(value))
+      )
     out[split] = docs
   return out
 
@@ -125,8 +147,16 @@ def _code_points(text: str) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=8)
-def load_corpus(corpus: str, data_dir: str, text_files: str, validation_files: str,
-                test_files: str, tfds_name: str, tfds_text_key: str, tfds_splits: str) -> Corpus:
+def load_corpus(
+  corpus: str,
+  data_dir: str,
+  text_files: str,
+  validation_files: str,
+  test_files: str,
+  tfds_name: str,
+  tfds_text_key: str,
+  tfds_splits: str,
+) -> Corpus:
   """Reads and tokenises the three splits of a corpus (cached: one read per process)."""
   if corpus == "shakespeare":
     documents = _shakespeare_documents(data_dir)
@@ -147,14 +177,14 @@ def load_corpus(corpus: str, data_dir: str, text_files: str, validation_files: s
 class TextTask(base.TaskBase):
   """Random character windows of one split of a text corpus; see the module docstring."""
 
-  seq_len: int = 64                    # context length (the ladder dial)
-  corpus: str = "shakespeare"          # "shakespeare", "files" or "tfds"
-  data_dir: str = DEFAULT_DATA_DIR     # TFDS data directory (corpus "shakespeare" / "tfds")
-  text_files: str = ""                 # corpus "files": training files, comma-separated
-  validation_files: str = ""           # corpus "files": validation files
-  test_files: str = ""                 # corpus "files": test files
-  tfds_name: str = ""                  # corpus "tfds": dataset name, e.g. "tiny_shakespeare"
-  tfds_text_key: str = "text"          # corpus "tfds": the example field holding text
+  seq_len: int = 64  # context length (the ladder dial)
+  corpus: str = "shakespeare"  # "shakespeare", "files" or "tfds"
+  data_dir: str = DEFAULT_DATA_DIR  # TFDS data directory (corpus "shakespeare" / "tfds")
+  text_files: str = ""  # corpus "files": training files, comma-separated
+  validation_files: str = ""  # corpus "files": validation files
+  test_files: str = ""  # corpus "files": test files
+  tfds_name: str = ""  # corpus "tfds": dataset name, e.g. "tiny_shakespeare"
+  tfds_text_key: str = "text"  # corpus "tfds": the example field holding text
   tfds_splits: str = "train,validation,test"  # corpus "tfds": TFDS splits for train,val,test
 
   family = FAMILY
@@ -164,23 +194,41 @@ class TextTask(base.TaskBase):
     object.__setattr__(self, "seq_len", base.check_int(f, "seq_len", self.seq_len, 1))
     if self.corpus not in CORPORA:
       raise ValueError(f"{f}.corpus={self.corpus!r}; allowed: {CORPORA}")
-    for name in ("data_dir", "text_files", "validation_files", "test_files", "tfds_name",
-                 "tfds_text_key", "tfds_splits"):
+    for name in (
+      "data_dir",
+      "text_files",
+      "validation_files",
+      "test_files",
+      "tfds_name",
+      "tfds_text_key",
+      "tfds_splits",
+    ):
       if not isinstance(getattr(self, name), str):
         raise ValueError(f"{f}.{name}={getattr(self, name)!r}; allowed: a string")
     if self.corpus == "tfds" and not self.tfds_name:
-      raise ValueError(f"{f}.tfds_name is empty; corpus='tfds' needs a TFDS dataset name, e.g. "
-                       "'tiny_shakespeare'")
+      raise ValueError(
+        f"{f}.tfds_name is empty; corpus='tfds' needs a TFDS dataset name, e.g. 'tiny_shakespeare'"
+      )
     for split in SPLITS:
       n = self.tokens(split).size
       if n <= self.seq_len:
-        raise ValueError(f"{f}.seq_len={self.seq_len}: the {split} split has only {n} "
-                         f"characters; allowed: seq_len < {n}")
+        raise ValueError(
+          f"{f}.seq_len={self.seq_len}: the {split} split has only {n} "
+          f"characters; allowed: seq_len < {n}"
+        )
 
   @property
   def _corpus(self) -> Corpus:
-    return load_corpus(self.corpus, self.data_dir, self.text_files, self.validation_files,
-                       self.test_files, self.tfds_name, self.tfds_text_key, self.tfds_splits)
+    return load_corpus(
+      self.corpus,
+      self.data_dir,
+      self.text_files,
+      self.validation_files,
+      self.test_files,
+      self.tfds_name,
+      self.tfds_text_key,
+      self.tfds_splits,
+    )
 
   @property
   def vocabulary(self) -> str:
@@ -210,8 +258,9 @@ class TextTask(base.TaskBase):
     bad = vocab_points[idx] != points
     if bad.any():
       chars = sorted({chr(c) for c in points[bad]})
-      raise ValueError(f"text has character(s) {chars} outside the corpus vocabulary; allowed: "
-                       f"{self.vocabulary!r}")
+      raise ValueError(
+        f"text has character(s) {chars} outside the corpus vocabulary; allowed: {self.vocabulary!r}"
+      )
     return idx.astype(np.int32)
 
   def decode(self, tokens) -> str:

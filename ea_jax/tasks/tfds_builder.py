@@ -14,6 +14,7 @@ Examples carry `inputs`, `targets` (int32 [L]), `weights` (float32 [L]) and thei
 `DEFAULT_SPLIT_SIZES`; preparing a level takes seconds); other sizes get their own config name
 through `make_config(..., split_sizes=...)`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,8 +25,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from ea_jax.tasks import ladders
-from ea_jax.tasks import registry
+from ea_jax.tasks import ladders, registry
 
 DATASET_NAME = "ea_ladder"
 SPLITS = ("train", "validation", "test")
@@ -38,10 +38,15 @@ _CHUNK = 512  # examples sampled per jitted call while generating
 def builder_config_name(ladder_name: str, level_index: int) -> str:
   """The BuilderConfig name of level `level_index` of ladder `ladder_name`, e.g. "recurrence-2"."""
   levels = ladders.ladder(ladder_name)  # raises for an unknown ladder
-  if isinstance(level_index, bool) or not isinstance(level_index, int) or not (
-      0 <= level_index < len(levels)):
-    raise ValueError(f"level_index={level_index!r} for ladder {ladder_name!r}; allowed: an "
-                     f"integer in [0, {len(levels) - 1}]")
+  if (
+    isinstance(level_index, bool)
+    or not isinstance(level_index, int)
+    or not (0 <= level_index < len(levels))
+  ):
+    raise ValueError(
+      f"level_index={level_index!r} for ladder {ladder_name!r}; allowed: an "
+      f"integer in [0, {len(levels) - 1}]"
+    )
   return f"{ladder_name}-{level_index}"
 
 
@@ -54,8 +59,9 @@ class LadderConfig(tfds.core.BuilderConfig):
   seed: int = DEFAULT_SEED
 
 
-def make_config(ladder_name: str, level_index: int, *, split_sizes=None,
-                seed: int = DEFAULT_SEED) -> LadderConfig:
+def make_config(
+  ladder_name: str, level_index: int, *, split_sizes=None, seed: int = DEFAULT_SEED
+) -> LadderConfig:
   """The config of a ladder level; non-default sizes or seed are spelled into its name."""
   name = builder_config_name(ladder_name, level_index)
   level = ladders.ladder(ladder_name)[level_index]
@@ -64,20 +70,28 @@ def make_config(ladder_name: str, level_index: int, *, split_sizes=None,
     name += f"-n{'.'.join(str(n) for _, n in sizes)}-s{seed}"
   task = {k: v for k, v in level.to_dict().items() if k not in registry.DESCRIPTIVE_FIELDS}
   description = f"{ladder_name}: {level.label} (complexity {level.complexity:.3f})"
-  return LadderConfig(name=name, version=DATASET_VERSION, description=description, task=task,
-                      split_sizes=sizes, seed=seed)
+  return LadderConfig(
+    name=name,
+    version=DATASET_VERSION,
+    description=description,
+    task=task,
+    split_sizes=sizes,
+    seed=seed,
+  )
 
 
 def _check_split_sizes(split_sizes) -> tuple:
   sizes = dict(split_sizes)
   if sorted(sizes) != sorted(SPLITS) or not all(
-      isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in sizes.values()):
+    isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in sizes.values()
+  ):
     raise ValueError(f"split_sizes={split_sizes!r}; allowed: a positive int for each of {SPLITS}")
   return tuple((s, sizes[s]) for s in SPLITS)
 
 
-def generate_split(task_config: Mapping[str, Any], split: str, num_examples: int,
-                   seed: int = DEFAULT_SEED) -> dict[str, np.ndarray]:
+def generate_split(
+  task_config: Mapping[str, Any], split: str, num_examples: int, seed: int = DEFAULT_SEED
+) -> dict[str, np.ndarray]:
   """The examples of `split` as numpy arrays [num_examples, L] (what the builder writes)."""
   if split not in SPLITS:
     raise ValueError(f"split={split!r}; allowed: {SPLITS}")
@@ -87,13 +101,16 @@ def generate_split(task_config: Mapping[str, Any], split: str, num_examples: int
   for i in range(0, num_examples, _CHUNK):
     batch = task.sample(jax.random.fold_in(split_key, i // _CHUNK), _CHUNK, split)
     chunks.append(jax.device_get(batch))
-  arrays = {field: np.concatenate([getattr(c, field) for c in chunks])[:num_examples]
-            for field in ("inputs", "targets", "weights")}
+  arrays = {
+    field: np.concatenate([getattr(c, field) for c in chunks])[:num_examples]
+    for field in ("inputs", "targets", "weights")
+  }
   x_NT = np.concatenate([arrays["inputs"], arrays["targets"][:, -1:]], axis=1)
   wrong = np.asarray(task.split_of(x_NT)) != SPLITS.index(split)
   if wrong.any():  # cannot happen by construction; a prepared split is never written unchecked
-    raise RuntimeError(f"{int(wrong.sum())} generated {split} sequences are not in the {split} "
-                       "split")
+    raise RuntimeError(
+      f"{int(wrong.sum())} generated {split} sequences are not in the {split} split"
+    )
   return arrays
 
 
@@ -101,10 +118,15 @@ class EaLadder(tfds.core.GeneratorBasedBuilder):
   """Frozen splits of the complexity-ladder tasks (one config per ladder level)."""
 
   VERSION = tfds.core.Version(DATASET_VERSION)
-  RELEASE_NOTES = {"1.0.0": "Initial release.",
-                   "2.0.0": "Each split drawn from its own part of the level: disjoint splits."}
-  BUILDER_CONFIGS = [make_config(name, i) for name in ladders.ladder_names()
-                     for i in range(len(ladders.ladder(name)))]
+  RELEASE_NOTES = {
+    "1.0.0": "Initial release.",
+    "2.0.0": "Each split drawn from its own part of the level: disjoint splits.",
+  }
+  BUILDER_CONFIGS = [
+    make_config(name, i)
+    for name in ladders.ladder_names()
+    for i in range(len(ladders.ladder(name)))
+  ]
 
   @tfds.core.utils.classproperty
   @classmethod
@@ -117,28 +139,39 @@ class EaLadder(tfds.core.GeneratorBasedBuilder):
     task = registry.make_task(self.builder_config.task)
     length = task.seq_len
     return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            "index": tfds.features.Scalar(dtype=np.int64),
-            "inputs": tfds.features.Tensor(shape=(length,), dtype=np.int32),
-            "targets": tfds.features.Tensor(shape=(length,), dtype=np.int32),
-            "weights": tfds.features.Tensor(shape=(length,), dtype=np.float32),
-        }),
-        metadata=tfds.core.MetadataDict(vocab_size=task.vocab_size, seq_len=length,
-                                        task=dict(self.builder_config.task)),
-        disable_shuffling=True,
+      features=tfds.features.FeaturesDict(
+        {
+          "index": tfds.features.Scalar(dtype=np.int64),
+          "inputs": tfds.features.Tensor(shape=(length,), dtype=np.int32),
+          "targets": tfds.features.Tensor(shape=(length,), dtype=np.int32),
+          "weights": tfds.features.Tensor(shape=(length,), dtype=np.float32),
+        }
+      ),
+      metadata=tfds.core.MetadataDict(
+        vocab_size=task.vocab_size, seq_len=length, task=dict(self.builder_config.task)
+      ),
+      disable_shuffling=True,
     )
 
   def _split_generators(self, dl_manager):
     del dl_manager  # nothing to download: the data comes from the generators
-    return {split: self._generate_examples(split, n)
-            for split, n in self.builder_config.split_sizes}
+    return {
+      split: self._generate_examples(split, n) for split, n in self.builder_config.split_sizes
+    }
 
   def _generate_examples(self, split, num_examples):
     cfg = self.builder_config
     arrays = generate_split(cfg.task, split, num_examples, cfg.seed)
     for i in range(num_examples):
-      yield i, {"index": i, "inputs": arrays["inputs"][i], "targets": arrays["targets"][i],
-                "weights": arrays["weights"][i]}
+      yield (
+        i,
+        {
+          "index": i,
+          "inputs": arrays["inputs"][i],
+          "targets": arrays["targets"][i],
+          "weights": arrays["weights"][i],
+        },
+      )
 
 
 def _resolve_config(config) -> LadderConfig:
@@ -146,9 +179,11 @@ def _resolve_config(config) -> LadderConfig:
     return config
   known = {c.name: c for c in EaLadder.BUILDER_CONFIGS}
   if config not in known:
-    raise ValueError(f"TFDS config {config!r} is not known; allowed: names "
-                     "builder_config_name(ladder, level) gives, e.g. "
-                     f"{sorted(known)[:4]} ... ({len(known)} in all), or a LadderConfig")
+    raise ValueError(
+      f"TFDS config {config!r} is not known; allowed: names "
+      "builder_config_name(ladder, level) gives, e.g. "
+      f"{sorted(known)[:4]} ... ({len(known)} in all), or a LadderConfig"
+    )
   return known[config]
 
 
@@ -169,11 +204,19 @@ def load_split(config_name, split: str, data_dir) -> dict[str, np.ndarray]:
     raise ValueError(f"data_dir={data_dir!r}; allowed: a directory path")
   config = _resolve_config(config_name)
   source = tfds.data_source(
-      DATASET_NAME, split=split, data_dir=str(data_dir),
-      builder_kwargs={"config": config, "file_format": "array_record"},
-      download_and_prepare_kwargs={"download_config": tfds.download.DownloadConfig(
-          try_download_gcs=False, compute_stats=tfds.download.ComputeStatsMode.SKIP)})
+    DATASET_NAME,
+    split=split,
+    data_dir=str(data_dir),
+    builder_kwargs={"config": config, "file_format": "array_record"},
+    download_and_prepare_kwargs={
+      "download_config": tfds.download.DownloadConfig(
+        try_download_gcs=False, compute_stats=tfds.download.ComputeStatsMode.SKIP
+      )
+    },
+  )
   examples = source.__getitems__(range(len(source)))
   order = np.argsort([int(e["index"]) for e in examples])
-  return {field: np.stack([np.asarray(examples[i][field]) for i in order])
-          for field in ("inputs", "targets", "weights")}
+  return {
+    field: np.stack([np.asarray(examples[i][field]) for i in order])
+    for field in ("inputs", "targets", "weights")
+  }

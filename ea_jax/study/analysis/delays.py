@@ -19,6 +19,7 @@ sequences of its task's test split; `run_delays(workdir)` loads a run and does t
 Letters: B batch, L sequence length, T queries (= L), S keys (= L), T1 = L + 1 symbols, N heads,
 O offsets, R rules, D max_delay, Y layers.
 """
+
 from __future__ import annotations
 
 import functools
@@ -31,19 +32,23 @@ from ea_jax import model as model_lib
 from ea_jax import tasks
 from ea_jax.study.analysis import loading
 
-AMBIGUOUS = -1    # identify_rules_B: more than one rule reproduces the sequence
-NO_RULE = -2      # identify_rules_B: no rule reproduces it (not a sequence of this task)
+AMBIGUOUS = -1  # identify_rules_B: more than one rule reproduces the sequence
+NO_RULE = -2  # identify_rules_B: no rule reproduces it (not a sequence of this task)
 
 
 def symbols_BT1(inputs_BL, targets_BL) -> np.ndarray:
   """The drawn symbols x_0..x_L, int64 [B, L + 1], from the next-token layout."""
   inputs_BL, targets_BL = np.asarray(inputs_BL), np.asarray(targets_BL)
   if inputs_BL.ndim != 2 or inputs_BL.shape != targets_BL.shape:
-    raise ValueError(f"inputs_BL {inputs_BL.shape} and targets_BL {targets_BL.shape}: need two "
-                     "[B, L] arrays of the same shape")
+    raise ValueError(
+      f"inputs_BL {inputs_BL.shape} and targets_BL {targets_BL.shape}: need two "
+      "[B, L] arrays of the same shape"
+    )
   if not np.array_equal(inputs_BL[:, 1:], targets_BL[:, :-1]):
-    raise ValueError("inputs_BL/targets_BL are not in the next-token layout "
-                     "(inputs[:, 1:] must equal targets[:, :-1])")
+    raise ValueError(
+      "inputs_BL/targets_BL are not in the next-token layout "
+      "(inputs[:, 1:] must equal targets[:, :-1])"
+    )
   return np.concatenate([inputs_BL[:, :1], targets_BL], axis=1).astype(np.int64)
 
 
@@ -56,7 +61,7 @@ def consistent_BR(x_BT1, coef_RD, num_symbols: int) -> np.ndarray:
   if big_d >= big_t:
     raise ValueError(f"coef_RD has D={big_d} delays but sequences have only {big_t} symbols")
   # lagged_BDS[b, d - 1, s - D] = x_{s - d} for s in [D, T1)
-  lagged_BDS = np.stack([x_BT1[:, big_d - d: big_t - d] for d in range(1, big_d + 1)], axis=1)
+  lagged_BDS = np.stack([x_BT1[:, big_d - d : big_t - d] for d in range(1, big_d + 1)], axis=1)
   pred_BRS = np.einsum("rd,bds->brs", coef_RD, lagged_BDS) % num_symbols
   return np.all(pred_BRS == x_BT1[:, None, big_d:], axis=2)
 
@@ -88,13 +93,17 @@ def offset_weights_BNTO(w_BNTS, num_offsets: int) -> np.ndarray:
   t_TO = np.arange(big_t)[:, None]
   j_TO = t_TO - np.arange(num_offsets)[None, :]
   valid_TO = j_TO >= 0
-  gathered = np.take_along_axis(w_BNTS, np.broadcast_to(np.maximum(j_TO, 0)[None, None],
-                                                        w_BNTS.shape[:3] + (num_offsets,)), axis=3)
+  gathered = np.take_along_axis(
+    w_BNTS,
+    np.broadcast_to(np.maximum(j_TO, 0)[None, None], w_BNTS.shape[:3] + (num_offsets,)),
+    axis=3,
+  )
   return np.where(valid_TO[None, None], gathered, 0.0)
 
 
-def offset_profile_RNO(w_BNTS, query_mask_BT, rule_B, num_rules: int, num_offsets: int
-                       ) -> tuple[np.ndarray, np.ndarray]:
+def offset_profile_RNO(
+  w_BNTS, query_mask_BT, rule_B, num_rules: int, num_offsets: int
+) -> tuple[np.ndarray, np.ndarray]:
   """Mean attention weight per (rule, head, offset) over the selected queries of each rule.
 
   Args:
@@ -112,11 +121,14 @@ def offset_profile_RNO(w_BNTS, query_mask_BT, rule_B, num_rules: int, num_offset
   query_mask_BT = np.asarray(query_mask_BT, bool)
   rule_B = np.asarray(rule_B, np.int64)
   if query_mask_BT.shape != (big_b, big_t) or rule_B.shape != (big_b,):
-    raise ValueError(f"query_mask_BT {query_mask_BT.shape} must be [B, T] = {(big_b, big_t)} and "
-                     f"rule_B {rule_B.shape} must be [B] = ({big_b},)")
+    raise ValueError(
+      f"query_mask_BT {query_mask_BT.shape} must be [B, T] = {(big_b, big_t)} and "
+      f"rule_B {rule_B.shape} must be [B] = ({big_b},)"
+    )
   if np.any(rule_B >= num_rules):
-    raise ValueError(f"rule_B holds {int(rule_B.max())}; allowed: < num_rules={num_rules} "
-                     "(negative = skip)")
+    raise ValueError(
+      f"rule_B holds {int(rule_B.max())}; allowed: < num_rules={num_rules} (negative = skip)"
+    )
   onehot_BR = (rule_B[:, None] == np.arange(num_rules)[None, :]).astype(np.float64)
   sel_BRT = onehot_BR[:, :, None] * query_mask_BT[:, None, :].astype(np.float64)
   sums_RNO = np.einsum("brt,bnto->rno", sel_BRT, w_BNTO)
@@ -140,8 +152,10 @@ def focus_RN(w_BNTS, query_mask_BT, rule_B, num_rules: int) -> tuple[np.ndarray,
   query_mask_BT = np.asarray(query_mask_BT, bool)
   rule_B = np.asarray(rule_B, np.int64)
   if query_mask_BT.shape != (big_b, big_t) or rule_B.shape != (big_b,):
-    raise ValueError(f"query_mask_BT {query_mask_BT.shape} must be [B, T] = {(big_b, big_t)} and "
-                     f"rule_B {rule_B.shape} must be [B] = ({big_b},)")
+    raise ValueError(
+      f"query_mask_BT {query_mask_BT.shape} must be [B, T] = {(big_b, big_t)} and "
+      f"rule_B {rule_B.shape} must be [B] = ({big_b},)"
+    )
   onehot_BR = (rule_B[:, None] == np.arange(num_rules)[None, :]).astype(np.float64)
   sel_BRT = onehot_BR[:, :, None] * query_mask_BT[:, None, :].astype(np.float64)
   log_keys_T = np.log(np.arange(1, big_t + 1, dtype=np.float64))
@@ -170,13 +184,16 @@ def delay_mass(profile_RNO, rule_delays: Sequence[Sequence[int]]) -> tuple[np.nd
   offsets has own high under that rule and other high under the others."""
   profile_RNO = np.asarray(profile_RNO, np.float64)
   if profile_RNO.ndim != 3 or profile_RNO.shape[0] != len(rule_delays):
-    raise ValueError(f"profile_RNO {profile_RNO.shape} must be [R, N, O] with R = "
-                     f"len(rule_delays) = {len(rule_delays)}")
+    raise ValueError(
+      f"profile_RNO {profile_RNO.shape} must be [R, N, O] with R = "
+      f"len(rule_delays) = {len(rule_delays)}"
+    )
   big_o = profile_RNO.shape[2]
   own, other = offset_sets(rule_delays)
   if max(set().union(*own), default=0) >= big_o:
-    raise ValueError(f"profile has {big_o} offsets but a rule needs offset "
-                     f"{max(set().union(*own))}")
+    raise ValueError(
+      f"profile has {big_o} offsets but a rule needs offset {max(set().union(*own))}"
+    )
 
   def mass(sets):
     mask_RO = np.zeros((len(sets), big_o))
@@ -206,8 +223,16 @@ def run_delays(workdir: str, **kwargs) -> dict:
   return delay_analysis(*loading.load_run(workdir), **kwargs)
 
 
-def delay_analysis(model, params, config, *, num_examples: int = 512,
-                   seq_len: int | None = None, seed: int = 7, batch_size: int = 128) -> dict:
+def delay_analysis(
+  model,
+  params,
+  config,
+  *,
+  num_examples: int = 512,
+  seq_len: int | None = None,
+  seed: int = 7,
+  batch_size: int = 128,
+) -> dict:
   """Offset profiles and delay mass of every layer and head of a trained recurrence model.
 
   Sequences are draws from the test split of the run's task (key `seed`), at the training
@@ -227,8 +252,7 @@ def delay_analysis(model, params, config, *, num_examples: int = 512,
     attention, kernel.
   """
   if config.task.name != "recurrence":
-    raise ValueError(f"task {config.task.name!r}: delay locking needs a "
-                     "'recurrence' task")
+    raise ValueError(f"task {config.task.name!r}: delay locking needs a 'recurrence' task")
   task_cfg = config.task.copy_and_resolve_references()
   if seq_len is not None:
     task_cfg.seq_len = seq_len
@@ -238,8 +262,10 @@ def delay_analysis(model, params, config, *, num_examples: int = 512,
   x_BT1 = symbols_BT1(inputs_BL, np.asarray(batch.targets))
   rule_B = identify_rules_B(x_BT1, task.coefficients_RD(), task.num_symbols)
   if np.any(rule_B == NO_RULE):
-    raise RuntimeError(f"{int(np.sum(rule_B == NO_RULE))} sampled sequences fit no rule of the "
-                       "task: the rule identification and the task disagree")
+    raise RuntimeError(
+      f"{int(np.sum(rule_B == NO_RULE))} sampled sequences fit no rule of the "
+      "task: the rule identification and the task disagree"
+    )
   scored_BT = np.asarray(batch.weights) > 0
   big_l, big_r = inputs_BL.shape[1], task.num_rules
   sums_YRNO, peak_YRN, entropy_YRN, queries_R = 0.0, 0.0, 0.0, np.zeros(big_r, np.int64)
@@ -247,8 +273,9 @@ def delay_analysis(model, params, config, *, num_examples: int = 512,
   for start in range(0, num_examples, batch_size):
     sl = slice(start, start + batch_size)
     maps = [np.asarray(w) for w in maps_fn(params, inputs_BL[sl])]
-    profs, counts = zip(*(offset_profile_RNO(w, scored_BT[sl], rule_B[sl], big_r, big_l)
-                          for w in maps))
+    profs, counts = zip(
+      *(offset_profile_RNO(w, scored_BT[sl], rule_B[sl], big_r, big_l) for w in maps)
+    )
     peaks, entropies = zip(*(focus_RN(w, scored_BT[sl], rule_B[sl], big_r) for w in maps))
     weight_1R1 = counts[0][None, :, None].astype(np.float64)  # same queries in every layer
     sums_YRNO = sums_YRNO + np.stack(profs) * weight_1R1[..., None]
@@ -258,15 +285,24 @@ def delay_analysis(model, params, config, *, num_examples: int = 512,
   denom_1R1 = np.maximum(queries_R, 1)[None, :, None].astype(np.float64)
   profile_YRNO = sums_YRNO / denom_1R1[..., None]
   own, other = zip(*(delay_mass(p, task.rule_delays) for p in profile_YRNO))
-  uniform_RNO, _ = offset_profile_RNO(uniform_causal_BNTS(num_examples, 1, big_l), scored_BT,
-                                      rule_B, big_r, big_l)
+  uniform_RNO, _ = offset_profile_RNO(
+    uniform_causal_BNTS(num_examples, 1, big_l), scored_BT, rule_B, big_r, big_l
+  )
   chance_own_RN, chance_other_RN = delay_mass(uniform_RNO, task.rule_delays)
-  return {"rules": [tuple(r) for r in task.rule_delays],
-          "offsets": [needed_offsets(r) for r in task.rule_delays],
-          "profile_YRNO": profile_YRNO, "own_YRN": np.stack(own), "other_YRN": np.stack(other),
-          "chance_own_R": chance_own_RN[:, 0], "chance_other_R": chance_other_RN[:, 0],
-          "peak_YRN": peak_YRN / denom_1R1, "entropy_YRN": entropy_YRN / denom_1R1,
-          "queries_R": queries_R, "sequences": int(num_examples),
-          "skipped": int(np.sum(rule_B == AMBIGUOUS)), "seq_len": big_l,
-          "attention": config.model.attention,
-          "kernel": config.model.ea_kernel if config.model.attention == "ea" else "softmax"}
+  return {
+    "rules": [tuple(r) for r in task.rule_delays],
+    "offsets": [needed_offsets(r) for r in task.rule_delays],
+    "profile_YRNO": profile_YRNO,
+    "own_YRN": np.stack(own),
+    "other_YRN": np.stack(other),
+    "chance_own_R": chance_own_RN[:, 0],
+    "chance_other_R": chance_other_RN[:, 0],
+    "peak_YRN": peak_YRN / denom_1R1,
+    "entropy_YRN": entropy_YRN / denom_1R1,
+    "queries_R": queries_R,
+    "sequences": int(num_examples),
+    "skipped": int(np.sum(rule_B == AMBIGUOUS)),
+    "seq_len": big_l,
+    "attention": config.model.attention,
+    "kernel": config.model.ea_kernel if config.model.attention == "ea" else "softmax",
+  }

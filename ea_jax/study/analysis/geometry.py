@@ -10,6 +10,7 @@ projections, after rope / q-k norm, i.e. exactly the vectors whose dot product i
 Letters: B batch, T queries, S keys, L sequence length, N query heads, K key/value heads
 (query head n uses key/value head n // (N // K)), H head_dim, Y layers, Z histogram bins.
 """
+
 from __future__ import annotations
 
 import jax
@@ -20,7 +21,7 @@ from ea_jax import model as model_lib
 from ea_jax import tasks
 from ea_jax.study.analysis import loading
 
-COS_EPS = 1e-12   # guards |q| |k| = 0 (such pairs get cos 0)
+COS_EPS = 1e-12  # guards |q| |k| = 0 (such pairs get cos 0)
 
 
 def bin_edges(num_bins: int) -> np.ndarray:
@@ -35,8 +36,10 @@ def cosine_BNTS(q_BTNH, k_BSKH) -> jax.Array:
   B, T, N, H = q_BTNH.shape
   Bk, S, K, Hk = k_BSKH.shape
   if (Bk, Hk) != (B, H) or N % K:
-    raise ValueError(f"q_BTNH {q_BTNH.shape} and k_BSKH {k_BSKH.shape}: need the same B and H "
-                     "and N a multiple of K")
+    raise ValueError(
+      f"q_BTNH {q_BTNH.shape} and k_BSKH {k_BSKH.shape}: need the same B and H "
+      "and N a multiple of K"
+    )
   q = q_BTNH.astype(jnp.float32)
   k = k_BSKH.astype(jnp.float32)
   q = q / jnp.maximum(jnp.linalg.norm(q, axis=-1, keepdims=True), COS_EPS)
@@ -46,8 +49,9 @@ def cosine_BNTS(q_BTNH, k_BSKH) -> jax.Array:
   return jnp.clip(cos_BKGTS.reshape(B, N, T, S), -1.0, 1.0)
 
 
-def weighted_cos_histogram(q_BTNH, k_BSKH, w_BNTS, *, num_bins: int = 20
-                           ) -> tuple[np.ndarray, np.ndarray]:
+def weighted_cos_histogram(
+  q_BTNH, k_BSKH, w_BNTS, *, num_bins: int = 20
+) -> tuple[np.ndarray, np.ndarray]:
   """Distribution of attention weight over cos(q, k), per head.
 
   Args:
@@ -65,10 +69,12 @@ def weighted_cos_histogram(q_BTNH, k_BSKH, w_BNTS, *, num_bins: int = 20
     raise ValueError(f"w_BNTS shape {w_BNTS.shape} != [B, N, T, S] = {cos_BNTS.shape}")
   N = cos_BNTS.shape[1]
   bin_BNTS = jnp.clip(jnp.floor((cos_BNTS + 1.0) * (num_bins / 2.0)), 0, num_bins - 1)
-  segment_BNTS = (jnp.arange(N, dtype=jnp.int32)[None, :, None, None] * num_bins
-                  + bin_BNTS.astype(jnp.int32))
-  sums = jax.ops.segment_sum(w_BNTS.astype(jnp.float32).ravel(), segment_BNTS.ravel(),
-                             num_segments=N * num_bins)
+  segment_BNTS = jnp.arange(N, dtype=jnp.int32)[None, :, None, None] * num_bins + bin_BNTS.astype(
+    jnp.int32
+  )
+  sums = jax.ops.segment_sum(
+    w_BNTS.astype(jnp.float32).ravel(), segment_BNTS.ravel(), num_segments=N * num_bins
+  )
   hist_NZ = np.asarray(sums, np.float64).reshape(N, num_bins)
   total_N1 = hist_NZ.sum(axis=1, keepdims=True)
   return edges, np.divide(hist_NZ, total_N1, out=np.zeros_like(hist_NZ), where=total_N1 > 0)
@@ -79,10 +85,12 @@ def geometry_stats(edges, hist_Z) -> dict:
   side), weight at |cos| >= 0.5 (aligned either way) and at |cos| < 0.5."""
   centers = 0.5 * (edges[1:] + edges[:-1])
   hist_Z = np.asarray(hist_Z, np.float64)
-  return {"mean_cos": float(np.sum(hist_Z * centers)),
-          "mass_negative": float(np.sum(hist_Z[centers < 0])),
-          "mass_aligned": float(np.sum(hist_Z[np.abs(centers) >= 0.5])),
-          "mass_orthogonal": float(np.sum(hist_Z[np.abs(centers) < 0.5]))}
+  return {
+    "mean_cos": float(np.sum(hist_Z * centers)),
+    "mass_negative": float(np.sum(hist_Z[centers < 0])),
+    "mass_aligned": float(np.sum(hist_Z[np.abs(centers) >= 0.5])),
+    "mass_orthogonal": float(np.sum(hist_Z[np.abs(centers) < 0.5])),
+  }
 
 
 def capture_qk(model, params, tokens_BL) -> list[tuple[jax.Array, jax.Array]]:
@@ -95,16 +103,19 @@ def capture_qk(model, params, tokens_BL) -> list[tuple[jax.Array, jax.Array]]:
   def wanted(module, method_name):
     return isinstance(module, model_lib.Attention) and method_name == "_project"
 
-  _, state = model.apply({"params": params}, tokens_BL, capture_intermediates=wanted,
-                         mutable=["intermediates"])
+  _, state = model.apply(
+    {"params": params}, tokens_BL, capture_intermediates=wanted, mutable=["intermediates"]
+  )
   sown = state["intermediates"]
   out = []
   for i in range(model.cfg.num_layers):
     try:
       q_BLNH, k_BLKH, _ = sown[f"block_{i}"]["attention"]["_project"][0]
     except KeyError:
-      raise RuntimeError("could not capture q/k: ea_jax.model.Attention no longer has a "
-                         "`_project` step returning (q, k, v); update capture_qk") from None
+      raise RuntimeError(
+        "could not capture q/k: ea_jax.model.Attention no longer has a "
+        "`_project` step returning (q, k, v); update capture_qk"
+      ) from None
     out.append((q_BLNH, k_BLKH))
   return out
 
@@ -115,10 +126,10 @@ def attention_geometry(model, params, tokens_BL, *, num_bins: int = 20) -> dict:
   Returns {"edges": [Z + 1], "hist_YNZ": [layers, heads, Z], "hist_Z": all heads pooled
   (mean over layers x heads), "stats": geometry_stats of the pooled histogram}.
   """
+
   @jax.jit
-  def qk_and_weights(params, tokens_BL):   # one compiled forward each, not op by op
-    return capture_qk(model, params, tokens_BL), model_lib.attention_maps(model, params,
-                                                                          tokens_BL)
+  def qk_and_weights(params, tokens_BL):  # one compiled forward each, not op by op
+    return capture_qk(model, params, tokens_BL), model_lib.attention_maps(model, params, tokens_BL)
 
   qk, weights = qk_and_weights(params, tokens_BL)
   hists = []
@@ -127,12 +138,17 @@ def attention_geometry(model, params, tokens_BL, *, num_bins: int = 20) -> dict:
     hists.append(hist_NZ)
   hist_YNZ = np.stack(hists)
   pooled = hist_YNZ.reshape(-1, num_bins).mean(axis=0)
-  return {"edges": edges, "hist_YNZ": hist_YNZ, "hist_Z": pooled,
-          "stats": geometry_stats(edges, pooled)}
+  return {
+    "edges": edges,
+    "hist_YNZ": hist_YNZ,
+    "hist_Z": pooled,
+    "stats": geometry_stats(edges, pooled),
+  }
 
 
-def run_geometry(workdir: str, *, num_examples: int = 32, num_bins: int = 20,
-                 seed: int = 0) -> dict:
+def run_geometry(
+  workdir: str, *, num_examples: int = 32, num_bins: int = 20, seed: int = 0
+) -> dict:
   """`attention_geometry` of a trained run on `num_examples` sequences of its task's test split.
 
   Args:
@@ -151,4 +167,3 @@ def run_geometry(workdir: str, *, num_examples: int = 32, num_bins: int = 20,
   out["attention"] = config.model.attention
   out["kernel"] = config.model.ea_kernel if config.model.attention == "ea" else "softmax"
   return out
-

@@ -8,6 +8,7 @@ number of examples are those of the validation during training, so `split="valid
 training length reproduces the run's final validation numbers. `summarize` reduces the rows to
 mean and min over seeds.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,11 +19,14 @@ from typing import Iterable, Sequence
 import ml_collections
 import numpy as np
 
-from ea_jax import evaluate
-from ea_jax import train_lib
+from ea_jax import evaluate, train_lib
 
-METRICS = ("token_accuracy", "sequence_accuracy", "rollout_token_accuracy",
-           "rollout_sequence_accuracy")
+METRICS = (
+  "token_accuracy",
+  "sequence_accuracy",
+  "rollout_token_accuracy",
+  "rollout_sequence_accuracy",
+)
 
 
 def copy_run(workdir: str, scratch: str) -> str:
@@ -72,30 +76,42 @@ def split_position_accuracy(per_position, boundary: int) -> tuple[float, float]:
   return mean(acc[:boundary]), mean(acc[boundary:])
 
 
-def eval_at_lengths(workdir: str, lengths: Sequence[int], *, scratch: str,
-                    split: str = "test") -> list[dict]:
+def eval_at_lengths(
+  workdir: str, lengths: Sequence[int], *, scratch: str, split: str = "test"
+) -> list[dict]:
   """One row per length: {seq_len, split, step, loss, token/sequence accuracy, rollout
   accuracies, num_examples, token_accuracy_seen / token_accuracy_beyond (split_position_accuracy
   at the training length)} of the checkpoint `workdir` selected on validation (else the latest)
   on `split` (evaluated on a copy under `scratch`)."""
   from ea_jax.study.analysis import loading
+
   step = loading.selected_step(workdir)
   copy = copy_run(workdir, scratch)
   train_len = int(train_lib.read_train_config(copy)["config"]["task"]["seq_len"])
   rows = []
   for seq_len in lengths:
     result = evaluate.evaluate(eval_config(copy, int(seq_len), split), copy, step=step)
-    seen, beyond = split_position_accuracy(result["per_position_accuracy"],
-                                           min(train_len, int(seq_len)))
-    rows.append({"seq_len": int(seq_len), "split": split, "step": result["step"], "loss": result["loss"],
-                 "num_examples": result["num_examples"],
-                 **{m: result.get(m, float("nan")) for m in METRICS},
-                 "token_accuracy_seen": seen, "token_accuracy_beyond": beyond})
+    seen, beyond = split_position_accuracy(
+      result["per_position_accuracy"], min(train_len, int(seq_len))
+    )
+    rows.append(
+      {
+        "seq_len": int(seq_len),
+        "split": split,
+        "step": result["step"],
+        "loss": result["loss"],
+        "num_examples": result["num_examples"],
+        **{m: result.get(m, float("nan")) for m in METRICS},
+        "token_accuracy_seen": seen,
+        "token_accuracy_beyond": beyond,
+      }
+    )
   return rows
 
 
-def summarize(rows: Iterable[dict], keys: Sequence[str], metrics: Sequence[str] = METRICS
-              ) -> list[dict]:
+def summarize(
+  rows: Iterable[dict], keys: Sequence[str], metrics: Sequence[str] = METRICS
+) -> list[dict]:
   """Groups `rows` by `keys` (in first-seen order) and gives, per metric, the mean and the min
   over the group (`<metric>_mean`, `<metric>_min`) and the group size `n`."""
   groups: dict[tuple, list[dict]] = {}

@@ -3,6 +3,7 @@
 The one place the analyses restore a checkpoint, so changing how runs are restored is a change
 here only.
 """
+
 from __future__ import annotations
 
 import os
@@ -10,8 +11,7 @@ import os
 import jax
 import numpy as np
 
-from ea_jax import files
-from ea_jax import train_lib
+from ea_jax import files, train_lib
 
 
 def selected_step(workdir: str) -> int | None:
@@ -35,4 +35,5 @@ def load_run(workdir: str, step: int | None = None):
   params = jax.tree.map(np.asarray, jax.device_get(state.params))
   config = train_lib.read_train_config(workdir)["config"]
   import ml_collections
+
   return setup.model, params, ml_collections.ConfigDict(config)
