@@ -1,6 +1,5 @@
 """The text rung: Shakespeare builder, text task, a tiny LM that learns, generation states agree."""
 
-import importlib.util
 import io
 import math
 import os
@@ -197,10 +196,9 @@ def _unigram_entropy_nats(s):
 
 
 def _lm_module():
-  spec = importlib.util.spec_from_file_location("lm_config", os.path.join(ROOT, "configs", "lm.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  from configs import lm
+
+  return lm
 
 
 @pytest.fixture(scope="module")
