@@ -93,8 +93,8 @@ def geometry_stats(edges, hist_Z) -> dict:
   }
 
 
-def capture_qk(model, params, tokens_BL) -> list[tuple[jax.Array, jax.Array]]:
-  """(q_BLNH, k_BLKH) per layer, as the model's attention layers score them.
+def capture_qkv(model, params, tokens_BL) -> list[tuple[jax.Array, jax.Array, jax.Array]]:
+  """(q_BLNH, k_BLKH, v_BLKH) per layer, as the model's attention layers use them.
 
   Captures the output of each attention module's projection step (`Attention._project` in
   ea_jax.model: q, k after q/k-norm and rope) with Flax `capture_intermediates`.
@@ -110,14 +110,19 @@ def capture_qk(model, params, tokens_BL) -> list[tuple[jax.Array, jax.Array]]:
   out = []
   for i in range(model.cfg.num_layers):
     try:
-      q_BLNH, k_BLKH, _ = sown[f"block_{i}"]["attention"]["_project"][0]
+      q_BLNH, k_BLKH, v_BLKH = sown[f"block_{i}"]["attention"]["_project"][0]
     except KeyError:
       raise RuntimeError(
-        "could not capture q/k: ea_jax.model.Attention no longer has a "
-        "`_project` step returning (q, k, v); update capture_qk"
+        "could not capture q/k/v: ea_jax.model.Attention no longer has a "
+        "`_project` step returning (q, k, v); update capture_qkv"
       ) from None
-    out.append((q_BLNH, k_BLKH))
+    out.append((q_BLNH, k_BLKH, v_BLKH))
   return out
+
+
+def capture_qk(model, params, tokens_BL) -> list[tuple[jax.Array, jax.Array]]:
+  """(q_BLNH, k_BLKH) per layer (see `capture_qkv`)."""
+  return [(q, k) for q, k, _ in capture_qkv(model, params, tokens_BL)]
 
 
 def attention_geometry(model, params, tokens_BL, *, num_bins: int = 20) -> dict:
