@@ -438,6 +438,7 @@ def tiny_study_config():
     config.base.eval.num_examples = 16
     config.base.eval.batch_size = 16
     config.geometry.num_examples = 4
+    config.compilation_cache = "none"  # runs in this process: leave JAX's cache settings alone
   return config
 
 
@@ -446,7 +447,7 @@ def test_smoke_study_end_to_end(tmp_path):
   workdir = str(tmp_path / "study")
   config = tiny_study_config()
   logs = []
-  out = runner.run_study(config, workdir, workers=2, log=logs.append)
+  out = runner.run_study(config, workdir, workers=0, log=logs.append)
   smoke = (config, workdir, out, logs)
   check_csv_figures_and_summary(smoke)
   check_resume_trains_nothing(smoke)
@@ -568,9 +569,9 @@ def check_shards_and_collect_give_the_unsharded_csv(smoke, tmp_path):
   with pytest.raises(ValueError, match="in steps"):
     runner.run_study(config, sharded, workers=0, shard_index=0, num_shards=2)
   for stage in ("tune", "main"):
-    for i in range(2):  # two workers, as in the unsharded run: the same numerics
+    for i in range(2):  # in this process, as the unsharded run: the same numerics
       runner.run_study(
-        config, sharded, workers=2, stage=stage, shard_index=i, num_shards=2, log=lambda _: None
+        config, sharded, workers=0, stage=stage, shard_index=i, num_shards=2, log=lambda _: None
       )
   runner.collect(config, sharded, log=lambda _: None)
   merged = results.read_results(os.path.join(sharded, "results.csv"))
@@ -582,6 +583,29 @@ def check_shards_and_collect_give_the_unsharded_csv(smoke, tmp_path):
   assert results.read_tuning(os.path.join(sharded, "tuning.csv")) == results.read_tuning(
     os.path.join(workdir, "tuning.csv")
   )
+
+
+def test_study_runs_in_worker_processes(tmp_path):
+  """The smoke preset (no tuning, 2 runs) through two spawned workers: each run's result.json is
+  written by a worker and the report is complete."""
+  config = study_config("smoke")
+  with config.unlocked():
+    config.variants = ("dpa",)
+    config.base.train.num_steps = 8
+    config.base.train.eval_every = 4
+    config.base.train.log_every = 4
+    config.base.train.checkpoint_every = 4
+    config.base.eval.num_examples = 16
+    config.geometry.enabled = False
+  workdir = str(tmp_path / "study")
+  out = runner.run_study(config, workdir, workers=2, log=lambda _: None)
+  assert not out["errors"] and len(out["results"]) == 2
+  pids = {
+    runner.read_result(os.path.join(workdir, "runs", r["run_id"]))["worker_pid"]
+    for r in out["results"]
+  }
+  assert os.getpid() not in pids
+  assert os.path.isfile(os.path.join(workdir, "summary.md"))
 
 
 def test_main_stage_needs_the_tuning_runs(tmp_path):

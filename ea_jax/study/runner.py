@@ -94,7 +94,13 @@ def execute(job: tuple) -> dict:
       "wall_seconds": time.time() - t0,
       "stopped": True,
     }
-  result = {**info, "status": status, "summary": summary, "wall_seconds": time.time() - t0}
+  result = {
+    **info,
+    "status": status,
+    "summary": summary,
+    "wall_seconds": time.time() - t0,
+    "worker_pid": os.getpid(),
+  }
   files.write_json(os.path.join(run_dir, RESULT_FILE), result, only_process_0=False)
   return result
 
