@@ -30,13 +30,17 @@ def main(argv=None) -> int:
   flags.DEFINE_bool("collect", False, "Merge shards/*.csv into results.csv and the report.")
   flags.DEFINE_string("publish", None, "Copy the finished report and CSVs to this directory.")
   flags.DEFINE_string("readme", None, "With --publish: write the results block of this README.")
-  flags.DEFINE_bool("verbose", False, "Show the traceback of an error.")
+  flags.DEFINE_bool("verbose", False, "Show libraries' INFO logs and the traceback of an error.")
   flags.mark_flags_as_required(["config", "workdir"])
   FLAGS = flags.FLAGS
 
   def _main(args):
     if len(args) > 1:
       raise app.UsageError(f"unexpected arguments: {args[1:]}")
+    if not FLAGS.verbose:  # orbax's per-checkpoint INFO lines of the report's analyses
+      from ea_jax import runtime
+
+      runtime.quiet_library_logs()
     try:
       if FLAGS.publish:
         for p in report.publish(FLAGS.config, FLAGS.workdir, FLAGS.publish, FLAGS.readme):

@@ -67,6 +67,9 @@ for _name in ("tasks", "widths", "length_factors"):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; all options are --flags")
+  from ea_jax import runtime
+
+  runtime.quiet_library_logs()  # orbax's INFO lines for every checkpoint restored
   options = report.Options(**{name: flags.FLAGS[name].value for name in _OPTION_FLAGS})
   try:  # the sweep folder holds the selected runs (one line if not)
     report.find_runs(options.sweep_dir, tasks=list(options.tasks), widths=list(options.widths))
