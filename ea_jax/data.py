@@ -219,11 +219,12 @@ class GeneratorSource:
     self.train_size = train_size
 
   def _too_small(self, split: str, wanted: int, field: str) -> str:
+    fractions = getattr(self.task, "split_fractions", None)  # the text task splits by document
     return (
       f"{field}={wanted}: task level {self.level} has only "
       f"{self.task.num_split_keys(split)} distinct {split} sequences that can be drawn "
-      f"without repetition (split_fractions={self.task.split_fractions}); allowed: at most "
-      "that many, or a larger level / split fraction"
+      f"without repetition{'' if fractions is None else f' (split_fractions={fractions})'}; "
+      "allowed: at most that many, or a larger level / split"
     )
 
   def train_batches(self, seed: int, batch_size: int, sharding) -> Callable[[int], Batch]:

@@ -154,6 +154,38 @@ def test_every_window_offset_is_drawn_and_none_beyond(tmp_path):
   assert offsets == set(range(task.num_sequences("train")))  # 0 .. len - seq_len - 1
 
 
+def test_distinct_windows_cover_the_split_once_through_the_generator_source(tmp_path):
+  # The generator source's evaluation sets use sample_distinct: every offset exactly once.
+  from ea_jax import data
+
+  rng = np.random.default_rng(2)
+  texts = {s: _random_text(rng, 60, "abcdefghijklmnopqrstuvwxyz") for s in text.SPLITS}
+  paths = _files(tmp_path, texts)
+  task = _task(paths, 8)
+  n = task.num_split_keys("validation")
+  assert n == task.num_sequences("validation") == len(texts["validation"]) - 8
+  b = jax.device_get(task.sample_distinct(jax.random.key(3), jnp.arange(n), "validation"))
+  vocab = np.array(list(task.vocabulary))
+  windows = ["".join(vocab[np.concatenate([i, t[-1:]])]) for i, t in zip(b.inputs, b.targets)]
+  starts = sorted(texts["validation"].find(w) for w in windows)
+  assert starts == list(range(n))  # each window is the text at its offset, each offset once
+  import ml_collections
+
+  cfg = dict(
+    name="text",
+    seq_len=8,
+    corpus="files",
+    text_files=paths["train"],
+    validation_files=paths["validation"],
+    test_files=paths["test"],
+  )
+  source = data.GeneratorSource(ml_collections.ConfigDict(cfg))
+  mesh = jax.make_mesh((1,), ("data",))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  with pytest.raises(ValueError, match="validation"):
+    source.eval_batches("validation", 1, n + 1, 8, sharding)
+
+
 def test_text_task_bad_input_names_the_field(tmp_path):
   paths = _files(tmp_path, {"train": "abcdefgh", "validation": "abcdefgh", "test": "abcdefgh"})
   with pytest.raises(ValueError, match="text.corpus='web'"):

@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ea_jax.tasks import base
+from ea_jax.tasks import base, splits
 
 FAMILY = "text"
 CORPORA = ("shakespeare", "files", "tfds")
@@ -276,6 +276,21 @@ class TextTask(base.TaskBase):
   def window_starts(self, rng: jax.Array, batch_size: int, split: str = "train") -> jax.Array:
     """int32 [B]: the start offsets `sample(rng, batch_size, split)` uses."""
     return jax.random.randint(rng, (batch_size,), 0, self.num_sequences(split), jnp.int32)
+
+  def num_split_keys(self, split: str) -> int:
+    """Distinct sequences `sample_distinct` can draw from `split` (= num_sequences)."""
+    return self.num_sequences(split)
+
+  def sample_distinct(self, rng: jax.Array, index_B: jax.Array, split: str = "train") -> base.Batch:
+    """Windows at distinct start offsets: index i -> a keyed permutation of the split's offsets
+    (distinct indices give distinct windows; used for evaluation sets and finite training sets)."""
+    split = _check_split(split)
+    n = self.num_sequences(split)
+    keys = tuple(jax.random.bits(rng, (splits.ROUNDS,), jnp.uint32))
+    start_B = splits.permute(jnp.asarray(index_B, jnp.int32) % n, n, keys)
+    tokens_N = jnp.asarray(self.tokens(split))
+    x_BT = tokens_N[start_B[:, None] + jnp.arange(self.seq_len + 1, dtype=jnp.int32)[None, :]]
+    return base.next_token_batch(x_BT, jnp.ones((start_B.shape[0], self.seq_len), bool))
 
   def _sample(self, rng, batch_size, split="train"):
     start_B = self.window_starts(rng, batch_size, split)
