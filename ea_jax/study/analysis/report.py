@@ -366,7 +366,7 @@ def _findings(runs, summaries, length_summary, tasks, factors) -> list[str]:
         f"**{task}, {variant}: {verdict}.** The head with the most weight on offsets that "
         f"some rule needs puts {min(union.values()):.2f}–{max(union.values()):.2f} of its "
         f"weight there (chance {chance:.2f}); {len(locked)}/{len(seeds)} seeds have such a head "
-        f"at ≥ {LOCK_MASS}. Validation sequence accuracy of these runs "
+        f"at ≥ {LOCK_MASS}. Test sequence accuracy of these runs "
         f"{min(accs):.3f}–{max(accs):.3f}."
       )
       switches = {
