@@ -458,8 +458,8 @@ def write_readme(
     f"- Wall time: {wall_s / 60:.1f} min.",
     f"- Runs: {len(runs)} study runs of the sweep (tasks {', '.join(tasks)}; width(s) "
     f"{', '.join(map(str, widths))}; variants {', '.join(sorted({r['variant'] for r in runs}))};"
-    f" seeds {', '.join(map(str, sorted({r['seed'] for r in runs})))}), each at its final "
-    "checkpoint.",
+    f" seeds {', '.join(map(str, sorted({r['seed'] for r in runs})))}), each at the checkpoint "
+    "it selected on validation.",
     "",
     "## Delay locking",
     "",
