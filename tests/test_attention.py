@@ -666,19 +666,9 @@ print("MESH_OK")
 
 
 def test_chunked_with_several_blocks_under_an_8_device_mesh():
-  import os  # pylint: disable=g-import-not-at-top
-  import subprocess  # pylint: disable=g-import-not-at-top
+  import train_helpers  # pylint: disable=g-import-not-at-top
 
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  proc = subprocess.run(
-    [sys.executable, "-c", _MESH_SCRIPT],
-    cwd=root,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
+  proc = train_helpers.run_script(_MESH_SCRIPT)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "MESH_OK" in proc.stdout
 

@@ -320,20 +320,9 @@ print("SHARD_SHAPES", seen[0])
 
 
 def test_kernels_run_per_shard_under_a_mesh():
-  import os
-  import subprocess
-  import sys
+  import train_helpers
 
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  proc = subprocess.run(
-    [sys.executable, "-c", _MESH_SCRIPT],
-    cwd=root,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
+  proc = train_helpers.run_script(_MESH_SCRIPT)
   assert proc.returncode == 0, proc.stderr[-3000:]
   # Batch 4 over data x fsdp (2 x 2), heads 4 / kv heads 2 over tensor (2); T padded to 32.
   assert "SHARD_SHAPES ((1, 32, 2, 16), (1, 32, 1, 16), (1, 1, 2, 32, 32))" in proc.stdout

@@ -108,3 +108,22 @@ def sharding_checks(config) -> dict:
 
 if __name__ == "__main__":
   main()
+
+
+def run_script(script: str, timeout: int = 300):
+  """Runs Python `script` in a fresh interpreter at the repository root (so that XLA_FLAGS and
+  other settings take effect before JAX is imported); returns the CompletedProcess."""
+  import os
+  import subprocess
+  import sys
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  return subprocess.run(
+    [sys.executable, "-c", script],
+    cwd=root,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
