@@ -69,6 +69,7 @@ def get_config(arg=None):
   c.train.early_stop = False  # apply the solved / plateau rule
   c.train.patience = 5  # evals without enough improvement that make a plateau
   c.train.plateau_rel = 0.01  # relative validation-loss improvement that counts (1%)
+  c.train.min_steps = 0  # no plateau stop before this step (a run's initial plateau is not one)
   # Peak FLOP/s per device for the MFU estimate. 2e11 ~ a 2-core AVX-512 CPU (2 cores x 32 fp32
   # FLOP/cycle x 3 GHz; on CPU all cores are one device); set your accelerator's peak instead.
   c.train.peak_flops = 2e11

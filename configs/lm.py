@@ -85,9 +85,13 @@ def plan(smoke: bool = False) -> ml_collections.ConfigDict:
   p.base = anchor("dpa")
   p.variants = tuple(VARIANTS)  # which variants the comparison trains
   p.variant_models = ml_collections.ConfigDict(VARIANTS)  # variant -> model fields
-  # Learning-rate grid, tuned per variant on validation loss with `tune_seed`; a selected lr on
-  # the grid's edge is reported as such (tuning.csv column `interior`).
-  p.lr_grid = (3e-4, 1e-3, 3e-3)
+  # Learning-rate grid, tuned per variant on validation loss with `tune_seed`: a selected lr on
+  # the grid's edge grows the grid x3 past it, at most `max_lr_extensions` times (tuning.csv
+  # column `interior`). Two starting values: every variant then needs at least one extension to
+  # bracket its optimum, which costs fewer runs than a wider starting grid (nanoGPT's 1e-3 and
+  # one step above it).
+  p.lr_grid = (1e-3, 3e-3)
+  p.max_lr_extensions = 2
   p.tune_seed = 0
   p.seeds = (0, 1, 2)  # the selected lr is rerun with these (tune seed reused)
   # Long context: "context:variant:implementation" runs of the same model (learned positions
@@ -106,6 +110,10 @@ def plan(smoke: bool = False) -> ml_collections.ConfigDict:
   p.long_steps = 100
   p.long_eval_every = 25
   p.long_eval_examples = 8
+  # Throughput: every run shape timed side by side, `timing_rounds` rounds of `timing_steps`
+  # steps each (ea_jax.lm_study.time_shapes).
+  p.timing_rounds = 5
+  p.timing_steps = 10
   p.sample_tokens = 500  # generated characters in the report
   p.sample_prompt = "ROMEO:\n"
   if smoke:
@@ -117,6 +125,8 @@ def plan(smoke: bool = False) -> ml_collections.ConfigDict:
     b.task.seq_len = 16
     b.eval.num_examples, b.eval.batch_size = 8, 8
     p.lr_grid = (1e-3, 1e-2)
+    p.max_lr_extensions = 1
+    p.timing_rounds, p.timing_steps = 2, 2
     p.seeds = (0, 1)
     p.long_tokens_per_step = 64
     p.long_steps, p.long_eval_every, p.long_eval_examples = 4, 2, 4

@@ -5,8 +5,9 @@
 Every run is `train_lib.train_and_evaluate(config, run_dir)` of the plan's `base` (the nanoGPT
 anchor, configs/lm.py) with the variant's attention, a learning rate and a seed. Stages:
   1. tune     every variant x `lr_grid` with `tune_seed`; the lr with the lowest validation loss
-              (at the run's best eval) is selected per variant (`tuning.csv`, `interior` says
-              whether it is inside the grid).
+              (at the run's best eval) is selected per variant; a choice on the grid's edge
+              grows the grid x3 past it (at most `max_lr_extensions` times, `ea_jax.lr_grid`),
+              so the selection brackets the optimum (`tuning.csv`: `interior`).
   2. seeds    the selected lr with every seed of `seeds` (the tuning run is reused for
               `tune_seed`): test loss at the checkpoint selected on validation (`results.csv`).
   3. long     `long_runs` ("context:variant:implementation"), batch =
@@ -21,9 +22,13 @@ anchor, configs/lm.py) with the variant's attention, a learning rate and a seed.
 A run whose `train_summary.json` reached its step budget is read, not retrained, so the same
 command resumes an interrupted comparison.
 
-Training wall time is the sum over log intervals of tokens / `train/tokens_per_sec` from the
-run's TensorBoard events: evaluation and checkpointing are excluded, and so is compilation (the
-first interval is costed at the run's median throughput). Peak memory is XLA's plan for one
+Throughput and training wall time come from the `throughput` stage: every run shape (variant x
+context x implementation) is compiled, then timed side by side in interleaved rounds
+(`timing_rounds` x `timing_steps` steps; `timing.json`), so a machine shared with other work
+slows every shape alike. tokens/s = tokens per step / median step time; training wall time =
+steps x step time (compilation, evaluation and checkpointing excluded). The training loop's own
+throughput stays in `results.csv` as `logged_tokens_per_sec`. (Without the stage, both come
+from the loop's logged throughput.) Peak memory is XLA's plan for one
 forward+backward pass of the run's model and batch (temporaries + arguments + outputs), from
 `jax.jit(...).lower(...).compile().memory_analysis()`; it is the same on every machine. Test numbers come from `train_summary.json` (`test_loss`,
 `selected_step`) when training reports them; otherwise the final checkpoint is evaluated on the
@@ -40,6 +45,7 @@ import platform
 import statistics
 import subprocess
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +55,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from ea_jax import files
+from ea_jax import lr_grid as lr_grid_lib
 from ea_jax import metrics as metrics_lib
 from ea_jax import model as model_lib
 
@@ -65,9 +72,10 @@ flags.DEFINE_integer(
   "If > 0: time this many steps of every distinct run shape "
   "and print the plan's projected duration instead of running it.",
 )
+STAGES = ("seeds", "long", "throughput", "samples", "report")
 flags.DEFINE_list(
   "stages",
-  ["seeds", "long", "samples", "report"],
+  list(STAGES),
   "Stages after tuning (tuning always runs: the others use its selection).",
 )
 
@@ -304,27 +312,41 @@ def check_eval_splits(config) -> None:
       )
 
 
-def select_lr(rows: list[dict], lr_grid) -> tuple[dict, list[dict]]:
-  """({variant: lr} with the lowest best validation loss, tuning table rows)."""
-  selected, table = {}, []
-  grid = sorted(lr_grid)
-  for variant in dict.fromkeys(r["variant"] for r in rows):
-    mine = sorted((r for r in rows if r["variant"] == variant), key=lambda r: r["lr"])
-    chosen = min(mine, key=lambda r: (r["best_validation_loss"], r["lr"]))
-    selected[variant] = chosen["lr"]
-    interior = grid[0] < chosen["lr"] < grid[-1]
+def tune(variants, lr_grid, max_extensions: int, train) -> tuple[dict, list[dict], list[dict]]:
+  """Per variant, the lr with the lowest best validation loss on a grid that brackets it.
+
+  `train(variant, lr)` -> a results row (with `best_validation_loss`). Starting from `lr_grid`,
+  a best value on an edge grows the grid by x3 past that edge (`ea_jax.lr_grid.bracket`, at
+  most `max_extensions` times), so the choice is interior unless the limit was reached.
+  Returns ({variant: lr}, the rows of every run, tuning table rows with `chosen` / `interior`).
+  """
+  selected, rows, table = {}, [], []
+  for variant in variants:
+    lrs, extensions, done = sorted(lr_grid_lib.lr_key(x) for x in lr_grid), 0, {}
+    while True:
+      for lr in lrs:
+        if lr not in done:
+          done[lr] = train(variant, lr)
+      best = min(lrs, key=lambda lr: (done[lr]["best_validation_loss"], lr))
+      grown, interior = lr_grid_lib.bracket(lrs, best, extensions, max_extensions)
+      if grown is None:
+        break
+      lrs, extensions = grown, extensions + 1
+    selected[variant] = best
+    rows += [done[lr] for lr in lrs]
     table += [
       {
         "variant": variant,
-        "lr": r["lr"],
-        "seed": r["seed"],
-        "best_validation_loss": r["best_validation_loss"],
-        "chosen": r is chosen,
-        "interior": interior if r is chosen else "",
+        "lr": lr,
+        "seed": done[lr]["seed"],
+        "best_validation_loss": done[lr]["best_validation_loss"],
+        "chosen": lr == best,
+        "interior": interior if lr == best else "",
+        "extensions": extensions if lr == best else "",
       }
-      for r in mine
+      for lr in lrs
     ]
-  return selected, table
+  return selected, rows, table
 
 
 def step_memory_bytes(config, vocab_size: int) -> int:
@@ -463,6 +485,7 @@ def _git_commit() -> str:
 
 
 def summary_markdown(plan, results, tuning, long_rows, long_eq, sample_rows, command) -> str:
+  tried = sorted({r["lr"] for r in tuning})
   lines = [
     f"Command: `{command}`  ",
     f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; code "
@@ -501,17 +524,19 @@ def summary_markdown(plan, results, tuning, long_rows, long_eq, sample_rows, com
     "Mean ± standard deviation over seeds; test loss at the checkpoint selected on "
     "validation (`selection` in results.csv).",
     "",
-    "Learning-rate tuning (seed %d, best validation loss):" % plan.tune_seed,
+    "Learning-rate tuning (seed %d, best validation loss; initial grid %s, grown x3 past an "
+    "edge choice at most %d times):"
+    % (plan.tune_seed, ", ".join(f"{x:g}" for x in plan.lr_grid), plan.max_lr_extensions),
     "",
-    "| variant | " + " | ".join(f"lr {lr:g}" for lr in plan.lr_grid) + " | chosen | interior |",
-    "|---|" + "---|" * (len(plan.lr_grid) + 2),
+    "| variant | " + " | ".join(f"lr {lr:g}" for lr in tried) + " | chosen | interior |",
+    "|---|" + "---|" * (len(tried) + 2),
   ]
   for variant in plan.variants:
     mine = {r["lr"]: r for r in tuning if r["variant"] == variant}
     if not mine:
       continue
     chosen = next(r for r in mine.values() if r["chosen"])
-    cells = [f"{mine[lr]['best_validation_loss']:.3f}" if lr in mine else "" for lr in plan.lr_grid]
+    cells = [f"{mine[lr]['best_validation_loss']:.3f}" if lr in mine else "" for lr in tried]
     lines.append(
       f"| {variant} | " + " | ".join(cells) + f" | {chosen['lr']:g} | {chosen['interior']} |"
     )
@@ -580,19 +605,22 @@ def run(plan, workdir: str, out: str, stages, command: str) -> None:
   workdir, out = os.path.abspath(workdir), os.path.abspath(out)
   os.makedirs(workdir, exist_ok=True)
   os.makedirs(out, exist_ok=True)
-  unknown = sorted(set(stages) - {"seeds", "long", "samples", "report"})
+  unknown = sorted(set(stages) - set(STAGES))
   if unknown:
-    raise ValueError(f"--stages: unknown {unknown}; allowed: seeds, long, samples, report")
+    raise ValueError(f"--stages: unknown {unknown}; allowed: {', '.join(STAGES)}")
   check_eval_splits(
     run_config(plan, RunSpec(plan.variants[0], plan.lr_grid[0], plan.tune_seed, "tune"))
   )
-  results, curves = [], []
-  for variant in plan.variants:
-    for lr in plan.lr_grid:
-      row, curve = train_run(plan, RunSpec(variant, lr, plan.tune_seed, "tune"), workdir)
-      results.append(row)
-      curves += curve
-  selected_lr, tuning = select_lr(results, plan.lr_grid)
+  curves = []
+
+  def train_tuning(variant, lr):
+    row, curve = train_run(plan, RunSpec(variant, lr, plan.tune_seed, "tune"), workdir)
+    curves.extend(curve)
+    return row
+
+  selected_lr, results, tuning = tune(
+    plan.variants, plan.lr_grid, plan.max_lr_extensions, train_tuning
+  )
   logging.info("selected learning rates: %s", selected_lr)
   results = [r for r in results if r["lr"] == selected_lr[r["variant"]]] + [
     r for r in results if r["lr"] != selected_lr[r["variant"]]
@@ -604,27 +632,34 @@ def run(plan, workdir: str, out: str, stages, command: str) -> None:
           row, curve = train_run(plan, RunSpec(variant, lr, seed, "seed"), workdir)
           results.append(row)
           curves += curve
+  vocab = int(
+    files.read_json(
+      os.path.join(
+        workdir,
+        "runs",
+        RunSpec(plan.variants[0], selected_lr[plan.variants[0]], plan.tune_seed, "tune").name,
+        "train_config.json",
+      )
+    )["vocab_size"]
+  )
   long_rows, long_eq = [], {}
   if "long" in stages:
-    vocab = int(
-      files.read_json(
-        os.path.join(
-          workdir,
-          "runs",
-          RunSpec(plan.variants[0], selected_lr[plan.variants[0]], plan.tune_seed, "tune").name,
-          "train_config.json",
-        )
-      )["vocab_size"]
-    )
     for spec in long_specs(plan, selected_lr):
       row, curve = train_run(plan, spec, workdir)
       row["memory_bytes"] = step_memory_bytes(run_config(plan, spec), vocab)
       long_rows.append(row)
       curves += curve
-    for context in sorted({r["seq_len"] for r in long_rows}):
-      long_eq[context] = equal_time_losses(
-        [c for c in curves if c["stage"] == "long" and c["seq_len"] == context]
-      )
+  if "throughput" in stages:
+    specs = [RunSpec(v, lr, plan.tune_seed, "tune") for v, lr in selected_lr.items()]
+    specs += long_specs(plan, selected_lr) if "long" in stages else []
+    logging.info("timing %d run shapes side by side", len(specs))
+    timing = time_shapes(plan, specs, vocab, plan.timing_rounds, plan.timing_steps)
+    apply_timing(results + long_rows, curves, timing)
+    files.write_json(os.path.join(out, "timing.json"), timing)
+  for context in sorted({r["seq_len"] for r in long_rows}):
+    long_eq[context] = equal_time_losses(
+      [c for c in curves if c["stage"] == "long" and c["seq_len"] == context]
+    )
   sample_rows = samples(plan, selected_lr, workdir) if "samples" in stages else []
   # Only runs at the selected lr are in the main table; the rest stay in tuning.csv.
   main = [r for r in results if r["lr"] == selected_lr[r["variant"]]]
@@ -650,8 +685,9 @@ def run(plan, workdir: str, out: str, stages, command: str) -> None:
   logging.info("wrote results to %s", out)
 
 
-def _time_steps(config, vocab_size: int, num_steps: int) -> dict:
-  """Median wall and CPU seconds of one training step (AdamW, fwd+bwd) and one eval batch."""
+def _step_fn(config, vocab_size: int) -> tuple[Callable, Callable]:
+  """(one compiled training step (AdamW, fwd+bwd) of the run shape, one eval forward batch),
+  each a no-argument callable returning arrays to block on."""
   import optax  # pylint: disable=import-outside-toplevel
 
   cfg = model_lib.ModelConfig.from_config(
@@ -662,6 +698,7 @@ def _time_steps(config, vocab_size: int, num_steps: int) -> dict:
   tokens = jnp.zeros((B, L), jnp.int32)
   params = model.init(jax.random.key(0), tokens)
   tx = optax.adamw(1e-3)
+  opt_state = tx.init(params)
 
   @jax.jit
   def step(params, opt_state, tokens):
@@ -674,26 +711,93 @@ def _time_steps(config, vocab_size: int, num_steps: int) -> dict:
 
   eval_tokens = jnp.zeros((config.eval.batch_size, L), jnp.int32)
   forward = jax.jit(lambda p, t: model.apply(p, t))
+  train = lambda: step(params, opt_state, tokens)
+  evaluate = lambda: forward(params, eval_tokens)
+  jax.block_until_ready(train())  # compile outside every timing
+  jax.block_until_ready(evaluate())
+  return train, evaluate
 
-  def timed(fn, n):
-    jax.block_until_ready(fn())  # compile
-    wall, cpu = [], []
-    for _ in range(n):
-      w0, c0 = time.perf_counter(), time.process_time()
-      jax.block_until_ready(fn())
-      wall.append(time.perf_counter() - w0)
-      cpu.append(time.process_time() - c0)
-    return statistics.median(wall), statistics.median(cpu)
 
-  opt_state = tx.init(params)
-  train = timed(lambda: step(params, opt_state, tokens), num_steps)
-  evals = timed(lambda: forward(params, eval_tokens), max(2, num_steps // 4))
+def _timed(fn, n: int) -> tuple[float, float]:
+  """Median (wall, CPU) seconds of one call of `fn` over `n` calls."""
+  wall, cpu = [], []
+  for _ in range(n):
+    w0, c0 = time.perf_counter(), time.process_time()
+    jax.block_until_ready(fn())
+    wall.append(time.perf_counter() - w0)
+    cpu.append(time.process_time() - c0)
+  return statistics.median(wall), statistics.median(cpu)
+
+
+def _time_steps(config, vocab_size: int, num_steps: int) -> dict:
+  """Median wall and CPU seconds of one training step (AdamW, fwd+bwd) and one eval batch."""
+  train, evaluate = _step_fn(config, vocab_size)
+  t = _timed(train, num_steps)
+  e = _timed(evaluate, max(2, num_steps // 4))
+  return {"train_wall": t[0], "train_cpu": t[1], "eval_wall": e[0], "eval_cpu": e[1]}
+
+
+def shape_key(variant: str, seq_len: int, impl: str | None) -> str:
+  """A run shape (what its step time depends on): variant, context (which fixes the batch in
+  this plan) and attention implementation."""
+  return f"{variant}:T{seq_len}:{impl or 'auto'}"
+
+
+def time_shapes(plan, specs, vocab_size: int, rounds: int, steps: int) -> dict[str, dict]:
+  """Seconds per training step of every distinct run shape among `specs`, measured side by side.
+
+  Every shape is compiled first; then `rounds` rounds each time `steps` steps of every shape
+  in turn, so slow drifts in the machine's load fall on all shapes alike. Returns {shape_key:
+  {"step_seconds": median over rounds of the mean step time, "rounds": [...],
+  "tokens_per_step": ...}}.
+  """
+  fns, tokens = {}, {}
+  for spec in specs:
+    key = shape_key(spec.variant, spec.seq_len or plan.base.task.seq_len, spec.impl)
+    if key not in fns:
+      c = run_config(plan, spec)
+      fns[key] = _step_fn(c, vocab_size)[0]
+      tokens[key] = c.train.batch_size * c.task.seq_len
+  times = {key: [] for key in fns}
+  for _ in range(rounds):
+    for key, fn in fns.items():
+      t0 = time.perf_counter()
+      for _ in range(steps):
+        out = fn()
+      jax.block_until_ready(out)
+      times[key].append((time.perf_counter() - t0) / steps)
   return {
-    "train_wall": train[0],
-    "train_cpu": train[1],
-    "eval_wall": evals[0],
-    "eval_cpu": evals[1],
+    key: {
+      "step_seconds": statistics.median(v),
+      "rounds": v,
+      "tokens_per_step": tokens[key],
+    }
+    for key, v in times.items()
   }
+
+
+def apply_timing(rows: list[dict], curves: list[dict], timing: dict[str, dict]) -> None:
+  """Rewrites throughput and training time of `rows` and `curves` (in place) from `timing`.
+
+  The training loop's own throughput (kept as `logged_tokens_per_sec`) is measured while
+  whatever else runs on the machine runs, which differs from run to run; the side-by-side step
+  time does not. `tokens_per_sec` = tokens per step / step time; `train_seconds` = steps x step
+  time (compilation, evaluation and checkpointing excluded).
+  """
+  step_s = {}
+  for r in rows:
+    key = shape_key(
+      r["variant"], r["seq_len"], None if r["attention_impl"] == "auto" else r["attention_impl"]
+    )
+    t = timing[key]
+    step_s[r["run"]] = t["step_seconds"]
+    r["logged_tokens_per_sec"] = r["tokens_per_sec"]
+    r["step_seconds"] = t["step_seconds"]
+    r["tokens_per_sec"] = t["tokens_per_step"] / t["step_seconds"]
+    r["train_seconds"] = r["steps"] * t["step_seconds"]
+  for c in curves:
+    if c["run"] in step_s:
+      c["train_seconds"] = c["step"] * step_s[c["run"]]
 
 
 def estimate(plan, num_steps: int) -> str:

@@ -35,6 +35,7 @@ RESUME_MAY_CHANGE = (
   "train.early_stop",
   "train.patience",
   "train.plateau_rel",
+  "train.min_steps",
   "train.peak_flops",
   "train.profile_steps",
   "eval.split",

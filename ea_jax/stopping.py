@@ -6,8 +6,9 @@ looks at validation numbers only; the test split is measured once, at the select
 
 - `decide`: "solved" when validation sequence accuracy is 1.0 at the last two evals; "plateau"
   when the best loss of the last `patience` evals is not at least `plateau_rel` (relative) below
-  the best loss before them; else None (keep training). A run that gets neither ends at
-  `num_steps` ("max_steps").
+  the best loss before them, and the last eval is at step >= `min_steps` (a run's initial
+  plateau, e.g. loss = log(num_symbols) before the first rule is found, must not end it); else
+  None (keep training). A run that gets neither ends at `num_steps` ("max_steps").
 - `steps_to_100`: the first eval step at 1.0 that is confirmed at the next eval.
 - `select`: the checkpoint a run reports: the `steps_to_100` step when there is one, else the
   eval with the lowest validation loss (the earliest on ties).
@@ -53,11 +54,18 @@ def plateaued(history: Sequence[dict], patience: int, plateau_rel: float) -> boo
   return not best_recent <= best_before * (1.0 - plateau_rel)
 
 
-def decide(history: Sequence[dict], patience: int, plateau_rel: float) -> str | None:
-  """ "solved", "plateau" or None (continue) for a run whose validation evals are `history`."""
+def decide(
+  history: Sequence[dict], patience: int, plateau_rel: float, min_steps: int = 0
+) -> str | None:
+  """ "solved", "plateau" or None (continue) for a run whose validation evals are `history`.
+
+  "solved" may end a run at any step; "plateau" only once the last eval's step is >= min_steps.
+  """
+  if min_steps < 0:
+    raise ValueError(f"config.train.min_steps={min_steps}: must be >= 0")
   if len(history) >= 2 and _solved(history[-1]) and _solved(history[-2]):
     return SOLVED
-  if plateaued(history, patience, plateau_rel):
+  if history and history[-1]["step"] >= min_steps and plateaued(history, patience, plateau_rel):
     return PLATEAU
   return None
 

@@ -445,6 +445,8 @@ def _validate(config) -> None:
       raise ValueError(f"config.train.{field}={config.train[field]}: must be >= 1")
   if not 0.0 <= config.train.plateau_rel < 1.0:
     raise ValueError(f"config.train.plateau_rel={config.train.plateau_rel}: must be in [0, 1)")
+  if config.train.min_steps < 0:
+    raise ValueError(f"config.train.min_steps={config.train.min_steps}: must be >= 0")
   if config.eval.num_examples < 1 or config.eval.batch_size < 1:
     raise ValueError("config.eval.num_examples and config.eval.batch_size must be >= 1")
 
@@ -495,7 +497,7 @@ class _Run:
     """What the eval history says now: "solved", "plateau" or None (early_stop off: None)."""
     if not self.tc.early_stop:
       return None
-    return stopping.decide(self.history, self.tc.patience, self.tc.plateau_rel)
+    return stopping.decide(self.history, self.tc.patience, self.tc.plateau_rel, self.tc.min_steps)
 
   def finished_summary(self) -> dict | None:
     """The stored summary if this workdir's run is complete for the current config, else None."""

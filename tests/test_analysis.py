@@ -411,6 +411,11 @@ def test_report_reductions():
   assert out[0]["sequence_accuracy_min"] == 0.0 and out[1]["token_accuracy_min"] == 0.1
   with pytest.raises(ValueError, match="lacks"):
     lengthgen.summarize([{"task": "a"}], ("task",), ("token_accuracy",))
+  learned = {"task": {"seq_len": 48}, "model": {"pos_encoding": "learned"}}
+  rope = {"task": {"seq_len": 48}, "model": {"pos_encoding": "rope"}}
+  assert lengthgen.beyond_position_table(learned, 48) == ""
+  assert "training length 48" in lengthgen.beyond_position_table(learned, 96)
+  assert lengthgen.beyond_position_table(rope, 96) == ""
   seen, beyond = lengthgen.split_position_accuracy([None, 1.0, 0.5, None, 0.25, 0.75], 3)
   assert (seen, beyond) == (0.75, 0.5)
   assert np.isnan(lengthgen.split_position_accuracy([1.0, 0.0], 2)[1])

@@ -265,7 +265,9 @@ def test_empty_rows_are_zero_and_large_inputs_stay_exact(impl, kind, kernel):
   np.testing.assert_array_equal(np.asarray(out[:, :12]), 0.0)
   if mask is not None:
     np.testing.assert_array_equal(np.asarray(out[:, 20]), 0.0)
-  np.testing.assert_allclose(out, want, atol=1e-3, rtol=1e-3)
+  # |out| <= 2.5 here: within ~8 float32 ulps (2.4e-7 at 2) of the reference, although the
+  # scores are ~1e5 (measured: at most 3.8e-7 over every implementation).
+  np.testing.assert_allclose(out, want, atol=2e-6, rtol=0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -631,7 +633,7 @@ def test_chunked_trace_does_not_grow_with_length():
 
 _MESH_SCRIPT = r"""
 import os
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ["JAX_PLATFORMS"] = "cpu"
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P

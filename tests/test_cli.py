@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import chex
+import conftest
 import jax
 import pytest
 import train_helpers
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 def _env():
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-  env.pop("XLA_FLAGS", None)  # one CPU device per process
+  env["XLA_FLAGS"] = conftest.TEST_XLA_FLAGS  # one CPU device per process
   return env
 
 

@@ -144,7 +144,9 @@ def test_bfloat16_compute_is_finite_and_close_to_float32():
   out = forward(model16, params, x_BL)
   assert out.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(out)))
   err = float(jnp.max(jnp.abs(out - ref)))
-  assert err < 0.05 * float(jnp.max(jnp.abs(ref))), err
+  # bf16 keeps 8 significant bits (relative rounding 2^-9 = 0.2%); this one-layer model
+  # compounds a few roundings: measured 0.8% of the largest logit, bound 2%.
+  assert err < 0.02 * float(jnp.max(jnp.abs(ref))), err
   # bf16 rounding must actually have happened (the compute dtype is used).
   assert err > 0.0
 

@@ -75,9 +75,8 @@ def test_batch_sharding_spec():
 
 def _run_in_subprocess(tmp_path, overrides, num_steps, devices):
   out = str(tmp_path / f"run_{devices}.npz")
-  env = dict(
-    os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu"
-  )
+  flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+  env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
   args = json.dumps({"overrides": overrides, "num_steps": num_steps, "out": out})
   proc = subprocess.run(
     [sys.executable, HELPER, args], env=env, capture_output=True, text=True, timeout=240

@@ -47,6 +47,19 @@ def test_plateau_after_patience_evals_without_enough_improvement():
   assert stopping.decide(h, patience=3, plateau_rel=0.99) is None
 
 
+def test_min_steps_holds_an_initial_plateau_but_not_a_solve():
+  # The initial plateau of a recurrence run: loss stuck at log(5) for 6 evals (steps 100..600).
+  flat = _history(*[(1.609, 0.0)] * 6)
+  assert stopping.decide(flat, patience=5, plateau_rel=0.01) == "plateau"
+  assert stopping.decide(flat, patience=5, plateau_rel=0.01, min_steps=601) is None
+  assert stopping.decide(flat, patience=5, plateau_rel=0.01, min_steps=600) == "plateau"
+  # A solve ends the run before min_steps.
+  solved = _history((1.0, 0.5), (0.1, 1.0), (0.05, 1.0))
+  assert stopping.decide(solved, patience=5, plateau_rel=0.01, min_steps=10_000) == "solved"
+  with pytest.raises(ValueError, match="min_steps"):
+    stopping.decide(flat, patience=5, plateau_rel=0.01, min_steps=-1)
+
+
 def test_exactly_one_percent_counts_as_improvement():
   h = _history((1.0, 0.0), (1.0, 0.0), (0.99, 0.0))
   assert stopping.decide(h, patience=1, plateau_rel=0.01) is None

@@ -599,7 +599,8 @@ def test_study_runs_in_worker_processes(tmp_path):
     config.geometry.enabled = False
   workdir = str(tmp_path / "study")
   out = runner.run_study(config, workdir, workers=2, log=lambda _: None)
-  assert not out["errors"] and len(out["results"]) == 2
+  assert not out["errors"], [(e.get("error"), e.get("traceback")) for e in out["errors"]]
+  assert len(out["results"]) == 2
   pids = {
     runner.read_result(os.path.join(workdir, "runs", r["run_id"]))["worker_pid"]
     for r in out["results"]

@@ -317,21 +317,55 @@ def test_training_seconds_exclude_the_first_intervals_compilation():
   np.testing.assert_allclose(seconds, [0, 1000 / median, 1000 / median + 1, 1000 / median + 3])
 
 
-def test_lr_selection_and_equal_time_loss():
+def test_side_by_side_timing_replaces_logged_throughput_and_training_time():
   from ea_jax import lm_study
 
   rows = [
-    {"variant": "a", "lr": lr, "seed": 0, "best_validation_loss": loss}
-    for lr, loss in ((1e-3, 2.0), (3e-3, 1.5), (1e-2, 1.7))
-  ]
-  rows += [
-    {"variant": "b", "lr": lr, "seed": 0, "best_validation_loss": loss}
-    for lr, loss in ((1e-3, 2.0), (3e-3, 1.9), (1e-2, 1.8))
-  ]
-  selected, table = lm_study.select_lr(rows, (1e-3, 3e-3, 1e-2))
-  assert selected == {"a": 3e-3, "b": 1e-2}
-  assert [(r["variant"], r["lr"]) for r in table if r["chosen"]] == [("a", 3e-3), ("b", 1e-2)]
-  assert [r["interior"] for r in table if r["chosen"]] == [True, False]
+    {"run": "r1", "variant": "dpa", "seq_len": 64, "attention_impl": "auto", "steps": 100,
+     "tokens_per_sec": 123.0, "train_seconds": 9.0},
+    {"run": "r2", "variant": "ea_square", "seq_len": 1024, "attention_impl": "linear",
+     "steps": 10, "tokens_per_sec": 5.0, "train_seconds": 1.0},
+  ]  # fmt: skip
+  curves = [{"run": "r1", "step": 50, "train_seconds": 1.0}, {"run": "r2", "step": 10}]
+  timing = {
+    lm_study.shape_key("dpa", 64, None): {"step_seconds": 0.5, "tokens_per_step": 768},
+    lm_study.shape_key("ea_square", 1024, "linear"): {"step_seconds": 2.0, "tokens_per_step": 4096},
+  }
+  lm_study.apply_timing(rows, curves, timing)
+  assert [r["tokens_per_sec"] for r in rows] == [768 / 0.5, 4096 / 2.0]
+  assert [r["logged_tokens_per_sec"] for r in rows] == [123.0, 5.0]
+  assert [r["train_seconds"] for r in rows] == [50.0, 20.0]
+  assert [c["train_seconds"] for c in curves] == [25.0, 20.0]
+
+
+def test_lr_tuning_grows_the_grid_past_an_edge_and_equal_time_loss():
+  from ea_jax import lm_study
+
+  # Validation loss as a function of lr: "a" is best at 3e-3 (interior once 9e-3 is tried),
+  # "b" keeps improving upwards, "c" keeps improving downwards.
+  truth = {
+    "a": {1e-3: 2.0, 3e-3: 1.5, 9e-3: 1.7},
+    "b": {1e-3: 2.0, 3e-3: 1.9, 9e-3: 1.8, 0.027: 1.7, 0.081: 1.6},
+    "c": {1e-4: 1.2, 1e-3: 1.4, 3e-3: 1.9, 3.33333e-4: 1.3, 1.11111e-4: 1.1},
+  }
+  trained = []
+
+  def train(variant, lr):
+    trained.append((variant, lr))
+    return {"variant": variant, "lr": lr, "seed": 0, "best_validation_loss": truth[variant][lr]}
+
+  selected, rows, table = lm_study.tune(("a", "b", "c"), (1e-3, 3e-3), 2, train)
+  # a: edge 3e-3 -> 9e-3 added, then interior. b: 9e-3, 2.7e-2 added, still the edge, limit.
+  # c: edge 1e-3 -> 3.33333e-4, then 1.11111e-4: still the edge at the limit.
+  assert selected == {"a": 3e-3, "b": 0.027, "c": 1.11111e-4}
+  assert trained == [
+    ("a", 1e-3), ("a", 3e-3), ("a", 9e-3),
+    ("b", 1e-3), ("b", 3e-3), ("b", 9e-3), ("b", 0.027),
+    ("c", 1e-3), ("c", 3e-3), ("c", 3.33333e-4), ("c", 1.11111e-4),
+  ]  # fmt: skip
+  chosen = [(r["variant"], r["interior"], r["extensions"]) for r in table if r["chosen"]]
+  assert chosen == [("a", True, 1), ("b", False, 2), ("c", False, 2)]
+  assert len(rows) == len(trained) and len(table) == len(trained)
   curves = [
     {"run": "fast", "train_seconds": t, "validation_loss": v} for t, v in ((5, 3.0), (10, 2.0))
   ]

@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 from typing import Iterable, Sequence
 
-from ea_jax import files
+from ea_jax import files, lr_grid
+from ea_jax.lr_grid import lr_key
 from ea_jax.study import plan
 
 RESULTS_CSV = "results.csv"
@@ -197,11 +198,6 @@ def number(x, default=math.nan) -> float:
 # ------------------------------------------------------------------------------------------
 
 
-def lr_key(lr: float) -> float:
-  """Learning rates compared at 6 significant digits (3e-3 / 3 == 1e-3)."""
-  return float(f"{float(lr):.6g}")
-
-
 def _loss(row: dict | None) -> float:
   """Tuning objective: validation loss at the selected checkpoint (diverged/missing = inf)."""
   if row is None or row.get("status") != "ok":
@@ -248,14 +244,9 @@ def tuning_plan(config, done: dict[tuple, dict]) -> tuple[list[tuple], dict[tupl
           break
         best = _best([done[(variant, width, lr, pos)] for lr in lrs])
         best_lr = lr_key(float(best["learning_rate"]))
-        at_low, at_high = best_lr == lrs[0], best_lr == lrs[-1]
-        interior = len(lrs) >= 3 and not (at_low or at_high)
-        if not interior and extensions < t.max_extensions and len(lrs) >= 2:
-          extensions += 1
-          if at_low:
-            lrs.insert(0, lr_key(lrs[0] / 3))
-          else:
-            lrs.append(lr_key(lrs[-1] * 3))
+        grown, interior = lr_grid.bracket(lrs, best_lr, extensions, t.max_extensions)
+        if grown is not None:
+          lrs, extensions = grown, extensions + 1
           continue
         choices[(variant, width)] = {
           "learning_rate": best_lr,

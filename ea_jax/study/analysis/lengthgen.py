@@ -7,6 +7,10 @@ the run's own training config, `task.seq_len` and `eval.split` overridden: the e
 number of examples are those of the validation during training, so `split="validation"` at the
 training length reproduces the run's final validation numbers. `summarize` reduces the rows to
 mean and min over seeds.
+
+A model with learned positions has a table of exactly its training length, so it cannot be
+evaluated beyond it: those lengths give a row with NaN metrics and `skipped` saying why
+(`beyond_position_table`), so a study mixing position encodings still reports every run.
 """
 
 from __future__ import annotations
@@ -76,6 +80,15 @@ def split_position_accuracy(per_position, boundary: int) -> tuple[float, float]:
   return mean(acc[:boundary]), mean(acc[boundary:])
 
 
+def beyond_position_table(config: dict, seq_len: int) -> str:
+  """Why `seq_len` cannot be evaluated for a run whose training config is `config` ("" = it can):
+  learned positions have no embedding past the training length."""
+  train_len = int(config["task"]["seq_len"])
+  if config["model"].get("pos_encoding") == "learned" and seq_len > train_len:
+    return f"learned positions end at the training length {train_len}"
+  return ""
+
+
 def eval_at_lengths(
   workdir: str, lengths: Sequence[int], *, scratch: str, split: str = "test"
 ) -> list[dict]:
@@ -87,9 +100,27 @@ def eval_at_lengths(
 
   step = loading.selected_step(workdir)
   copy = copy_run(workdir, scratch)
-  train_len = int(train_lib.read_train_config(copy)["config"]["task"]["seq_len"])
+  config = train_lib.read_train_config(copy)["config"]
+  train_len = int(config["task"]["seq_len"])
   rows = []
   for seq_len in lengths:
+    skipped = beyond_position_table(config, int(seq_len))
+    if skipped:
+      nan = float("nan")
+      rows.append(
+        {
+          "seq_len": int(seq_len),
+          "split": split,
+          "step": step,
+          "loss": nan,
+          "num_examples": 0,
+          **{m: nan for m in METRICS},
+          "token_accuracy_seen": nan,
+          "token_accuracy_beyond": nan,
+          "skipped": skipped,
+        }
+      )
+      continue
     result = evaluate.evaluate(eval_config(copy, int(seq_len), split), copy, step=step)
     seen, beyond = split_position_accuracy(
       result["per_position_accuracy"], min(train_len, int(seq_len))
@@ -104,6 +135,7 @@ def eval_at_lengths(
         **{m: result.get(m, float("nan")) for m in METRICS},
         "token_accuracy_seen": seen,
         "token_accuracy_beyond": beyond,
+        "skipped": "",
       }
     )
   return rows

@@ -33,7 +33,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from ea_jax import files
+from ea_jax import files, train_lib
 from ea_jax.study import plots
 from ea_jax.study.analysis import delays, lengthgen, loading
 from ea_jax.study.formatting import fmt, spread
@@ -439,6 +439,7 @@ def write_readme(
   widths,
   factors,
   delay_examples,
+  not_evaluable=(),
 ) -> None:
   lines = [
     "# Analysis: delay locking and length generalisation",
@@ -538,6 +539,10 @@ def write_readme(
     "",
     "Per-run numbers: `lengthgen.csv`.",
     "",
+    f"Not evaluable, so left out of both analyses (rows with NaN in `lengthgen.csv`): "
+    f"{len(not_evaluable)} run-lengths"
+    + (": " + "; ".join(not_evaluable) + "." if not_evaluable else "."),
+    "",
     "## Findings",
     "",
   ]
@@ -566,6 +571,7 @@ def run(options: Options, *, command: str) -> str:
   os.makedirs(options.out, exist_ok=True)
   factors = list(options.length_factors)
   summaries, heads, figures, length_rows, repro = [], [], [], [], []
+  not_evaluable = []  # run-lengths beyond a learned position table (delays and lengthgen skip)
   for i, run_ in enumerate(runs):
     ident = {
       "run": run_["run"],
@@ -575,7 +581,12 @@ def run(options: Options, *, command: str) -> str:
       "seed": run_["seed"],
     }
     trained = loading.load_run(run_["dir"])
+    run_config = train_lib.read_train_config(run_["dir"])["config"]
     for k in factors:
+      why = lengthgen.beyond_position_table(run_config, run_["seq_len"] * k)
+      if why:
+        not_evaluable.append(f"{run_['run']} at L={run_['seq_len'] * k} ({why})")
+        continue
       out = delays.delay_analysis(
         *trained, num_examples=options.delay_examples, seq_len=run_["seq_len"] * k
       )
@@ -638,6 +649,7 @@ def run(options: Options, *, command: str) -> str:
     tasks=list(options.tasks),
     widths=list(options.widths),
     factors=factors,
+    not_evaluable=not_evaluable,
     delay_examples=options.delay_examples,
   )
   print(f"wrote {readme} in {time.time() - t0:.0f} s", flush=True)
