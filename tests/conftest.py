@@ -21,5 +21,19 @@ TEST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensiv
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+# Module-scoped fixtures that train or draw something expensive. Under `--dist loadgroup`
+# (`make test`) every test using one of them runs in the same worker, so it is built once.
+_SHARED_FIXTURES = ("trained", "trained_square", "tiny_sweep", "one_process", "campaign")
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  for item in items:
+    shared = [name for name in _SHARED_FIXTURES if name in getattr(item, "fixturenames", ())]
+    if shared and item.get_closest_marker("xdist_group") is None:
+      item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}:{shared[0]}"))

@@ -36,8 +36,13 @@ def _all_levels():
   ]
 
 
-LEVELS = _all_levels()
-LEVEL_IDS = [f"{name}-{i}" for name, i, _ in LEVELS]
+# Each ladder's draws are compiled once per test process (`_split_draws`); `make test` runs with
+# `--dist loadgroup`, so every test of one ladder runs in the process that drew it.
+LEVELS = [
+  pytest.param(name, i, cfg, id=f"{name}-{i}", marks=pytest.mark.xdist_group(name))
+  for name, i, cfg in _all_levels()
+]
+LADDERS = [pytest.param(n, id=n, marks=pytest.mark.xdist_group(n)) for n in tasks.ladder_names()]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -238,7 +243,7 @@ def _ladder_samples(name):
   return (level_tasks, [step(d, 0) for d in draws], [step(d, 1) for d in draws])
 
 
-@pytest.mark.parametrize("name,index,cfg", LEVELS, ids=LEVEL_IDS)
+@pytest.mark.parametrize("name,index,cfg", LEVELS)
 def test_level_sampling_and_scoring(name, index, cfg):
   level_tasks, first, other = _ladder_samples(name)
   task, batch = level_tasks[index], first[index]
@@ -260,7 +265,7 @@ def test_level_sampling_and_scoring(name, index, cfg):
   np.testing.assert_array_equal(weights, expected)
 
 
-@pytest.mark.parametrize("name", tasks.ladder_names())
+@pytest.mark.parametrize("name", LADDERS)
 def test_checkers_reject_a_corrupted_scored_target(name):
   """The checkers can fail: changing one scored target of a valid row is caught."""
   level_tasks, first, _ = _ladder_samples(name)
@@ -272,6 +277,7 @@ def test_checkers_reject_a_corrupted_scored_target(name):
     CHECKERS[task.family](task, x_BT)
 
 
+@pytest.mark.xdist_group("recurrence")
 def test_sampling_inside_a_larger_jit_matches_direct_sampling():
   from ea_jax import data
 
@@ -593,7 +599,7 @@ def _split_draws(name):
   return level_tasks, draws
 
 
-@pytest.mark.parametrize("name,index,cfg", LEVELS, ids=LEVEL_IDS)
+@pytest.mark.parametrize("name,index,cfg", LEVELS)
 def test_splits_share_no_sequence_at_the_training_budgets(name, index, cfg):
   level_tasks, draws = _split_draws(name)
   task, batches = level_tasks[index], draws[index]
