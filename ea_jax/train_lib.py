@@ -458,8 +458,9 @@ class _Run:
   """One call of `train_and_evaluate`: the pieces its stages share.
 
   Stages, in order: `__init__` (set up: validate, data, model, no files yet), `open` (init or
-  restore, history), `loop` (train steps, periodic log / eval / stop / checkpoint), `finish`
-  (test split at the selected checkpoint, summary).
+  restore, history), `loop` (the train steps; `open_writer` makes the metric writer and hooks,
+  `log_train` writes every `log_every` steps, `validate` + `decision` every `eval_every`, and
+  checkpoints), `finish` (test split at the selected checkpoint, summary).
   """
 
   def __init__(self, config, workdir: str):
@@ -516,41 +517,29 @@ class _Run:
 
   # -- the loop ----------------------------------------------------------------------------
 
-  def loop(self, stack: contextlib.ExitStack) -> str:
-    """Trains from `self.start`; returns how it ended ("solved", "plateau", "max_steps",
-    "sigterm"). Saves a checkpoint at every validation eval (the candidates for selection),
-    every `checkpoint_every` steps and where it stops."""
+  def open_writer(self, stack: contextlib.ExitStack) -> list:
+    """The metric writer (hparams on a fresh run, the parameter overview in the log) and the
+    periodic hooks (progress, an optional profile); returns the hooks."""
     from clu import metric_writers, parameter_overview, periodic_actions
 
-    from ea_jax import model as model_lib
-
-    tc, setup, state = self.tc, self.setup, self.state
-    preemption = stack.enter_context(_Preemption())
-    self.writer = writer = metric_writers.create_default_writer(
+    tc = self.tc
+    self.writer = metric_writers.create_default_writer(
       self.workdir, just_logging=jax.process_index() > 0
     )
-    stack.callback(writer.close)
+    stack.callback(self.writer.close)
     if self.start == 0:
-      writer.write_hparams(_flat_hparams(self.config))
+      self.writer.write_hparams(_flat_hparams(self.config))
     logging.info(
       "model: %d parameters, mesh %s\n%s",
       self.num_params,
-      dict(setup.mesh.shape),
+      dict(self.setup.mesh.shape),
       parameter_overview.get_parameter_overview(
-        state.params, include_stats=jax.process_count() == 1
+        self.state.params, include_stats=jax.process_count() == 1
       ),
     )
-
-    train_step = setup.train_step(tc.batch_size)
-    self.eval_step = setup.eval_step(self.config.eval.batch_size)
-    next_batch = self.source.train_batches(tc.seed, tc.batch_size, self.train_sh)
-    flops_per_step = (
-      model_lib.flops_per_token(setup.model_cfg, setup.max_len) * tc.batch_size * setup.max_len
-    )
-    peak = tc.peak_flops * jax.device_count()
     hooks = [
       periodic_actions.ReportProgress(
-        num_train_steps=tc.num_steps, writer=writer, every_steps=tc.log_every, every_secs=None
+        num_train_steps=tc.num_steps, writer=self.writer, every_steps=tc.log_every, every_secs=None
       )
     ]
     if tc.profile_steps > 0 and jax.process_index() == 0:
@@ -563,6 +552,45 @@ class _Run:
           every_secs=None,
         )
       )
+    return hooks
+
+  def log_train(self, step: int, accum, steps_done: int, elapsed: float) -> None:
+    """Writes the training metrics merged over the last `steps_done` steps (`accum`), with
+    throughput and MFU over their `elapsed` seconds (evaluation and checkpointing excluded)."""
+    from ea_jax import model as model_lib
+
+    tc, setup = self.tc, self.setup
+    computed = metrics_lib.to_python(jax.device_get(accum).compute())
+    tokens_per_sec = steps_done * tc.batch_size * setup.max_len / max(elapsed, 1e-9)
+    flops_per_step = (
+      model_lib.flops_per_token(setup.model_cfg, setup.max_len) * tc.batch_size * setup.max_len
+    )
+    computed["tokens_per_sec"] = tokens_per_sec
+    computed["mfu"] = (
+      flops_per_step * steps_done / max(elapsed, 1e-9) / (tc.peak_flops * jax.device_count())
+    )
+    self.last_loss = computed["loss"]
+    self.writer.write_scalars(step, {f"train/{k}": v for k, v in computed.items() if v is not None})
+    logging.info(
+      "step %d/%d  loss %.4f  token_acc %.4f  seq_acc %.4f  (%.0f tokens/s)",
+      step,
+      tc.num_steps,
+      computed["loss"],
+      computed["token_accuracy"],
+      computed["sequence_accuracy"],
+      tokens_per_sec,
+    )
+
+  def loop(self, stack: contextlib.ExitStack) -> str:
+    """Trains from `self.start`; returns how it ended ("solved", "plateau", "max_steps",
+    "sigterm"). Saves a checkpoint at every validation eval (the candidates for selection),
+    every `checkpoint_every` steps and where it stops."""
+    tc, state = self.tc, self.state
+    preemption = stack.enter_context(_Preemption())
+    hooks = self.open_writer(stack)
+    train_step = self.setup.train_step(tc.batch_size)
+    self.eval_step = self.setup.eval_step(self.config.eval.batch_size)
+    next_batch = self.source.train_batches(tc.seed, tc.batch_size, self.train_sh)
 
     last_good = self.latest
     prev = None  # (step index, TrainMetrics) of the previous step, read one step late
@@ -588,40 +616,22 @@ class _Run:
       last_step = step == tc.num_steps
       if step % tc.log_every == 0 or last_step:
         _check_finite(prev[0], prev[1], last_good)
-        computed = metrics_lib.to_python(jax.device_get(accum).compute())
+        self.log_train(step, accum, step - steps_mark, time.time() - t_mark)
         accum = None
-        elapsed = time.time() - t_mark
-        steps_done = step - steps_mark
-        tokens_per_sec = steps_done * tc.batch_size * setup.max_len / max(elapsed, 1e-9)
-        computed["tokens_per_sec"] = tokens_per_sec
-        computed["mfu"] = flops_per_step * steps_done / max(elapsed, 1e-9) / peak
-        self.last_loss = computed["loss"]
-        writer.write_scalars(step, {f"train/{k}": v for k, v in computed.items() if v is not None})
-        logging.info(
-          "step %d/%d  loss %.4f  token_acc %.4f  seq_acc %.4f  (%.0f tokens/s)",
-          step,
-          tc.num_steps,
-          computed["loss"],
-          computed["token_accuracy"],
-          computed["sequence_accuracy"],
-          tokens_per_sec,
-        )
         t_mark, steps_mark = time.time(), step
 
       evaluated = step % tc.eval_every == 0 or last_step
+      t0 = time.time()
       if evaluated:
-        t0 = time.time()
         self.validate(step, state.params)
         ended = self.decision()
         if ended is not None:
           logging.info("stopping at step %d: %s (validation)", step, ended)
-        t_mark += time.time() - t0
       if evaluated or step % tc.checkpoint_every == 0:
         _check_finite(prev[0], prev[1], last_good)
-        t0 = time.time()
         self.ckpts.save(step, state)
         last_good = step
-        t_mark += time.time() - t0
+      t_mark += time.time() - t0  # evaluation and checkpointing are not training time
 
     if ended == stopping.SIGTERM:
       if prev is not None:
