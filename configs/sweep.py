@@ -158,6 +158,10 @@ def get_config(arg=None):
     c.tune.level = 3
     c.tune.pos_width = 64
     c.base = _base(20000, batch_size=64, eval_every=250, eval_examples=2048)
+    # No plateau stop in the first 10% of the budget: a run's initial plateau (loss near
+    # log(num_symbols) before it finds the first rule) is not convergence. The CPU study ran
+    # without this (min_steps 0), which ended its width-4 EA runs at step 600 (docs/results).
+    c.base.train.min_steps = 2000
     c.base.model.num_heads = c.base.model.num_kv_heads = 4
   elif arg == "ablation":
     c.variants = ABLATION_VARIANTS

@@ -302,6 +302,23 @@ def test_plateau_stops_selects_on_validation_and_reports_test(tmp_path):
     assert resumed[key] == summary[key], key
 
 
+def test_min_steps_defers_a_plateau_stop(tmp_path):
+  # The same surely-plateauing run, but no plateau may end it before step 8: it ends there.
+  overrides = {
+    "train.eval_every": 2,
+    "train.checkpoint_every": 2,
+    "train.early_stop": True,
+    "train.patience": 1,
+    "train.plateau_rel": 0.99,
+    "train.min_steps": 8,
+    "train.num_steps": 40,
+  }
+  summary = train_lib.train_and_evaluate(
+    train_helpers.load_config("tiny", overrides), str(tmp_path)
+  )
+  assert summary["ended_by"] == "plateau" and summary["step"] == 8
+
+
 def test_sigterm_saves_and_resume_is_exact(trained, tmp_path, monkeypatch):
   ref_dir, config, ref_summary = trained
   workdir = str(tmp_path / "interrupted")
