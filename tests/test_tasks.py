@@ -487,7 +487,7 @@ def test_tfds_config_names():
 
   assert tfds_builder.builder_config_name("recurrence", 2) == "recurrence-2"
   names = [c.name for c in tfds_builder.EaLadder.BUILDER_CONFIGS]
-  expected = [tfds_builder.builder_config_name(name, i) for name, i, _ in LEVELS]
+  expected = [tfds_builder.builder_config_name(name, i) for name, i, _ in _all_levels()]
   assert names == expected and len(set(names)) == len(names)
   top = len(tasks.ladder("recurrence")) - 1
   with pytest.raises(ValueError, match=rf"level_index={top + 1}.*\[0, {top}\]"):
