@@ -105,8 +105,8 @@ def plan(smoke: bool = False) -> ml_collections.ConfigDict:
     "4096:ea_square:linear",
   )
   p.long_tokens_per_step = 4096
-  p.long_steps = 100
-  p.long_eval_every = 25
+  p.long_steps = 50  # throughput, memory and early loss; not a converged long-context model
+  p.long_eval_every = 10
   p.long_eval_examples = 8
   # Throughput: every run shape timed side by side, `timing_rounds` rounds of `timing_steps`
   # steps each (ea_jax.lm_study.time_shapes).
