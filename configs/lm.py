@@ -110,8 +110,8 @@ def plan(smoke: bool = False) -> ml_collections.ConfigDict:
   p.long_eval_examples = 8
   # Throughput: every run shape timed side by side, `timing_rounds` rounds of `timing_steps`
   # steps each (ea_jax.lm_study.time_shapes).
-  p.timing_rounds = 5
-  p.timing_steps = 10
+  p.timing_rounds = 3
+  p.timing_steps = 5
   p.sample_tokens = 500  # generated characters in the report
   p.sample_prompt = "ROMEO:\n"
   if smoke:
