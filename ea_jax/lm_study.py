@@ -295,8 +295,6 @@ def train_runs(
   the runs trained now are appended to `trained_log`. A run that failed raises, naming the run
   and its error (a rerun resumes it from its checkpoint).
   """
-  from ea_jax.study import runner  # pylint: disable=import-outside-toplevel
-
   configs = {spec: run_config(plan, spec) for spec in specs}
   jobs = [
     (_run_dir(workdir, spec), configs[spec].to_dict(), {"run_id": spec.name})
