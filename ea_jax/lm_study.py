@@ -358,9 +358,7 @@ def check_eval_splits(config) -> None:
       )
 
 
-def tune(
-  variants, lr_grid, max_extensions: int, train_many
-) -> tuple[dict, list[dict], list[dict]]:
+def tune(variants, lr_grid, max_extensions: int, train_many) -> tuple[dict, list[dict], list[dict]]:
   """Per variant, the lr with the lowest best validation loss on a grid that brackets it.
 
   `train_many([(variant, lr), ...])` -> one results row (with `best_validation_loss`) per pair,
@@ -544,7 +542,8 @@ def _git_commit() -> str:
 def summary_markdown(
   plan, results, tuning, long_rows, long_eq, sample_rows, command, invocation=None
 ) -> str:
-  """The report; `invocation` (minutes, trained, runs, workers) describes the command's run."""
+  """The report; `invocation` (minutes, trained, runs, workers, commit) describes the command's
+  run."""
   tried = sorted({r["lr"] for r in tuning})
   lines = [f"Command: `{command}`  "]
   if invocation:
@@ -555,7 +554,7 @@ def summary_markdown(
     )
   lines += [
     f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; code "
-    f"commit {_git_commit()}; machine: {platform.processor() or platform.machine()}, "
+    f"commit {(invocation or {}).get('commit') or _git_commit()}; machine: {platform.processor() or platform.machine()}, "
     f"{os.cpu_count()} CPU cores, jax {jax.__version__} ({jax.default_backend()}).",
     "",
   ]
@@ -679,7 +678,7 @@ def run(plan, workdir: str, out: str, stages, command: str, workers: int = 0) ->
   )
   from ea_jax.study import runner  # pylint: disable=import-outside-toplevel
 
-  t_start, trained_now, curves = time.time(), [], []
+  t_start, commit, trained_now, curves = time.time(), _git_commit(), [], []
   executor = runner.Executor(workers, os.path.join(workdir, "jax_cache"), log=logging.info)
   try:
 
@@ -769,6 +768,7 @@ def run(plan, workdir: str, out: str, stages, command: str, workers: int = 0) ->
           trained=len(trained_now),
           runs=len(results) + len(long_rows),
           workers=workers,
+          commit=commit,  # the code when the command started
         ),
       ),
     )
