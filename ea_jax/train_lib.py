@@ -78,6 +78,14 @@ def learning_rate_schedule(train_config) -> optax.Schedule:
   )
 
 
+def unit_schedule(train_config) -> optax.Schedule:
+  """The schedule's shape: `learning_rate_schedule` with a peak of 1. The compiled train step
+  multiplies it by the peak learning rate, which it takes as an argument."""
+  unit = ml_collections.ConfigDict(train_config.to_dict())
+  unit.learning_rate = 1.0
+  return learning_rate_schedule(unit)
+
+
 def decay_mask(params) -> Any:
   """True for matrices that get weight decay; False for norms, biases (ndim < 2) and embeddings."""
 
@@ -88,12 +96,19 @@ def decay_mask(params) -> Any:
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(train_config) -> optax.GradientTransformation:
-  """Global-norm clipping, then AdamW (decay masked by `decay_mask`) on the warmup-cosine schedule."""
+def make_optimizer(train_config, schedule: optax.Schedule) -> optax.GradientTransformation:
+  """Global-norm clipping, then AdamW (decay masked by `decay_mask`) on `schedule`.
+
+  Built on `unit_schedule`, the update is -shape(t) (adam + decay); the train step scales it by
+  the peak learning rate, a runtime argument. That is AdamW at lr(t) = peak * shape(t), and
+  runs that differ only in their learning rate share one compiled step (an lr sweep compiles
+  once). `optax.inject_hyperparams` would do the same but adds the rate to the optimizer state,
+  which would change every checkpoint's structure.
+  """
   return optax.chain(
     optax.clip_by_global_norm(train_config.grad_clip),
     optax.adamw(
-      learning_rate_schedule(train_config),
+      schedule,
       b1=train_config.b1,
       b2=train_config.b2,
       weight_decay=train_config.weight_decay,
@@ -132,9 +147,10 @@ def make_init(model, tx, *, seq_len: int, mesh, rules) -> tuple[Callable, Any]:
 
 
 def make_train_step(model, tx, schedule, state_shardings, batch_sharding, rules) -> Callable:
-  """jit(state, batch) -> (new state, TrainMetrics); state donated, shardings pinned."""
+  """jit(state, batch, learning_rate) -> (new state, TrainMetrics); state donated, shardings
+  pinned. `tx` runs on the unit `schedule`; `learning_rate` (a float32 scalar) is the peak."""
 
-  def train_step(state: TrainState, batch: data_lib.Batch):
+  def train_step(state: TrainState, batch: data_lib.Batch, learning_rate):
     def loss_fn(params):
       with nn.logical_axis_rules(rules):
         logits_BLV = model.apply({"params": params}, batch.inputs)
@@ -142,6 +158,7 @@ def make_train_step(model, tx, schedule, state_shardings, batch_sharding, rules)
 
     (_, logits_BLV), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    updates = jax.tree.map(lambda u: u * learning_rate.astype(u.dtype), updates)
     params = optax.apply_updates(state.params, updates)
     m = metrics_lib.TrainMetrics.make(
       logits_BLV,
@@ -149,7 +166,7 @@ def make_train_step(model, tx, schedule, state_shardings, batch_sharding, rules)
       batch.weights,
       grad_norm=optax.tree.norm(grads),
       update_norm=optax.tree.norm(updates),
-      learning_rate=schedule(state.step),
+      learning_rate=learning_rate * schedule(state.step),
     )
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), m
 
@@ -157,7 +174,7 @@ def make_train_step(model, tx, schedule, state_shardings, batch_sharding, rules)
   replicated = sharding_lib.replicated(batch_sharding.mesh)
   return jax.jit(
     train_step,
-    in_shardings=(state_shardings, batch_sh),
+    in_shardings=(state_shardings, batch_sh, replicated),
     out_shardings=(state_shardings, replicated),
     donate_argnums=0,
   )
@@ -203,8 +220,8 @@ class Setup:
     self.rules = sharding_lib.logical_rules(dict(config.logical_axis_rules))
     self.vocab_size, self.max_len = vocab_size, max_len
     self.model, self.model_cfg = build_model(config.model, vocab_size=vocab_size, max_len=max_len)
-    self.schedule = learning_rate_schedule(config.train)
-    self.tx = make_optimizer(config.train)
+    self.schedule = unit_schedule(config.train)  # x the peak lr, an argument of the step
+    self.tx = make_optimizer(config.train, self.schedule)
     self._init = None
     self._steps = {}
 
@@ -237,7 +254,9 @@ class Setup:
     self._build_init()
     return self._init[0](data_lib.stream_key(seed, "init")), self._init[1]
 
-  def train_step(self, batch_size: int) -> Callable:
+  def train_step(self, batch_size: int, learning_rate: float) -> Callable:
+    """(state, batch) -> (new state, TrainMetrics) at peak `learning_rate`; one compiled step
+    per batch size, whatever the rate."""
     key = ("train", batch_size)
     if key not in self._steps:
       self._steps[key] = make_train_step(
@@ -248,7 +267,9 @@ class Setup:
         self.batch_sharding(batch_size),
         self.rules,
       )
-    return self._steps[key]
+    step = self._steps[key]
+    lr = jax.device_put(np.float32(learning_rate), sharding_lib.replicated(self.mesh))
+    return lambda state, batch: step(state, batch, lr)
 
   def eval_step(self, batch_size: int) -> Callable:
     key = ("eval", batch_size)
@@ -259,9 +280,23 @@ class Setup:
     return self._steps[key]
 
 
+# The fields of config.train that the jitted functions depend on (the optimizer and its
+# schedule's shape); the others (seed, learning_rate, logging, evaluation and stopping) are
+# runtime values or not used inside jit.
+COMPILED_TRAIN_FIELDS = (
+  "num_steps",
+  "warmup_steps",
+  "min_lr_ratio",
+  "b1",
+  "b2",
+  "weight_decay",
+  "grad_clip",
+)
+
+
 def _setup_key(config, vocab_size: int, max_len: int) -> str:
   """Every field the jitted functions depend on, as a canonical JSON string (hashable)."""
-  train = {k: v for k, v in config.train.to_dict().items() if k != "seed"}
+  train = {k: config.train[k] for k in COMPILED_TRAIN_FIELDS}
   return json.dumps(
     {
       "model": config.model.to_dict(),
@@ -294,9 +329,10 @@ def _cached_setup(key: str) -> Setup:
 def get_setup(config, *, vocab_size: int, max_len: int) -> Setup:
   """A Setup for `config`, reused when model, optimizer, mesh and rules are unchanged.
 
-  The cache key holds every field the jitted functions depend on (all of config.model and
-  config.train except `seed`, the mesh, rules, vocabulary, max_len and the devices), so runs
-  that differ only in seed, task dials of the same shape, or logging reuse compiled code.
+  The cache key holds every field the jitted functions depend on (all of config.model,
+  `COMPILED_TRAIN_FIELDS` of config.train, the mesh, rules, vocabulary, max_len and the
+  devices), so runs that differ only in seed, learning rate, task dials of the same shape,
+  logging, evaluation or stopping reuse compiled code.
   """
   return _cached_setup(_setup_key(config, vocab_size, max_len))
 
@@ -588,7 +624,7 @@ class _Run:
     tc, state = self.tc, self.state
     preemption = stack.enter_context(_Preemption())
     hooks = self.open_writer(stack)
-    train_step = self.setup.train_step(tc.batch_size)
+    train_step = self.setup.train_step(tc.batch_size, tc.learning_rate)
     self.eval_step = self.setup.eval_step(self.config.eval.batch_size)
     next_batch = self.source.train_batches(tc.seed, tc.batch_size, self.train_sh)
 

@@ -9,7 +9,8 @@ def quick(job):
   """Returns after a short sleep; the result names the job and the worker."""
   _, payload, info = job
   time.sleep(payload.get("sleep", 0.05))
-  return {**info, "status": "ok", "summary": {"pid": os.getpid()}, "wall_seconds": 0.0}
+  summary = {"pid": os.getpid(), "cores": sorted(os.sched_getaffinity(0))}
+  return {**info, "status": "ok", "summary": summary, "wall_seconds": 0.0}
 
 
 def dies_once(job):

@@ -350,8 +350,10 @@ def _jobs(n, tmp_path, **payload):
   return [(str(tmp_path / f"marker{i}"), dict(payload), {"run_id": f"job{i}"}) for i in range(n)]
 
 
-def test_more_jobs_than_workers_times_pool_size_all_finish(tmp_path):
+def test_more_jobs_than_workers_times_pool_size_all_finish(tmp_path, monkeypatch):
   # Python 3.11's ProcessPoolExecutor(max_tasks_per_child=3) finished 6 of these 12 and hung.
+  cores = runner.usable_cores()[:2]
+  monkeypatch.setattr(runner, "usable_cores", lambda: cores)  # 2 workers >= 2 cores: pinned
   ex = runner.Executor(2, None, tasks_per_pool=3, target=study_jobs.quick, log=lambda _: None)
   t0 = time.time()
   out = list(ex.map(_jobs(12, tmp_path)))
@@ -359,6 +361,9 @@ def test_more_jobs_than_workers_times_pool_size_all_finish(tmp_path):
   assert sorted(r["run_id"] for r in out) == sorted(f"job{i}" for i in range(12))
   assert all(r["status"] == "ok" for r in out)
   assert len({r["summary"]["pid"] for r in out}) >= 4  # pools were replaced (fresh workers)
+  # Each single-threaded worker runs on a core of its own, and the pool's workers use them all.
+  assert all(len(r["summary"]["cores"]) == 1 for r in out)
+  assert {r["summary"]["cores"][0] for r in out} == set(cores)
   assert time.time() - t0 < 120
 
 

@@ -134,12 +134,63 @@ def test_one_step_reduces_loss_on_a_fixed_batch():
     batch = src.train_batches(0, config.train.batch_size, sh)(0)
     eval_step = setup.eval_step(config.train.batch_size)
     before = float(eval_step(state.params, batch).compute()["loss"])
-    step = setup.train_step(config.train.batch_size)
+    step = setup.train_step(config.train.batch_size, config.train.learning_rate)
     state, m = step(state, batch)
     np.testing.assert_allclose(float(m.compute()["loss"]), before, rtol=1e-5)
     after = float(eval_step(state.params, batch).compute()["loss"])
   assert int(state.step) == 1
   assert after < before - 1e-3, (before, after)
+
+
+def test_learning_rate_is_a_runtime_argument_equal_to_adamw_at_that_rate():
+  """Runs that differ only in lr share one Setup (one compiled step), and its update equals
+  optax's clip + AdamW built directly at the run's own schedule (computed here, not by the
+  step)."""
+  import optax
+
+  over = {"train.warmup_steps": 2, "train.weight_decay": 0.1}
+  configs = [
+    train_helpers.load_config("tiny", {**over, "train.learning_rate": lr}) for lr in (3e-3, 3e-2)
+  ]
+  (src, setup), (_, other) = _setup(configs[0]), _setup(configs[1])
+  assert setup is other
+  sh = setup.batch_sharding(configs[0].train.batch_size)
+  with jax.set_mesh(setup.mesh):
+    batch = src.train_batches(0, configs[0].train.batch_size, sh)(0)
+    for config in configs:
+      tc = config.train
+      state, _ = setup.init_state()
+      params0 = jax.device_get(state.params)
+      tx = optax.chain(
+        optax.clip_by_global_norm(tc.grad_clip),
+        optax.adamw(
+          train_lib.learning_rate_schedule(tc),
+          b1=tc.b1,
+          b2=tc.b2,
+          weight_decay=tc.weight_decay,
+          mask=train_lib.decay_mask,
+        ),
+      )
+      grads = jax.grad(
+        lambda p: metrics.mean_loss(
+          setup.model.apply({"params": p}, batch.inputs), batch.targets, batch.weights
+        )
+      )(state.params)
+      want, opt = dict(params0), tx.init(params0)
+      step = setup.train_step(tc.batch_size, tc.learning_rate)
+      for _ in range(3):  # through the warmup: lr(0) = 0, lr(1) = lr / 2, lr(2) = lr
+        updates, opt = tx.update(grads, opt, want)
+        want = optax.apply_updates(want, updates)
+        state, m = step(state, batch)  # the same batch each step
+        grads = jax.grad(
+          lambda p: metrics.mean_loss(
+            setup.model.apply({"params": p}, batch.inputs), batch.targets, batch.weights
+          )
+        )(want)
+      np.testing.assert_allclose(float(m.compute()["learning_rate"]), tc.learning_rate, rtol=1e-6)
+      chex.assert_trees_all_close(jax.device_get(state.params), want, rtol=2e-5, atol=1e-7)
+      moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), want, params0)
+      assert max(jax.tree.leaves(moved)) > tc.learning_rate  # Adam moves ~lr(t) per step
 
 
 # Training losses of configs/tiny.py (seed 0) at step 0 and after one update, measured with jax

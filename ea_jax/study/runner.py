@@ -10,7 +10,8 @@ Layout of the study directory:
   study_config.json, study_timing.json, summary.md and the figures (ea_jax.study.report).
 
 Workers. Runs execute in spawned worker processes (JAX_PLATFORMS=cpu unless set, one compute
-thread each when workers >= cores, a shared persistent compilation cache). A pool serves at most
+thread each, pinned to a core of its own, when workers >= cores; a shared persistent
+compilation cache). A pool serves at most
 `tasks_per_pool` runs and is then replaced by a fresh one, which bounds memory growth without
 `max_tasks_per_child` (on Python 3.11 a pool using it deadlocks once retired workers are not
 replaced). A watchdog checks the pool every few seconds: when a worker has died, or no worker is
@@ -128,10 +129,26 @@ def _die_with_parent(parent_pid: int) -> None:
   threading.Thread(target=watch, daemon=True, name="parent-watch").start()
 
 
-def _init_worker(cache_dir: str | None, parent_pid: int) -> None:
+def _pin_to_a_core(slots, cores: list[int]) -> None:
+  """Binds this worker to the next free core of `cores` (`slots` counts the pool's workers).
+
+  One compute thread per worker is fastest when each stays on its own core: two single-threaded
+  training processes that the scheduler moves between 2 cores ran at ~3,900 tokens/s each,
+  pinned at ~4,900 (the LM anchor; `make lm`).
+  """
+  with slots.get_lock():
+    slot = slots.value
+    slots.value += 1
+  if hasattr(os, "sched_setaffinity"):
+    os.sched_setaffinity(0, {cores[slot % len(cores)]})
+
+
+def _init_worker(cache_dir: str | None, parent_pid: int, slots=None, cores=None) -> None:
   global _IN_WORKER
   _IN_WORKER = True
   _die_with_parent(parent_pid)
+  if slots is not None:
+    _pin_to_a_core(slots, cores)
   from absl import logging
 
   logging.set_verbosity(logging.WARNING)  # a run's INFO lines would interleave across workers
@@ -143,10 +160,17 @@ def _init_worker(cache_dir: str | None, parent_pid: int) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+def usable_cores() -> list[int]:
+  """The cores this process may run on (its affinity mask where the OS has one)."""
+  if hasattr(os, "sched_getaffinity"):
+    return sorted(os.sched_getaffinity(0))
+  return list(range(os.cpu_count() or 1))
+
+
 def worker_environment(workers: int, cpu_count: int | None = None) -> dict:
   """Environment variables for worker processes: CPU JAX unless a platform is set, and
   single-threaded XLA/OpenMP when there are at least as many workers as cores."""
-  cpu_count = cpu_count or os.cpu_count() or 1
+  cpu_count = cpu_count or len(usable_cores())
   threads = max(1, cpu_count // max(1, workers))
   env = {
     "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS") or "cpu",
@@ -232,12 +256,16 @@ class Executor:
     env = worker_environment(self.workers)
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # inherited by the workers, which start with the pool
+    context = multiprocessing.get_context("spawn")
+    cores = usable_cores()
+    # One thread per worker on a CPU (workers >= cores): each worker gets a core of its own.
+    pin = env["JAX_PLATFORMS"] == "cpu" and self.workers >= len(cores)
     try:
       pool = concurrent.futures.ProcessPoolExecutor(
         self.workers,
-        mp_context=multiprocessing.get_context("spawn"),
+        mp_context=context,
         initializer=_init_worker,
-        initargs=(self.cache_dir, os.getpid()),
+        initargs=(self.cache_dir, os.getpid()) + ((context.Value("i", 0), cores) if pin else ()),
       )
       for f in [pool.submit(os.getpid) for _ in range(self.workers)]:
         f.result()
