@@ -20,7 +20,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax
 import flax.linen as nn
@@ -61,29 +61,61 @@ def build_model(model_config, *, vocab_size: int, max_len: int):
   return model_lib.Transformer(cfg), cfg
 
 
-def learning_rate_schedule(train_config) -> optax.Schedule:
-  """Linear warmup from 0 to `learning_rate`, then cosine decay to `min_lr_ratio * lr`."""
-  lr, warmup, total = train_config.learning_rate, train_config.warmup_steps, train_config.num_steps
-  if total < 1:
-    raise ValueError(f"config.train.num_steps={total}: must be >= 1")
-  if warmup < 0:
-    raise ValueError(f"config.train.warmup_steps={warmup}: must be >= 0")
-  warmup = min(warmup, total)  # a short run warms up over all of it (`_validate` warns)
-  return optax.warmup_cosine_decay_schedule(
-    init_value=0.0,
-    peak_value=lr,
-    warmup_steps=warmup,
-    decay_steps=max(total, warmup + 1),
-    end_value=lr * train_config.min_lr_ratio,
+class Hyper(NamedTuple):
+  """The optimizer's hyperparameters: arguments of the compiled train step, not constants in
+  it, so that runs differing only in them (an lr sweep, another budget) share one compile."""
+
+  learning_rate: Any  # peak AdamW learning rate
+  warmup_steps: Any  # linear warmup from 0 (clamped to num_steps)
+  num_steps: Any  # cosine decay ends here, at min_lr_ratio * learning_rate
+  min_lr_ratio: Any
+  b1: Any
+  b2: Any
+  weight_decay: Any
+  grad_clip: Any
+
+
+def hyperparameters(train_config) -> Hyper:
+  """The validated `Hyper` of config.train (Python numbers)."""
+  tc = train_config
+  if tc.num_steps < 1:
+    raise ValueError(f"config.train.num_steps={tc.num_steps}: must be >= 1")
+  if tc.warmup_steps < 0:
+    raise ValueError(f"config.train.warmup_steps={tc.warmup_steps}: must be >= 0")
+  return Hyper(
+    learning_rate=float(tc.learning_rate),
+    warmup_steps=min(int(tc.warmup_steps), int(tc.num_steps)),  # `_validate` warns
+    num_steps=int(tc.num_steps),
+    min_lr_ratio=float(tc.min_lr_ratio),
+    b1=float(tc.b1),
+    b2=float(tc.b2),
+    weight_decay=float(tc.weight_decay),
+    grad_clip=float(tc.grad_clip),
   )
 
 
-def unit_schedule(train_config) -> optax.Schedule:
-  """The schedule's shape: `learning_rate_schedule` with a peak of 1. The compiled train step
-  multiplies it by the peak learning rate, which it takes as an argument."""
-  unit = ml_collections.ConfigDict(train_config.to_dict())
-  unit.learning_rate = 1.0
-  return learning_rate_schedule(unit)
+def schedule_from(hp: Hyper) -> optax.Schedule:
+  """Linear warmup from 0 to the peak over `warmup_steps`, then cosine decay to
+  `min_lr_ratio * peak` at `num_steps`; constant after. The same curve as
+  `optax.warmup_cosine_decay_schedule` (tested against it), written in jnp because that one
+  needs its step counts as Python numbers and these may be traced."""
+
+  def schedule(count):
+    t = jnp.asarray(count, jnp.float32)
+    lr, warmup, total = (jnp.asarray(x, jnp.float32) for x in hp[:3])
+    ratio = jnp.asarray(hp.min_lr_ratio, jnp.float32)
+    warm = lr * t / jnp.maximum(warmup, 1.0)
+    decay = jnp.maximum(total, warmup + 1.0) - warmup
+    frac = jnp.clip((t - warmup) / decay, 0.0, 1.0)
+    cosine = lr * (ratio + (1.0 - ratio) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac)))
+    return jnp.where(t < warmup, warm, cosine)
+
+  return schedule
+
+
+def learning_rate_schedule(train_config) -> optax.Schedule:
+  """The run's learning rate as a function of the step (`schedule_from` its `Hyper`)."""
+  return schedule_from(hyperparameters(train_config))
 
 
 def decay_mask(params) -> Any:
@@ -96,25 +128,27 @@ def decay_mask(params) -> Any:
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(train_config, schedule: optax.Schedule) -> optax.GradientTransformation:
-  """Global-norm clipping, then AdamW (decay masked by `decay_mask`) on `schedule`.
+def make_optimizer(hp: Hyper) -> optax.GradientTransformation:
+  """Global-norm clipping, then AdamW (decay masked by `decay_mask`) on `schedule_from(hp)`.
 
-  Built on `unit_schedule`, the update is -shape(t) (adam + decay); the train step scales it by
-  the peak learning rate, a runtime argument. That is AdamW at lr(t) = peak * shape(t), and
-  runs that differ only in their learning rate share one compiled step (an lr sweep compiles
-  once). `optax.inject_hyperparams` would do the same but adds the rate to the optimizer state,
-  which would change every checkpoint's structure.
+  The train step builds it from traced `hp`; its state's structure does not depend on the
+  values, so `init` builds it from any (`_STRUCTURE`). (`optax.inject_hyperparams` would also
+  make the values runtime, but it keeps them in the optimizer state, which would change every
+  checkpoint's structure.)
   """
   return optax.chain(
-    optax.clip_by_global_norm(train_config.grad_clip),
+    optax.clip_by_global_norm(hp.grad_clip),
     optax.adamw(
-      schedule,
-      b1=train_config.b1,
-      b2=train_config.b2,
-      weight_decay=train_config.weight_decay,
+      schedule_from(hp),
+      b1=hp.b1,
+      b2=hp.b2,
+      weight_decay=hp.weight_decay,
       mask=decay_mask,
     ),
   )
+
+
+_STRUCTURE = Hyper(1e-3, 0, 1, 0.1, 0.9, 0.999, 0.0, 1.0)  # any values: init's state structure
 
 
 # ------------------------------------------------------------------------------------------
@@ -146,19 +180,18 @@ def make_init(model, tx, *, seq_len: int, mesh, rules) -> tuple[Callable, Any]:
   return jax.jit(init, out_shardings=shardings), shardings
 
 
-def make_train_step(model, tx, schedule, state_shardings, batch_sharding, rules) -> Callable:
-  """jit(state, batch, learning_rate) -> (new state, TrainMetrics); state donated, shardings
-  pinned. `tx` runs on the unit `schedule`; `learning_rate` (a float32 scalar) is the peak."""
+def make_train_step(model, state_shardings, batch_sharding, rules) -> Callable:
+  """jit(state, batch, hp) -> (new state, TrainMetrics); state donated, shardings pinned. `hp`
+  (a `Hyper` of float32 scalars) is an argument: one compile serves every hyperparameter."""
 
-  def train_step(state: TrainState, batch: data_lib.Batch, learning_rate):
+  def train_step(state: TrainState, batch: data_lib.Batch, hp: Hyper):
     def loss_fn(params):
       with nn.logical_axis_rules(rules):
         logits_BLV = model.apply({"params": params}, batch.inputs)
       return metrics_lib.mean_loss(logits_BLV, batch.targets, batch.weights), logits_BLV
 
     (_, logits_BLV), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    updates = jax.tree.map(lambda u: u * learning_rate.astype(u.dtype), updates)
+    updates, opt_state = make_optimizer(hp).update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     m = metrics_lib.TrainMetrics.make(
       logits_BLV,
@@ -166,7 +199,7 @@ def make_train_step(model, tx, schedule, state_shardings, batch_sharding, rules)
       batch.weights,
       grad_norm=optax.tree.norm(grads),
       update_norm=optax.tree.norm(updates),
-      learning_rate=learning_rate * schedule(state.step),
+      learning_rate=schedule_from(hp)(state.step),
     )
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), m
 
@@ -220,8 +253,7 @@ class Setup:
     self.rules = sharding_lib.logical_rules(dict(config.logical_axis_rules))
     self.vocab_size, self.max_len = vocab_size, max_len
     self.model, self.model_cfg = build_model(config.model, vocab_size=vocab_size, max_len=max_len)
-    self.schedule = unit_schedule(config.train)  # x the peak lr, an argument of the step
-    self.tx = make_optimizer(config.train, self.schedule)
+    self.tx = make_optimizer(_STRUCTURE)  # the optimizer state's structure (for init)
     self._init = None
     self._steps = {}
 
@@ -254,22 +286,20 @@ class Setup:
     self._build_init()
     return self._init[0](data_lib.stream_key(seed, "init")), self._init[1]
 
-  def train_step(self, batch_size: int, learning_rate: float) -> Callable:
-    """(state, batch) -> (new state, TrainMetrics) at peak `learning_rate`; one compiled step
-    per batch size, whatever the rate."""
+  def train_step(self, batch_size: int, train_config) -> Callable:
+    """(state, batch) -> (new state, TrainMetrics) with `train_config`'s optimizer
+    hyperparameters; one compiled step per batch size, whatever their values."""
     key = ("train", batch_size)
     if key not in self._steps:
       self._steps[key] = make_train_step(
-        self.model,
-        self.tx,
-        self.schedule,
-        self.state_shardings,
-        self.batch_sharding(batch_size),
-        self.rules,
+        self.model, self.state_shardings, self.batch_sharding(batch_size), self.rules
       )
     step = self._steps[key]
-    lr = jax.device_put(np.float32(learning_rate), sharding_lib.replicated(self.mesh))
-    return lambda state, batch: step(state, batch, lr)
+    hp = jax.device_put(
+      Hyper(*np.asarray(hyperparameters(train_config), np.float32)),
+      sharding_lib.replicated(self.mesh),
+    )
+    return lambda state, batch: step(state, batch, hp)
 
   def eval_step(self, batch_size: int) -> Callable:
     key = ("eval", batch_size)
@@ -280,27 +310,12 @@ class Setup:
     return self._steps[key]
 
 
-# The fields of config.train that the jitted functions depend on (the optimizer and its
-# schedule's shape); the others (seed, learning_rate, logging, evaluation and stopping) are
-# runtime values or not used inside jit.
-COMPILED_TRAIN_FIELDS = (
-  "num_steps",
-  "warmup_steps",
-  "min_lr_ratio",
-  "b1",
-  "b2",
-  "weight_decay",
-  "grad_clip",
-)
-
-
 def _setup_key(config, vocab_size: int, max_len: int) -> str:
-  """Every field the jitted functions depend on, as a canonical JSON string (hashable)."""
-  train = {k: config.train[k] for k in COMPILED_TRAIN_FIELDS}
+  """Every field the jitted functions depend on, as a canonical JSON string (hashable). Not
+  config.train: its optimizer fields are arguments of the step (`Hyper`), the rest host-side."""
   return json.dumps(
     {
       "model": config.model.to_dict(),
-      "train": train,
       "mesh": config.mesh.to_dict(),
       "rules": config.logical_axis_rules.to_dict(),
       "vocab_size": vocab_size,
@@ -318,7 +333,6 @@ def _cached_setup(key: str) -> Setup:
   config = ml_collections.ConfigDict(
     {
       "model": fields["model"],
-      "train": fields["train"],
       "mesh": fields["mesh"],
       "logical_axis_rules": fields["rules"],
     }
@@ -329,10 +343,10 @@ def _cached_setup(key: str) -> Setup:
 def get_setup(config, *, vocab_size: int, max_len: int) -> Setup:
   """A Setup for `config`, reused when model, optimizer, mesh and rules are unchanged.
 
-  The cache key holds every field the jitted functions depend on (all of config.model,
-  `COMPILED_TRAIN_FIELDS` of config.train, the mesh, rules, vocabulary, max_len and the
-  devices), so runs that differ only in seed, learning rate, task dials of the same shape,
-  logging, evaluation or stopping reuse compiled code.
+  The cache key holds every field the jitted functions depend on (all of config.model, the
+  mesh, rules, vocabulary, max_len and the devices), so runs that differ only in seed,
+  optimizer hyperparameters or budget, task dials of the same shape, logging, evaluation or
+  stopping reuse compiled code.
   """
   return _cached_setup(_setup_key(config, vocab_size, max_len))
 
@@ -624,7 +638,7 @@ class _Run:
     tc, state = self.tc, self.state
     preemption = stack.enter_context(_Preemption())
     hooks = self.open_writer(stack)
-    train_step = self.setup.train_step(tc.batch_size, tc.learning_rate)
+    train_step = self.setup.train_step(tc.batch_size, tc)
     self.eval_step = self.setup.eval_step(self.config.eval.batch_size)
     next_batch = self.source.train_batches(tc.seed, tc.batch_size, self.train_sh)
 

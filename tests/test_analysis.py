@@ -557,3 +557,26 @@ def test_analysis_of_a_trained_run(tiny_sweep, tmp_path):
   num_rules = len({r["rule"] for r in heads})
   assert num_rules == tasks.make_task(config.task).num_rules
   assert len(heads) == 2 * layers * num_rules * config.model.num_heads
+
+
+def test_length_findings_leave_out_a_length_some_variant_cannot_be_evaluated_at():
+  def row(variant, seq_len, acc):
+    return {
+      "task": "t",
+      "variant": variant,
+      "seq_len": seq_len,
+      "token_accuracy_mean": acc,
+      "token_accuracy_beyond_mean": acc,
+      "sequence_accuracy_mean": acc,
+    }
+
+  nan = float("nan")  # ea's learned position table ends before 192
+  length_summary = [row("dpa", 48, 1.0), row("dpa", 96, 0.5), row("dpa", 192, 0.25)]
+  length_summary += [row("ea", 48, 1.0), row("ea", 96, 0.75), row("ea", 192, nan)]
+  (text,) = report._findings([], [], length_summary, ["t"], [1])  # pylint: disable=protected-access
+  assert "L=48 → 96" in text and "nan" not in text
+  assert "dpa token 1.000 → 0.500" in text and "ea token 1.000 → 0.750" in text
+  assert "no EA variant generalises worse than dpa and ea better" in text
+  length_summary[-1] = row("ea", 192, 0.125)  # evaluable again: the longest length is used
+  (text,) = report._findings([], [], length_summary, ["t"], [1])  # pylint: disable=protected-access
+  assert "L=48 → 192" in text

@@ -90,6 +90,18 @@ def test_schedule_warmup_then_cosine():
   np.testing.assert_allclose([sched(4), sched(8)], [5e-3, 1e-2], rtol=1e-6)
 
 
+@pytest.mark.parametrize("warmup,total,ratio", [(10, 100, 0.1), (0, 7, 0.0), (3, 3, 0.5)])
+def test_schedule_equals_optax_warmup_cosine_also_with_traced_settings(warmup, total, ratio):
+  import optax
+
+  want = optax.warmup_cosine_decay_schedule(0.0, 2e-3, warmup, max(total, warmup + 1), 2e-3 * ratio)
+  hp = train_lib.Hyper(2e-3, warmup, total, ratio, 0.9, 0.99, 0.0, 1.0)
+  steps = np.arange(total + 3)
+  traced = jax.jit(lambda h, t: train_lib.schedule_from(h)(t))
+  got = [traced(train_lib.Hyper(*np.asarray(hp, np.float32)), t) for t in steps]
+  np.testing.assert_allclose(got, [want(t) for t in steps], rtol=1e-5, atol=1e-12)
+
+
 @pytest.mark.parametrize(
   "override, field",
   [
@@ -134,7 +146,7 @@ def test_one_step_reduces_loss_on_a_fixed_batch():
     batch = src.train_batches(0, config.train.batch_size, sh)(0)
     eval_step = setup.eval_step(config.train.batch_size)
     before = float(eval_step(state.params, batch).compute()["loss"])
-    step = setup.train_step(config.train.batch_size, config.train.learning_rate)
+    step = setup.train_step(config.train.batch_size, config.train)
     state, m = step(state, batch)
     np.testing.assert_allclose(float(m.compute()["loss"]), before, rtol=1e-5)
     after = float(eval_step(state.params, batch).compute()["loss"])
@@ -142,15 +154,20 @@ def test_one_step_reduces_loss_on_a_fixed_batch():
   assert after < before - 1e-3, (before, after)
 
 
-def test_learning_rate_is_a_runtime_argument_equal_to_adamw_at_that_rate():
-  """Runs that differ only in lr share one Setup (one compiled step), and its update equals
-  optax's clip + AdamW built directly at the run's own schedule (computed here, not by the
-  step)."""
+def test_hyperparameters_are_runtime_arguments_equal_to_optax_adamw():
+  """Runs that differ in lr, budget and AdamW settings share one Setup (one compiled step), and
+  each one's update equals optax's clip + AdamW on optax's warmup-cosine schedule built here."""
   import optax
 
-  over = {"train.warmup_steps": 2, "train.weight_decay": 0.1}
   configs = [
-    train_helpers.load_config("tiny", {**over, "train.learning_rate": lr}) for lr in (3e-3, 3e-2)
+    train_helpers.load_config(
+      "tiny",
+      {"train.warmup_steps": 2, "train.learning_rate": lr, "train.num_steps": n, **other},
+    )
+    for lr, n, other in (
+      (3e-3, 8, {"train.weight_decay": 0.1}),
+      (3e-2, 5, {"train.b2": 0.9, "train.grad_clip": 0.5, "train.min_lr_ratio": 0.5}),
+    )
   ]
   (src, setup), (_, other) = _setup(configs[0]), _setup(configs[1])
   assert setup is other
@@ -164,7 +181,9 @@ def test_learning_rate_is_a_runtime_argument_equal_to_adamw_at_that_rate():
       tx = optax.chain(
         optax.clip_by_global_norm(tc.grad_clip),
         optax.adamw(
-          train_lib.learning_rate_schedule(tc),
+          optax.warmup_cosine_decay_schedule(
+            0.0, tc.learning_rate, tc.warmup_steps, tc.num_steps, tc.learning_rate * tc.min_lr_ratio
+          ),
           b1=tc.b1,
           b2=tc.b2,
           weight_decay=tc.weight_decay,
@@ -177,7 +196,7 @@ def test_learning_rate_is_a_runtime_argument_equal_to_adamw_at_that_rate():
         )
       )(state.params)
       want, opt = dict(params0), tx.init(params0)
-      step = setup.train_step(tc.batch_size, tc.learning_rate)
+      step = setup.train_step(tc.batch_size, tc)
       for _ in range(3):  # through the warmup: lr(0) = 0, lr(1) = lr / 2, lr(2) = lr
         updates, opt = tx.update(grads, opt, want)
         want = optax.apply_updates(want, updates)
@@ -400,13 +419,13 @@ def test_sigterm_saves_and_resume_is_exact(trained, tmp_path, monkeypatch):
 
 
 def test_nan_stops_naming_the_step_and_keeps_good_checkpoint(tmp_path, monkeypatch):
-  real = train_lib.learning_rate_schedule
+  real = train_lib.schedule_from
 
-  def poisoned(train_config):
-    sched = real(train_config)
+  def poisoned(hp):
+    sched = real(hp)
     return lambda step: jnp.where(step >= 3, jnp.nan, sched(step))
 
-  monkeypatch.setattr(train_lib, "learning_rate_schedule", poisoned)
+  monkeypatch.setattr(train_lib, "schedule_from", poisoned)
   train_lib._cached_setup.cache_clear()  # build (and later drop) a poisoned Setup  # pylint: disable=protected-access
   config = train_helpers.load_config(
     "tiny", {**RUN, "train.checkpoint_every": 1, "train.keep_checkpoints": 2}
@@ -414,7 +433,7 @@ def test_nan_stops_naming_the_step_and_keeps_good_checkpoint(tmp_path, monkeypat
   workdir = str(tmp_path)
   with pytest.raises(FloatingPointError, match="at step 3.*Last good checkpoint: step 3"):
     train_lib.train_and_evaluate(config, workdir)
-  monkeypatch.setattr(train_lib, "learning_rate_schedule", real)
+  monkeypatch.setattr(train_lib, "schedule_from", real)
   train_lib._cached_setup.cache_clear()  # pylint: disable=protected-access
   step, state = _restore(workdir, config)
   assert step == 3

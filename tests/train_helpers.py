@@ -41,7 +41,7 @@ def run_steps(config, num_steps: int) -> dict:
   batch_sh = setup.batch_sharding(config.train.batch_size)
   with jax.set_mesh(setup.mesh):
     state, _ = setup.init_state(config.train.seed)
-    step_fn = setup.train_step(config.train.batch_size, config.train.learning_rate)
+    step_fn = setup.train_step(config.train.batch_size, config.train)
     next_batch = source.train_batches(config.train.seed, config.train.batch_size, batch_sh)
     losses = []
     for i in range(num_steps):
