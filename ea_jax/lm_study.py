@@ -75,7 +75,8 @@ flags.DEFINE_integer(
   "estimate",
   0,
   "If > 0: time this many steps of every distinct run shape "
-  "and print the plan's projected duration instead of running it.",
+  "and print the plan's projected duration instead of running it (runs one after another, "
+  "as with --workers=0).",
 )
 flags.DEFINE_integer(
   "workers",

@@ -356,7 +356,9 @@ def test_more_jobs_than_workers_times_pool_size_all_finish(tmp_path, monkeypatch
   monkeypatch.setattr(runner, "usable_cores", lambda: cores)  # 2 workers >= 2 cores: pinned
   ex = runner.Executor(2, None, tasks_per_pool=3, target=study_jobs.quick, log=lambda _: None)
   t0 = time.time()
-  out = list(ex.map(_jobs(12, tmp_path)))
+  # Jobs of 0.3 s: long enough that both workers of a pool take some (with instant jobs one
+  # worker can serve a whole pool, and the other core would go unseen).
+  out = list(ex.map(_jobs(12, tmp_path, sleep=0.3)))
   ex.close()
   assert sorted(r["run_id"] for r in out) == sorted(f"job{i}" for i in range(12))
   assert all(r["status"] == "ok" for r in out)
