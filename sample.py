@@ -33,7 +33,9 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   import jax
 
-  from ea_jax import generate
+  from ea_jax import generate, runtime
+
+  runtime.keep_freed_memory()
 
   try:
     model = generate.load(FLAGS.workdir, FLAGS.step)

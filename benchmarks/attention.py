@@ -42,6 +42,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from ea_jax import attention as attn  # noqa: E402  pylint: disable=g-import-not-at-top
+from ea_jax import runtime  # noqa: E402  pylint: disable=g-import-not-at-top
 
 # name -> (kind label, function(q, k, v) -> out, temp-memory estimate in bytes per score element)
 _IMPLS = {
@@ -362,6 +363,11 @@ def main(argv=None):
   p.add_argument("--peak_n", type=int, default=2048, help="size of the peak-measuring matmul")
   p.add_argument("--profile", action="store_true", help="only the block profile")
   p.add_argument("--profile_iters", type=int, default=200)
+  p.add_argument(
+    "--glibc_malloc_defaults",
+    action="store_true",
+    help="skip ea_jax.runtime.keep_freed_memory (as every entry point sets it): to measure it",
+  )
   args = p.parse_args(argv)
   for name in args.impls:
     if name not in _IMPLS:
@@ -369,9 +375,10 @@ def main(argv=None):
   if args.quick:
     args.seq_lens, args.small_seq_lens, args.repeats = [256], [64], 2
     args.decode_contexts, args.decode_steps = [256, 1024], 4
+  kept = False if args.glibc_malloc_defaults else runtime.keep_freed_memory()
   print(
     f"# jax {jax.__version__}, backend {jax.default_backend()}, {os.cpu_count()} CPUs, "
-    f"load average at start {os.getloadavg()[0]:.2f}"
+    f"load average at start {os.getloadavg()[0]:.2f}, freed memory kept: {kept}"
   )
   if args.profile:
     profile_block(args)

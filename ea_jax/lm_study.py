@@ -59,7 +59,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ea_jax import files
+from ea_jax import files, runtime
 from ea_jax import lr_grid as lr_grid_lib
 from ea_jax import metrics as metrics_lib
 from ea_jax import model as model_lib
@@ -954,6 +954,7 @@ def main(argv):
     return
   import sys  # pylint: disable=import-outside-toplevel
 
+  runtime.keep_freed_memory()  # before the in-process stages allocate (timing, samples)
   command = "python -m ea_jax.lm_study " + " ".join(sys.argv[1:])
   run(
     flags.FLAGS.config,

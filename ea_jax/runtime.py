@@ -1,4 +1,5 @@
-"""Process start-up shared by train.py and eval.py: jax.distributed, log filtering, and the
+"""Process start-up shared by the entry points (train.py, eval.py, sample.py, the study and the LM
+comparison and their workers): jax.distributed, the allocator setting, log filtering, and the
 one-line reporting of the project's own errors."""
 
 from __future__ import annotations
@@ -25,6 +26,41 @@ class _DropLibraryInfo(py_logging.Filter):
 
 
 _FILTER = _DropLibraryInfo()
+
+
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+
+
+def keep_freed_memory() -> bool:
+  """Makes glibc malloc keep freed memory for reuse instead of returning it to the OS.
+
+  XLA on CPU allocates and frees every step's buffers. With glibc's defaults, buffers above the
+  (adaptive) mmap threshold are mmap'ed and unmapped each step and the heap top is trimmed, so
+  each step faults its pages in again: a quarter of a pinned single-threaded LM training
+  process's CPU time was system time (`make lm`, docs/lm/README.md). Here: buffers up to 32 MiB
+  (glibc's largest allowed threshold) come from the heap, the heap is never trimmed below 2 GiB
+  of free space, and it grows in 256 MiB steps. No library sets this; glibc reads the same
+  values from GLIBC_TUNABLES only at process start, which a notebook or worker cannot control.
+  Returns whether it applied (False off glibc). Call it once, early; the process keeps up to its
+  peak heap.
+  """
+  import ctypes
+  import ctypes.util
+
+  name = ctypes.util.find_library("c")
+  try:
+    libc = ctypes.CDLL(name or "libc.so.6")
+    mallopt = libc.mallopt
+  except (OSError, AttributeError):
+    return False
+  mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+  settings = (
+    (_M_MMAP_THRESHOLD, 32 << 20),
+    (_M_TRIM_THRESHOLD, (1 << 31) - 1),
+    (_M_TOP_PAD, 256 << 20),
+  )
+  return all(mallopt(param, value) == 1 for param, value in settings)
 
 
 def quiet_library_logs() -> None:
@@ -58,7 +94,9 @@ def initialize(
   """Joins a multi-process job (CPU collectives through gloo) if a coordinator is given.
 
   Must run before any JAX computation. Unless `verbose`, libraries' INFO logs are dropped.
+  Also sets the allocator (`keep_freed_memory`).
   """
+  keep_freed_memory()
   if not verbose:
     quiet_library_logs()
   given = [coordinator_address is not None, num_processes is not None, process_id is not None]

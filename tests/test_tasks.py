@@ -541,7 +541,8 @@ def test_tfds_round_trip(tmp_path, monkeypatch):
 # Splits: train, validation and test share no sequence
 # ------------------------------------------------------------------------------------------------
 
-STUDY_BUDGET = (600, 64)  # configs/sweep.py: steps x batch
+STUDY_BUDGET = (600, 64)  # steps x batch of a sample of a study run (configs/sweep.py draws
+# 4000 x 32; the split is a function of the sequence, so a larger draw checks the same rule)
 DEFAULT_BUDGET = (3000, 32)  # configs/default.py: steps x batch
 EVAL_DRAW = 2048  # validation and test sequences drawn per level (fewer if the split
 # has fewer distinct sequences)

@@ -37,9 +37,10 @@ def main(argv=None) -> int:
   def _main(args):
     if len(args) > 1:
       raise app.UsageError(f"unexpected arguments: {args[1:]}")
-    if not FLAGS.verbose:  # orbax's per-checkpoint INFO lines of the report's analyses
-      from ea_jax import runtime
+    from ea_jax import runtime
 
+    runtime.keep_freed_memory()  # runs trained in this process (--workers=0), the report
+    if not FLAGS.verbose:  # orbax's per-checkpoint INFO lines of the report's analyses
       runtime.quiet_library_logs()
     try:
       if FLAGS.publish:

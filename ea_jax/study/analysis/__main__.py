@@ -69,6 +69,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}; all options are --flags")
   from ea_jax import runtime
 
+  runtime.keep_freed_memory()
   runtime.quiet_library_logs()  # orbax's INFO lines for every checkpoint restored
   options = report.Options(**{name: flags.FLAGS[name].value for name in _OPTION_FLAGS})
   try:  # the sweep folder holds the selected runs (one line if not)
