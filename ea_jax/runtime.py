@@ -29,21 +29,24 @@ _FILTER = _DropLibraryInfo()
 
 
 # glibc's mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -2, -4, -8
 
 
 def keep_freed_memory() -> bool:
   """Makes glibc malloc keep freed memory for reuse instead of returning it to the OS.
 
-  XLA on CPU allocates and frees every step's buffers. With glibc's defaults, buffers above the
-  (adaptive) mmap threshold are mmap'ed and unmapped each step and the heap top is trimmed, so
-  each step faults its pages in again: a quarter of a pinned single-threaded LM training
-  process's CPU time was system time (`make lm`, docs/lm/README.md). Here: buffers up to 32 MiB
-  (glibc's largest allowed threshold) come from the heap, the heap is never trimmed below 2 GiB
-  of free space, and it grows in 256 MiB steps. No library sets this; glibc reads the same
-  values from GLIBC_TUNABLES only at process start, which a notebook or worker cannot control.
-  Returns whether it applied (False off glibc). Call it once, early; the process keeps up to its
-  peak heap.
+  XLA on CPU allocates and frees every step's buffers, from its compute and dispatch threads.
+  With glibc's defaults, large buffers (above the adaptive mmap threshold, and anything bigger
+  than a thread arena's 64 MiB heaps) are mmap'ed and unmapped every step and heaps are trimmed,
+  so each step faults its pages in again: a quarter of a pinned single-threaded LM training
+  process's CPU time was system time (`make lm`, docs/lm/README.md). Here: one arena for all
+  threads (the main heap, which holds buffers of any size), no mmap'ed chunks, heap growth in
+  64 MiB steps, and free space at the heap's top returned to the OS only beyond 2 GiB. No
+  library sets this; glibc reads the same values from GLIBC_TUNABLES only at process start,
+  which a notebook or a spawned worker does not control. Returns whether it applied (False off
+  glibc). Call it once, early, before other threads allocate. The process then keeps memory it
+  freed (up to 2 GiB above what it uses); one arena serialises malloc across threads, which
+  costs nothing measurable here (XLA allocates per buffer, not per element).
   """
   import ctypes
   import ctypes.util
@@ -56,9 +59,10 @@ def keep_freed_memory() -> bool:
     return False
   mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
   settings = (
-    (_M_MMAP_THRESHOLD, 32 << 20),
+    (_M_ARENA_MAX, 1),
+    (_M_MMAP_MAX, 0),
     (_M_TRIM_THRESHOLD, (1 << 31) - 1),
-    (_M_TOP_PAD, 256 << 20),
+    (_M_TOP_PAD, 64 << 20),
   )
   return all(mallopt(param, value) == 1 for param, value in settings)
 

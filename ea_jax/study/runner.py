@@ -146,14 +146,13 @@ def _pin_to_a_core(slots, cores: list[int]) -> None:
 def _init_worker(cache_dir: str | None, parent_pid: int, slots=None, cores=None) -> None:
   global _IN_WORKER
   _IN_WORKER = True
+  from ea_jax import runtime
+
+  runtime.keep_freed_memory()  # before any thread allocates; less system time (see there)
   _die_with_parent(parent_pid)
   if slots is not None:
     _pin_to_a_core(slots, cores)
   from absl import logging
-
-  from ea_jax import runtime
-
-  runtime.keep_freed_memory()  # about a quarter less CPU time for the LM runs (see there)
 
   logging.set_verbosity(logging.WARNING)  # a run's INFO lines would interleave across workers
   import jax
