@@ -78,6 +78,8 @@ class Hyper(NamedTuple):
 def hyperparameters(train_config) -> Hyper:
   """The validated `Hyper` of config.train (Python numbers)."""
   tc = train_config
+  if not tc.learning_rate > 0:
+    raise ValueError(f"config.train.learning_rate={tc.learning_rate}: must be > 0")
   if tc.num_steps < 1:
     raise ValueError(f"config.train.num_steps={tc.num_steps}: must be >= 1")
   if tc.warmup_steps < 0:
@@ -474,10 +476,7 @@ def _check_finite(step: int, m, last_good: int | None) -> None:
 def _validate(config) -> None:
   """Checks the fields no other constructor checks; each error names its field."""
   tc = config.train
-  if not tc.learning_rate > 0:
-    raise ValueError(f"config.train.learning_rate={tc.learning_rate}: must be > 0")
-  if tc.num_steps < 1:
-    raise ValueError(f"config.train.num_steps={tc.num_steps}: must be >= 1")
+  hyperparameters(tc)  # learning rate, num_steps, warmup
   if tc.warmup_steps > tc.num_steps:
     logging.warning(
       "config.train.warmup_steps=%d > num_steps=%d: warming up over all %d steps "
