@@ -45,8 +45,8 @@ def keep_freed_memory() -> bool:
   library sets this; glibc reads the same values from GLIBC_TUNABLES only at process start,
   which a notebook or a spawned worker does not control. Returns whether it applied (False off
   glibc). Call it once, early, before other threads allocate. The process then keeps memory it
-  freed (up to 2 GiB above what it uses); one arena serialises malloc across threads, which
-  costs nothing measurable here (XLA allocates per buffer, not per element).
+  freed (up to 2 GiB above what it uses); one arena serialises malloc across threads, measured
+  only with single-threaded pinned workers (`make lm`), where it cost nothing visible.
   """
   import ctypes
   import ctypes.util
