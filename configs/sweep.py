@@ -32,7 +32,7 @@ from configs import default
 
 # The CPU study, cut to fit <= 75 minutes on 2 cores (docs/results/README.md says how it was
 # sized): small widths 4-16 with 2 heads (head_dim 2-8), where capacity binds; the
-# recurrence_rules ladder's first three levels; 3 paired seeds; at most 4000 steps a run, and no
+# recurrence_rules ladder's first three levels; 3 paired seeds; at most 8000 steps a run, and no
 # plateau stop before step 1000.
 CPU_STUDY = dict(
   ladders=("recurrence", "recurrence_rules"),
@@ -44,9 +44,9 @@ CPU_STUDY = dict(
   seeds=(0, 1, 2),
   lr_grid=(3e-3, 1e-2, 3e-2),
   pos_width=8,
-  # 2000 steps (the first v2 run, docs/results before 2026-12-01 19:00) left 45 of 81 runs at
-  # max_steps, still improving; 4000 is what the 75-minute budget allows with pinned workers.
-  num_steps=4000,
+  # 2000 steps (the first v2 run) left 45 of 81 runs at max_steps, 4000 left 25 (69% converged,
+  # docs/results/README.md), all still improving; 8000 is what the 75-minute budget allows.
+  num_steps=8000,
   # The first v2 run stopped width-4 EA at step 600 on its initial plateau (loss log 5, before
   # the first rule is found); that is not convergence.
   min_steps=1000,
