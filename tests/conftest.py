@@ -17,8 +17,22 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # but float results can differ in the last bits from an optimised build, so runs that a test
 # compares bit for bit must all see these flags: subprocesses inherit them, and those that fake
 # devices append to them (os.environ["XLA_FLAGS"] += ...).
-TEST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+# One compute thread per process (`--xla_cpu_multi_thread_eigen=false`): `make test` runs 2 xdist
+# workers, plus the subprocesses some tests start, on 2 cores, so intra-op threads would only
+# contend; and the study's spawned workers run with the same flag (ea_jax.study.runner
+# .worker_environment), so with it here their compiled programs and the in-process ones share
+# cache entries and numerics.
+TEST_XLA_FLAGS = (
+  "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+  " --xla_cpu_multi_thread_eigen=false"
+)
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
+
+# The allocator setting every entry point makes (ea_jax.runtime.keep_freed_memory): without it
+# XLA's freed step buffers are unmapped and faulted in again on every call.
+from ea_jax import runtime  # noqa: E402
+
+runtime.keep_freed_memory()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -28,7 +42,14 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 
 # Module-scoped fixtures that train or draw something expensive. Under `--dist loadgroup`
 # (`make test`) every test using one of them runs in the same worker, so it is built once.
-_SHARED_FIXTURES = ("trained", "trained_square", "tiny_sweep", "one_process", "campaign")
+_SHARED_FIXTURES = (
+  "trained",
+  "trained_square",
+  "tiny_sweep",
+  "tiny_study",
+  "one_process",
+  "campaign",
+)
 
 
 def pytest_collection_modifyitems(config, items):
