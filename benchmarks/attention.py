@@ -87,13 +87,35 @@ _IMPLS = {
   ),
   "ea_auto": ("ea", lambda q, k, v: attn.expressive_attention(q, k, v, is_causal=True), 0.0),
 }
+
+
+def _linear_with_chunk(chunk):
+  """The square-kernel linear form traced with LINEAR_CHUNK = chunk (the module constant that
+  the tests also vary), to compare chunk sizes side by side."""
+
+  def fn(q, k, v):
+    saved = attn.linear.LINEAR_CHUNK
+    attn.linear.LINEAR_CHUNK = chunk
+    try:
+      return attn.expressive_attention(
+        q, k, v, is_causal=True, kernel="square", implementation="linear"
+      )
+    finally:
+      attn.linear.LINEAR_CHUNK = saved
+
+  return fn
+
+
+for _c in (32, 128, 256, 512):
+  _IMPLS[f"ea_sq_linear_c{_c}"] = ("ea", _linear_with_chunk(_c), 0.0)
 _DEFAULT_IMPLS = "xla,dpa_naive,dpa_chunked,ea_naive,ea_chunked,ea_sq_chunked,ea_sq_linear,ea_auto"
 
 
 def useful_flops(name, B, T, N, H):
   """FLOP of one causal fwd+bwd call credited to `name` (see the module docstring)."""
-  if name == "ea_sq_linear":
-    C = min(attn.linear.LINEAR_CHUNK, T)
+  if name.startswith("ea_sq_linear"):
+    chunk = int(name.rsplit("_c", 1)[1]) if "_c" in name else attn.linear.LINEAR_CHUNK
+    C = min(chunk, T)
     F = attn.num_square_features(H)
     forward = B * N * T * (2 * F * H + 2 * F * H + 2 * F + 2 * 2 * H * (C + 1) / 2)
     return 4 * forward
@@ -146,7 +168,7 @@ def bench_train(args, B, N, H, seq_lens):
     f"{args.peak_n}^3 matmul timed in the same rounds"
   )
   print(
-    f"{'T':>6} {'implementation':>14} {'wall ms':>9} {'cpu ms':>9} {'GFLOP':>7} "
+    f"{'T':>6} {'implementation':>17} {'wall ms':>9} {'cpu ms':>9} {'GFLOP':>7} "
     f"{'GFLOP/s':>8} {'of peak':>7} {'compile s':>9} {'temp GB':>8} {'vs xla':>7}"
   )
   walls, peaks = {}, {}
@@ -172,7 +194,7 @@ def bench_train(args, B, N, H, seq_lens):
     peak = 2.0 * args.peak_n**3 / timed[-1][0]
     peaks[T] = peak
     print(
-      f"{T:>6} {'matmul peak':>14} {timed[-1][0] * 1e3:>9.1f} {timed[-1][1] * 1e3:>9.1f} "
+      f"{T:>6} {'matmul peak':>17} {timed[-1][0] * 1e3:>9.1f} {timed[-1][1] * 1e3:>9.1f} "
       f"{2.0 * args.peak_n**3 / 1e9:>7.1f} {peak / 1e9:>8.1f} {1.0:>7.2f}",
       flush=True,
     )
@@ -185,7 +207,7 @@ def bench_train(args, B, N, H, seq_lens):
       flop = useful_flops(name, B, T, N, H)
       if t is None:
         print(
-          f"{T:>6} {name:>14} {'skipped':>9} {'':>9} {flop / 1e9:>7.1f} {'':>8} {'':>7} "
+          f"{T:>6} {name:>17} {'skipped':>9} {'':>9} {flop / 1e9:>7.1f} {'':>8} {'':>7} "
           f"{compile_s:>9.2f} {f'~{mem:.0f}':>8} {'':>7}",
           flush=True,
         )
@@ -195,7 +217,7 @@ def bench_train(args, B, N, H, seq_lens):
       rate = flop / t[0]
       peak = peaks[T]
       print(
-        f"{T:>6} {name:>14} {t[0] * 1e3:>9.1f} {t[1] * 1e3:>9.1f} {flop / 1e9:>7.1f} "
+        f"{T:>6} {name:>17} {t[0] * 1e3:>9.1f} {t[1] * 1e3:>9.1f} {flop / 1e9:>7.1f} "
         f"{rate / 1e9:>8.1f} {rate / peak:>7.2f} {compile_s:>9.2f} {mem:>8.3f} {ratio:>7}",
         flush=True,
       )
@@ -233,50 +255,75 @@ def profile_block(args):
   h = max(1, attn.chunked._STEP_SCORES_CPU // (C * C))  # pylint: disable=protected-access
   iters = args.profile_iters
   rng = np.random.default_rng(0)
-  q, k, v, do = (jnp.asarray(rng.normal(size=(h, C, H)), jnp.float32) for _ in range(4))
+  q, k, v = (jnp.asarray(rng.normal(size=(h, C, H)), jnp.float32) for _ in range(3))
   s0 = jnp.asarray(rng.normal(size=(h, C, C)), jnp.float32)
   allowed = jnp.arange(C)[None, :] <= jnp.arange(C)[:, None]
+  # Each part maps the loop carry (s [h,C,C], o [h,C,H]) to a new carry whose inputs depend on
+  # the old one (so XLA cannot hoist the work out of the loop: the small [h,C,H] adds `q + o`,
+  # `v + o` are part of the matmul forms, and o changes in every iteration); the W V forms
+  # accumulate into o, as the chunked forward does, never into a slice of s (a slice update
+  # would be timed with them).
+  ones = jnp.ones((h, C, 1), v.dtype)
+  v1 = lambda o: jnp.concatenate([v + o, ones], axis=-1)  # V with a ones column
+  ea_f = lambda s: jnp.where(allowed, attn.ea_kernel(s, "rational"), 0.0)
+  both = lambda x: x[..., :H] + x[..., H:]  # uses O and z, so neither part is dead code
   parts = {
-    "S = Q K^T (matmul)": lambda s, q, k, v: s + jnp.einsum("hrd,hcd->hrc", q, k) * 1e-9,
-    "O += W V (matmul)": lambda s, q, k, v: s.at[:, :, :H].add(
-      1e-9 * jnp.einsum("hrc,hcd->hrd", s, v)
+    "S = Q K^T (matmul)": lambda s, o: (s + jnp.einsum("hrd,hcd->hrc", q + o, k) * 1e-9, o + 1e-9),
+    "O += W V (matmul)": lambda s, o: (s, o + 1e-9 * jnp.einsum("hrc,hcd->hrd", s, v + o)),
+    "O^T += V^T W^T (matmul, transposed out)": lambda s, o: (
+      s,
+      o + 1e-9 * jnp.swapaxes(jnp.einsum("hcd,hrc->hdr", v + o, s), 1, 2),
     ),
-    "f(s) rational (elementwise)": lambda s, q, k, v: s + 1e-9 * attn.ea_kernel(s, "rational"),
-    "f(s) square (elementwise)": lambda s, q, k, v: s + 1e-9 * attn.ea_kernel(s, "square"),
-    "causal where (mask)": lambda s, q, k, v: jnp.where(allowed, s, 0.0) + 1e-9,
-    "row sum": lambda s, q, k, v: s + 1e-9 * jnp.sum(s, axis=-1, keepdims=True),
-    "fwd block body (all of the above)": lambda s, q, k, v: s.at[:, :, :H].add(
-      1e-9
-      * jnp.einsum(
-        "hrc,hcd->hrd",
-        jnp.where(
-          allowed, attn.ea_kernel(jnp.einsum("hrd,hcd->hrc", q + s[..., :H], k), "rational"), 0.0
-        ),
-        v,
-      )
+    "[O|z] += W [V|1] (matmul + row sum)": lambda s, o: (
+      s,
+      o + 1e-9 * both(jnp.einsum("hrc,hcd->hrd", s, v1(o))),
     ),
-    "transpose of a [h,C,C] block (layout)": lambda s, q, k, v: jnp.swapaxes(s, 1, 2) + 1e-9,
+    "f(s) rational (elementwise)": lambda s, o: (s + 1e-9 * attn.ea_kernel(s, "rational"), o),
+    "f(s) square (elementwise)": lambda s, o: (s + 1e-9 * attn.ea_kernel(s, "square"), o),
+    "causal where (mask)": lambda s, o: (jnp.where(allowed, s, 0.0) + 1e-9, o),
+    "row sum (with an add)": lambda s, o: (
+      s,
+      o + 1e-9 * jnp.sum(s + o[..., :1], axis=-1, keepdims=True),
+    ),
+    "fwd block body, separate row sum": lambda s, o: (
+      s,
+      o
+      + 1e-9
+      * (
+        jnp.einsum("hrc,hcd->hrd", f := ea_f(jnp.einsum("hrd,hcd->hrc", q + o, k)), v + o)
+        + jnp.sum(f, axis=-1, keepdims=True)
+      ),
+    ),
+    "fwd block body, ones column": lambda s, o: (
+      s,
+      o
+      + 1e-9 * both(jnp.einsum("hrc,hcd->hrd", ea_f(jnp.einsum("hrd,hcd->hrc", q + o, k)), v1(o))),
+    ),
+    "transpose of a [h,C,C] block (layout)": lambda s, o: (jnp.swapaxes(s, 1, 2) + 1e-9, o),
   }
   print(
     f"\n## profile of one chunked step: h={h} heads, C={C} rows x {C} keys, H={H} "
     f"(median of {args.repeats} runs of {iters} iterations)"
   )
-  print(f"{'part':>36} {'us/step':>9} {'GFLOP/s':>8}")
+  print(f"{'part':>42} {'us/step':>9} {'GFLOP/s':>8}")
+  mm = 2 * h * C * C * H
   flops = {
-    "S = Q K^T (matmul)": 2 * h * C * C * H,
-    "O += W V (matmul)": 2 * h * C * C * H,
-    "fwd block body (all of the above)": 4 * h * C * C * H,
+    "S = Q K^T (matmul)": mm,
+    "O += W V (matmul)": mm,
+    "O^T += V^T W^T (matmul, transposed out)": mm,
+    "[O|z] += W [V|1] (matmul + row sum)": mm,  # credited H columns, not H + 1
+    "fwd block body, separate row sum": 2 * mm,
+    "fwd block body, ones column": 2 * mm,
   }
+  o0 = jnp.zeros((h, C, H), jnp.float32)
   for name, body in parts.items():
-    fn = jax.jit(
-      lambda s, q, k, v, body=body: jax.lax.fori_loop(0, iters, lambda i, s: body(s, q, k, v), s)
-    )
-    fn = fn.lower(s0, q, k, v).compile()
-    run = lambda: jax.block_until_ready(fn(s0, q, k, v))
+    fn = jax.jit(lambda s, o, body=body: jax.lax.fori_loop(0, iters, lambda i, c: body(*c), (s, o)))
+    fn = fn.lower(s0, o0).compile()
+    run = lambda: jax.block_until_ready(fn(s0, o0))
     run()
     t = float(np.median([_timed(run)[0] for _ in range(args.repeats)])) / iters
     rate = f"{flops[name] / t / 1e9:.1f}" if name in flops else ""
-    print(f"{name:>36} {t * 1e6:>9.1f} {rate:>8}", flush=True)
+    print(f"{name:>42} {t * 1e6:>9.1f} {rate:>8}", flush=True)
 
 
 def bench_decode(args):
