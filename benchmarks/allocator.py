@@ -1,4 +1,4 @@
-"""The allocator setting (`ea_jax.runtime.keep_freed_memory`) side by side with glibc's defaults.
+"""The allocator settings (`ea_jax.runtime.keep_freed_memory`) side by side with glibc's defaults.
 
   python benchmarks/allocator.py                          # the LM anchor (needs `make lm-data`)
   python benchmarks/allocator.py --config=configs/default.py --steps=200
@@ -26,7 +26,8 @@ import sys
 import tempfile
 
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-SETTINGS = ("defaults", "kept")  # glibc's defaults, keep_freed_memory()
+# glibc's defaults, keep_freed_memory(one_arena=True) (the workers), keep_freed_memory() (the rest)
+SETTINGS = ("defaults", "one_arena", "thread_arenas")
 LAYOUTS = ("pinned", "threaded")
 
 
@@ -40,10 +41,10 @@ def _load_config(spec: str):
 def _child(args) -> None:
   """One measurement in this process; writes a JSON line to args.out."""
   sys.path.insert(0, REPO)
-  if args.setting == "kept":
+  if args.setting != "defaults":
     from ea_jax import runtime
 
-    if not runtime.keep_freed_memory():
+    if not runtime.keep_freed_memory(one_arena=args.setting == "one_arena"):
       raise SystemExit("error: keep_freed_memory() did not apply (not glibc?)")
   if args.layout == "pinned" and hasattr(os, "sched_setaffinity"):
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
@@ -111,19 +112,21 @@ def main() -> None:
   p.add_argument("--steps", type=int, default=100, help="timed steps per measurement")
   p.add_argument("--repeats", type=int, default=3, help="rounds; the table shows medians")
   p.add_argument("--layouts", default=",".join(LAYOUTS), help="subset of pinned,threaded")
+  p.add_argument("--settings", default=",".join(SETTINGS), help=f"subset of {SETTINGS}")
   p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--layout", default="pinned", help=argparse.SUPPRESS)
-  p.add_argument("--setting", default="kept", help=argparse.SUPPRESS)
+  p.add_argument("--setting", default="thread_arenas", help=argparse.SUPPRESS)
   p.add_argument("--out", default="", help=argparse.SUPPRESS)
   args = p.parse_args()
   if args.child:
     _child(args)
     return
   layouts = [x for x in args.layouts.split(",") if x]
-  unknown = sorted(set(layouts) - set(LAYOUTS))
+  args.settings = [x for x in args.settings.split(",") if x]
+  unknown = sorted(set(layouts) - set(LAYOUTS)) + sorted(set(args.settings) - set(SETTINGS))
   if unknown or args.steps < 1 or args.repeats < 1:
     raise SystemExit(
-      f"error: --layouts must be a subset of {','.join(LAYOUTS)} (got {unknown}); "
+      f"error: --layouts / --settings must be subsets of {LAYOUTS} / {SETTINGS} (got {unknown}); "
       "--steps and --repeats must be >= 1"
     )
   print(
@@ -131,10 +134,10 @@ def main() -> None:
     f"{os.cpu_count()} cores",
     flush=True,
   )
-  got = {(lay, s): [] for lay in layouts for s in SETTINGS}
+  got = {(lay, s): [] for lay in layouts for s in args.settings}
   for r in range(args.repeats):
     for lay in layouts:
-      order = SETTINGS if r % 2 == 0 else SETTINGS[::-1]
+      order = args.settings if r % 2 == 0 else args.settings[::-1]
       for s in order:
         got[(lay, s)].append(_measure(args, lay, s))
         m = got[(lay, s)][-1]
@@ -148,9 +151,9 @@ def main() -> None:
   )
   print("|---|---|---:|---:|---:|---:|---:|---|")
   for lay in layouts:
-    losses = {s: {m["loss"] for m in got[(lay, s)]} for s in SETTINGS}
-    same = "yes" if losses["defaults"] == losses["kept"] and len(losses["kept"]) == 1 else "no"
-    for s in SETTINGS:
+    losses = set().union(*({m["loss"] for m in got[(lay, s)]} for s in args.settings))
+    same = "yes" if len(losses) == 1 else "no"
+    for s in args.settings:
       ms = got[(lay, s)]
       med = lambda key, ms=ms: statistics.median(m[key] for m in ms)
       user, system = med("user"), med("sys")
@@ -158,13 +161,12 @@ def main() -> None:
         f"| {lay} | {s} | {1e3 * med('wall') / args.steps:.1f} | {user:.2f} | {system:.2f} "
         f"| {system / max(user + system, 1e-9):.1%} | {med('minflt') / args.steps:,.0f} | {same} |"
       )
-  walls = {
-    lay: statistics.median(m["wall"] for m in got[(lay, "kept")])
-    / statistics.median(m["wall"] for m in got[(lay, "defaults")])
-    for lay in layouts
-  }
   print()
-  print("wall time kept / defaults: " + ", ".join(f"{lay} {w:.2f}" for lay, w in walls.items()))
+  base = args.settings[0]
+  wall = lambda lay, s: statistics.median(m["wall"] for m in got[(lay, s)])
+  for s in args.settings[1:]:
+    ratios = [f"{lay} {wall(lay, s) / wall(lay, base):.2f}" for lay in layouts]
+    print(f"wall time {s} / {base}: " + ", ".join(ratios))
 
 
 if __name__ == "__main__":

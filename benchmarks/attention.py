@@ -411,9 +411,11 @@ def main(argv=None):
   p.add_argument("--profile", action="store_true", help="only the block profile")
   p.add_argument("--profile_iters", type=int, default=200)
   p.add_argument(
-    "--glibc_malloc_defaults",
-    action="store_true",
-    help="skip ea_jax.runtime.keep_freed_memory (as every entry point sets it): to measure it",
+    "--malloc",
+    choices=("thread_arenas", "one_arena", "glibc_defaults"),
+    default="thread_arenas",
+    help="ea_jax.runtime.keep_freed_memory() as train.py sets it, with one_arena=True as the "
+    "study workers set it, or glibc's defaults",
   )
   args = p.parse_args(argv)
   for name in args.impls:
@@ -422,10 +424,12 @@ def main(argv=None):
   if args.quick:
     args.seq_lens, args.small_seq_lens, args.repeats = [256], [64], 2
     args.decode_contexts, args.decode_steps = [256, 1024], 4
-  kept = False if args.glibc_malloc_defaults else runtime.keep_freed_memory()
+  kept = args.malloc != "glibc_defaults" and runtime.keep_freed_memory(
+    one_arena=args.malloc == "one_arena"
+  )
   print(
     f"# jax {jax.__version__}, backend {jax.default_backend()}, {os.cpu_count()} CPUs, "
-    f"load average at start {os.getloadavg()[0]:.2f}, freed memory kept: {kept}"
+    f"load average at start {os.getloadavg()[0]:.2f}, malloc: {args.malloc} (applied: {kept})"
   )
   if args.profile:
     profile_block(args)

@@ -32,21 +32,28 @@ _FILTER = _DropLibraryInfo()
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -2, -4, -8
 
 
-def keep_freed_memory() -> bool:
+def keep_freed_memory(one_arena: bool = False) -> bool:
   """Makes glibc malloc keep freed memory for reuse instead of returning it to the OS.
 
   XLA on CPU allocates and frees every step's buffers, from its compute and dispatch threads.
-  With glibc's defaults, large buffers (above the adaptive mmap threshold, and anything bigger
-  than a thread arena's 64 MiB heaps) are mmap'ed and unmapped every step and heaps are trimmed,
-  so each step faults its pages in again: a quarter of a pinned single-threaded LM training
-  process's CPU time was system time (`make lm`, docs/lm/README.md). Here: one arena for all
-  threads (the main heap, which holds buffers of any size), no mmap'ed chunks, heap growth in
-  64 MiB steps, and free space at the heap's top returned to the OS only beyond 2 GiB. No
-  library sets this; glibc reads the same values from GLIBC_TUNABLES only at process start,
-  which a notebook or a spawned worker does not control. Returns whether it applied (False off
-  glibc). Call it once, early, before other threads allocate. The process then keeps memory it
-  freed (up to 2 GiB above what it uses); one arena serialises malloc across threads, measured
-  only with single-threaded pinned workers (`make lm`), where it cost nothing visible.
+  With glibc's defaults, large buffers (above the adaptive mmap threshold) are mmap'ed and
+  unmapped every step and heaps are trimmed, so each step faults its pages in again: a quarter
+  of a pinned single-threaded LM training process's CPU time was system time (`make lm`,
+  docs/lm/README.md). Here: no mmap'ed chunks, heap growth in 64 MiB steps, and free space at a
+  heap's top returned to the OS only beyond 2 GiB. No library sets this; glibc reads the same
+  values from GLIBC_TUNABLES only at process start, which a notebook or a spawned worker does not
+  control. Returns whether it applied (False off glibc). Call it once, early, before other
+  threads allocate. The process then keeps memory it freed (up to 2 GiB above what it uses).
+
+  `one_arena=True` also puts every thread on the main heap, which holds buffers of any size
+  (a thread arena's heaps hold at most 64 MiB): what the study and LM workers use (one pinned
+  single-threaded XLA process per core), where a worker left on thread arenas was seen faulting
+  its large step buffers in again (`make lm`, 2026-12-01). The default keeps glibc's per-thread
+  arenas, for multi-threaded processes (train.py, eval, the CLIs' parent processes): there one
+  arena serialises their threads' malloc, and `python benchmarks/allocator.py` and
+  `benchmarks/attention.py --malloc=...` measured the per-thread arenas as fast or faster
+  (2026-12-01, the 2-core EPYC: LM step, threaded, 0.74x glibc's defaults against 0.83x with
+  one arena; chunked EA fwd+bwd at T=2048 867 ms against 965 ms, 891 ms with the defaults).
   """
   import ctypes
   import ctypes.util
@@ -58,8 +65,8 @@ def keep_freed_memory() -> bool:
   except (OSError, AttributeError):
     return False
   mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-  settings = (
-    (_M_ARENA_MAX, 1),
+  settings = ((_M_ARENA_MAX, 1),) if one_arena else ()
+  settings += (
     (_M_MMAP_MAX, 0),
     (_M_TRIM_THRESHOLD, (1 << 31) - 1),
     (_M_TOP_PAD, 64 << 20),

@@ -19,9 +19,9 @@ _PROBE = """
 import resource, sys, threading
 import numpy as np
 sys.path.insert(0, {root!r})
-if {apply}:
+if {apply} is not None:
   from ea_jax import runtime
-  assert runtime.keep_freed_memory()
+  assert runtime.keep_freed_memory(one_arena={apply})
 SIZES = [1 << 20, 6 << 20, 24 << 20, 3 << 20, 12 << 20, 56 << 20, 100 << 20]
 def loop():
   bufs = [np.ones(s // 4, np.float32) for s in SIZES]
@@ -40,7 +40,8 @@ print(out[0])
 """
 
 
-def _faults_per_loop(apply: bool) -> float:
+def _faults_per_loop(apply: bool | None) -> float:
+  """apply: None = glibc's defaults, else keep_freed_memory(one_arena=apply)."""
   code = _PROBE.format(root=ROOT, apply=apply)
   done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
   return float(done.stdout.strip())
@@ -50,11 +51,14 @@ def _faults_per_loop(apply: bool) -> float:
   platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
   reason="mallopt and RUSAGE_THREAD are glibc / Linux",
 )
-def test_keep_freed_memory_stops_the_page_faults_of_repeated_buffers():
-  # One loop touches ~300 MiB (~77,000 pages); glibc's defaults fault hundreds in again.
-  default, kept = _faults_per_loop(False), _faults_per_loop(True)
+@pytest.mark.parametrize("one_arena,factor", [(True, 20), (False, 10)])
+def test_keep_freed_memory_stops_the_page_faults_of_repeated_buffers(one_arena, factor):
+  # One loop touches ~300 MiB (~77,000 pages); glibc's defaults fault ~1,650 in again per loop
+  # (measured 2026-12-01), one arena 0, per-thread arenas ~100 (the thread arena's heap holds
+  # the small buffers, the main heap the rest).
+  default, kept = _faults_per_loop(None), _faults_per_loop(one_arena)
   assert default >= 100, default
-  assert kept <= default / 20, (default, kept)
+  assert kept <= default / factor, (default, kept)
 
 
 def test_one_line_joins_lines_and_cuts_long_messages():

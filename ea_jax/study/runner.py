@@ -148,7 +148,8 @@ def _init_worker(cache_dir: str | None, parent_pid: int, slots=None, cores=None)
   _IN_WORKER = True
   from ea_jax import runtime
 
-  runtime.keep_freed_memory()  # before any thread allocates; less system time (see there)
+  # Before any thread allocates; one arena for this single-threaded worker (see there).
+  runtime.keep_freed_memory(one_arena=True)
   _die_with_parent(parent_pid)
   if slots is not None:
     _pin_to_a_core(slots, cores)
