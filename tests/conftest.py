@@ -42,14 +42,7 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 
 # Module-scoped fixtures that train or draw something expensive. Under `--dist loadgroup`
 # (`make test`) every test using one of them runs in the same worker, so it is built once.
-_SHARED_FIXTURES = (
-  "trained",
-  "trained_square",
-  "tiny_sweep",
-  "tiny_study",
-  "one_process",
-  "campaign",
-)
+_SHARED_FIXTURES = ("trained", "trained_square", "tiny_sweep", "one_process", "campaign")
 
 
 def pytest_collection_modifyitems(config, items):
