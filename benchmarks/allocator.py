@@ -21,9 +21,9 @@ import importlib
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
+
+import child
 
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 # glibc's defaults, keep_freed_memory(one_arena=True) (the workers), keep_freed_memory() (the rest)
@@ -94,16 +94,10 @@ def _measure(args, layout: str, setting: str) -> dict:
   if layout == "pinned":
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
     env["OMP_NUM_THREADS"] = "1"
-  with tempfile.TemporaryDirectory() as tmp:
-    out = os.path.join(tmp, "m.json")
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", f"--layout={layout}"]
-    cmd += [f"--setting={setting}", f"--config={args.config}", f"--steps={args.steps}"]
-    proc = subprocess.run(cmd + [f"--out={out}"], env=env, cwd=REPO, capture_output=True, text=True)
-    if proc.returncode:
-      tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
-      raise SystemExit(f"error: {layout}/{setting} measurement failed: {tail[0]}")
-    with open(out) as f:
-      return json.load(f)
+  flags = [f"--layout={layout}", f"--setting={setting}", f"--config={args.config}"]
+  return child.measure(
+    __file__, flags + [f"--steps={args.steps}"], env, f"{layout}/{setting}", REPO
+  )
 
 
 def main() -> None:

@@ -22,9 +22,10 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
+
+import child
 
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 WORKER_FLAGS = "--xla_cpu_multi_thread_eigen=false"
@@ -141,18 +142,9 @@ def _measure(args, variant, width, impl, flags) -> dict:
   env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
   env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", OMP_NUM_THREADS="1")
   env["XLA_FLAGS"] = f"{WORKER_FLAGS} {flags}".strip()
-  with tempfile.TemporaryDirectory() as tmp:
-    out = os.path.join(tmp, "m.json")
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", f"--variant={variant}"]
-    cmd += [f"--width={width}", f"--impl={impl}", f"--steps={args.steps}"]
-    cmd += [f"--repeats={args.repeats}"]
-    cmd += [f"--preset={args.preset}", f"--top_ops={args.top_ops}", f"--out={out}"]
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
-    if proc.returncode:
-      tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
-      raise SystemExit(f"error: {variant} w{width} {impl} flags {flags!r}: {tail[0]}")
-    with open(out) as f:
-      return json.load(f)
+  argv = [f"--variant={variant}", f"--width={width}", f"--impl={impl}", f"--steps={args.steps}"]
+  argv += [f"--repeats={args.repeats}", f"--preset={args.preset}", f"--top_ops={args.top_ops}"]
+  return child.measure(__file__, argv, env, f"{variant} w{width} {impl} flags {flags!r}", REPO)
 
 
 def main() -> None:
