@@ -7,7 +7,8 @@
 Each measurement is a fresh process pinned to one core with single-threaded XLA, as the study's
 workers run (`ea_jax.study.runner.worker_environment`), plus one extra flag set; it builds the
 run config the study would train (`plan.run_config` of a tuning run of configs/sweep.py: the
-tuning task, the variant, the width, the first learning rate), compiles the train step, and
+tuning task, the variant, the width, the first learning rate, rope positions unless the variant
+names its own), compiles the train step, and
 times --steps steps on pre-drawn batches (median of --repeats blocks). Flag sets alternate
 within each round (ABAB...) so that load from other jobs hits them alike. "fwd" is the loss
 alone, "fwd+bwd" jax.value_and_grad of it, "step" the whole jitted train step (optimizer,
