@@ -40,11 +40,17 @@ import pytest  # noqa: E402
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 
-# Module-scoped fixtures that train or draw something expensive. Under `--dist loadgroup`
-# (`make test`) every test using one of them runs in the same worker, so it is built once.
+# Fixtures that train something expensive. Under `--dist loadgroup` (`make test`) every test
+# using one of them runs in the same worker; they are session-scoped, because a worker can run
+# other modules' tests between a group's tests, and a module-scoped fixture would then be torn
+# down and trained again (measured: the CLI's one-process run trained twice, 77 s in all).
 _SHARED_FIXTURES = ("trained", "trained_square", "tiny_sweep", "one_process", "campaign")
 
 
+# tryfirst: pytest-xdist's worker reads the xdist_group marks in its own collection hook (it
+# appends the group to each node id), so the marks must be added before it runs. Without it the
+# groups were silently ignored and each shared fixture was built in both workers.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
   del config
   for item in items:

@@ -33,3 +33,16 @@ def sleeps_long(job):
     f.write(f"{os.getpid()}\n")
   time.sleep(600)
   return {**info, "status": "ok", "summary": {}, "wall_seconds": 600.0}
+
+
+def jax_cache_settings(job):
+  """Imports JAX in the worker and reports its persistent-cache settings."""
+  _, _, info = job
+  import jax
+
+  summary = {
+    "cache_dir": jax.config.jax_compilation_cache_dir,
+    "min_compile_secs": jax.config.jax_persistent_cache_min_compile_time_secs,
+    "min_entry_bytes": jax.config.jax_persistent_cache_min_entry_size_bytes,
+  }
+  return {**info, "status": "ok", "summary": summary, "wall_seconds": 0.0}

@@ -490,7 +490,7 @@ def test_cli_rejects_bad_flags_in_one_line(tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny_sweep(tmp_path_factory):
   """A sweep folder with one tiny trained recurrence run in the layout find_runs reads."""
   from ea_jax import train_lib

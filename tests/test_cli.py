@@ -32,7 +32,7 @@ def _run(args, timeout=300):
   return proc
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def one_process(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("one_process"))
   proc = _run(["train.py", f"--config={TINY}", f"--workdir={workdir}"])

@@ -13,7 +13,7 @@ import faults  # noqa: E402  pylint: disable=g-import-not-at-top
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def campaign(tmp_path_factory):
   c = faults.Campaign(str(tmp_path_factory.mktemp("faults")), seed=0, in_process_reference=True)
   faults.default_cases(c)

@@ -387,6 +387,15 @@ def test_a_killed_worker_is_reported_and_the_rest_finish(tmp_path):
   assert "died 2 time(s)" in out[0]["error"] and "rerun resumes" in out[0]["error"]
 
 
+def test_workers_get_the_compilation_cache_from_the_environment(tmp_path):
+  cache = str(tmp_path / "cache")
+  ex = runner.Executor(1, cache, target=study_jobs.jax_cache_settings, log=lambda _: None)
+  (out,) = ex.map(_jobs(1, tmp_path))
+  ex.close()
+  assert out["status"] == "ok", out
+  assert out["summary"] == {"cache_dir": cache, "min_compile_secs": 0.0, "min_entry_bytes": 0}
+
+
 def test_workers_die_with_their_parent(tmp_path):
   pid_file = tmp_path / "pids"
   script = textwrap.dedent(f"""

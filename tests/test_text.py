@@ -233,7 +233,7 @@ def _lm_module():
   return lm
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def trained_square(tmp_path_factory):
   from ea_jax import train_lib
 

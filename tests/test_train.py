@@ -190,22 +190,24 @@ def test_hyperparameters_are_runtime_arguments_equal_to_optax_adamw():
           mask=train_lib.decay_mask,
         ),
       )
-      grads = jax.grad(
-        lambda p: metrics.mean_loss(
-          setup.model.apply({"params": p}, batch.inputs), batch.targets, batch.weights
-        )
-      )(state.params)
-      want, opt = dict(params0), tx.init(params0)
-      step = setup.train_step(tc.batch_size, tc)
-      for _ in range(3):  # through the warmup: lr(0) = 0, lr(1) = lr / 2, lr(2) = lr
-        updates, opt = tx.update(grads, opt, want)
-        want = optax.apply_updates(want, updates)
-        state, m = step(state, batch)  # the same batch each step
+
+      # The reference step, jitted (op by op it compiles each of optax's and the model's
+      # primitives separately: 20 s of this test on a fresh cache).
+      @jax.jit
+      def reference_step(want, opt):
         grads = jax.grad(
           lambda p: metrics.mean_loss(
             setup.model.apply({"params": p}, batch.inputs), batch.targets, batch.weights
           )
         )(want)
+        updates, opt = tx.update(grads, opt, want)
+        return optax.apply_updates(want, updates), opt
+
+      want, opt = dict(params0), tx.init(params0)
+      step = setup.train_step(tc.batch_size, tc)
+      for _ in range(3):  # through the warmup: lr(0) = 0, lr(1) = lr / 2, lr(2) = lr
+        want, opt = reference_step(want, opt)
+        state, m = step(state, batch)  # the same batch each step
       np.testing.assert_allclose(float(m.compute()["learning_rate"]), tc.learning_rate, rtol=1e-6)
       chex.assert_trees_all_close(jax.device_get(state.params), want, rtol=2e-5, atol=1e-7)
       moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), want, params0)
@@ -274,7 +276,7 @@ def _restore(workdir, config):
   return step, jax.device_get(state)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def trained(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("uninterrupted"))
   config = train_helpers.load_config("tiny", RUN)

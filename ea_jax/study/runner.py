@@ -143,7 +143,9 @@ def _pin_to_a_core(slots, cores: list[int]) -> None:
     os.sched_setaffinity(0, {cores[slot % len(cores)]})
 
 
-def _init_worker(cache_dir: str | None, parent_pid: int, slots=None, cores=None) -> None:
+def _init_worker(parent_pid: int, slots=None, cores=None) -> None:
+  """A fresh worker's set-up. It does not import JAX: a job that needs it imports it and finds
+  its settings (the compilation cache included) in the inherited environment."""
   global _IN_WORKER
   _IN_WORKER = True
   from ea_jax import runtime
@@ -156,12 +158,6 @@ def _init_worker(cache_dir: str | None, parent_pid: int, slots=None, cores=None)
   from absl import logging
 
   logging.set_verbosity(logging.WARNING)  # a run's INFO lines would interleave across workers
-  import jax
-
-  if cache_dir:
-    jax.config.update("jax_compilation_cache_dir", cache_dir)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def usable_cores() -> list[int]:
@@ -171,9 +167,12 @@ def usable_cores() -> list[int]:
   return list(range(os.cpu_count() or 1))
 
 
-def worker_environment(workers: int, cpu_count: int | None = None) -> dict:
-  """Environment variables for worker processes: CPU JAX unless a platform is set, and
-  single-threaded XLA/OpenMP when there are at least as many workers as cores."""
+def worker_environment(
+  workers: int, cpu_count: int | None = None, cache_dir: str | None = None
+) -> dict:
+  """Environment variables for worker processes: CPU JAX unless a platform is set,
+  single-threaded XLA/OpenMP when there are at least as many workers as cores, and JAX's
+  persistent compilation cache in `cache_dir` (every program cached) when one is given."""
   cpu_count = cpu_count or len(usable_cores())
   threads = max(1, cpu_count // max(1, workers))
   env = {
@@ -181,6 +180,10 @@ def worker_environment(workers: int, cpu_count: int | None = None) -> dict:
     "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
     "OMP_NUM_THREADS": str(threads),
   }
+  if cache_dir:
+    env["JAX_COMPILATION_CACHE_DIR"] = cache_dir
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
   flags = os.environ.get("XLA_FLAGS", "")
   if threads == 1 and "xla_cpu_multi_thread_eigen" not in flags:
     flags = (flags + " --xla_cpu_multi_thread_eigen=false").strip()
@@ -257,7 +260,7 @@ class Executor:
 
   # -- pools --------------------------------------------------------------------------------
   def _new_pool(self):
-    env = worker_environment(self.workers)
+    env = worker_environment(self.workers, cache_dir=self.cache_dir)
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # inherited by the workers, which start with the pool
     context = multiprocessing.get_context("spawn")
@@ -269,7 +272,7 @@ class Executor:
         self.workers,
         mp_context=context,
         initializer=_init_worker,
-        initargs=(self.cache_dir, os.getpid()) + ((context.Value("i", 0), cores) if pin else ()),
+        initargs=(os.getpid(),) + ((context.Value("i", 0), cores) if pin else ()),
       )
       for f in [pool.submit(os.getpid) for _ in range(self.workers)]:
         f.result()
