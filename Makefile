@@ -11,13 +11,17 @@ PYTEST_ARGS ?=
 
 # uv resolves and installs the pinned requirements in parallel: ~20 s on a clean machine where
 # pip took ~4 min (most of CI's budget). It is pinned here because it installs everything else.
+# --compile-bytecode writes the installed packages' .pyc files once, at install time. Without it
+# (uv's default) nothing is ever compiled where PYTHONDONTWRITEBYTECODE is set, as on this
+# project's machines, and every process parses its imports from source: `import tensorflow`
+# (which clu's metric writers import) took 24 s instead of 10 s in a fresh environment.
 UV_PIN := uv==0.13.8
 UV := $(VENV)/bin/uv pip install --quiet --python $(PY)
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(UV_PIN)
-	$(UV) -r requirements.txt
+	$(UV) --compile-bytecode -r requirements.txt
 	$(UV) --no-deps -e .
 	touch $(STAMP)
 
