@@ -106,7 +106,7 @@ def _linear_with_chunk(chunk):
   return fn
 
 
-for _c in (32, 128, 256, 512):
+for _c in (32, 64, 128, 512):
   _IMPLS[f"ea_sq_linear_c{_c}"] = ("ea", _linear_with_chunk(_c), 0.0)
 _DEFAULT_IMPLS = "xla,dpa_naive,dpa_chunked,ea_naive,ea_chunked,ea_sq_chunked,ea_sq_linear,ea_auto"
 
@@ -245,6 +245,22 @@ def print_goals(walls, peaks, B, N, H):
     print(f"ea_chunked at T=2048, fraction of the matmul peak: {frac:.2f} (goal >= 0.50)")
 
 
+def _bwd_rows_by_keys(q, k, v, do):
+  """dQ + dK + dV of one rational-EA block from a [h, R, C] score block (Z = 1, delta = 0)."""
+  f, df = attn.reference.kernel_and_derivative(jnp.einsum("hrd,hcd->hrc", q, k), "rational")
+  ds = df * jnp.einsum("hrd,hcd->hrc", do, v)
+  dq = jnp.einsum("hrc,hcd->hrd", ds, k)
+  return dq + jnp.einsum("hrc,hrd->hcd", ds, q) + jnp.einsum("hrc,hrd->hcd", f, do)
+
+
+def _bwd_keys_by_rows(q, k, v, do):
+  """The same from a [h, C, R] block, as chunked.py's backward lays it out."""
+  f, df = attn.reference.kernel_and_derivative(jnp.einsum("hcd,hrd->hcr", k, q), "rational")
+  ds = df * jnp.einsum("hcd,hrd->hcr", v, do)
+  dq = jnp.einsum("hrc,hcd->hrd", jnp.swapaxes(ds, 1, 2), k)
+  return dq + jnp.einsum("hcr,hrd->hcd", ds, q) + jnp.einsum("hcr,hrd->hcd", f, do)
+
+
 def profile_block(args):
   """Where one chunked block step goes: the parts of an EA block, timed separately.
 
@@ -300,6 +316,11 @@ def profile_block(args):
       + 1e-9 * both(jnp.einsum("hrc,hcd->hrd", ea_f(jnp.einsum("hrd,hcd->hrc", q + o, k)), v1(o))),
     ),
     "transpose of a [h,C,C] block (layout)": lambda s, o: (jnp.swapaxes(s, 1, 2) + 1e-9, o),
+    # The backward block (rational EA, no mask): S and dP recomputed, then dQ, dK, dV; the
+    # block laid out rows by keys (dK, dV contract both operands' leading axis), or keys by rows
+    # as chunked.py does (dK, dV plain matmuls, dQ reads the block transposed).
+    "bwd block body, rows by keys": lambda s, o: (s, o + 1e-9 * _bwd_rows_by_keys(q + o, k, v, q)),
+    "bwd block body, keys by rows": lambda s, o: (s, o + 1e-9 * _bwd_keys_by_rows(q + o, k, v, q)),
   }
   print(
     f"\n## profile of one chunked step: h={h} heads, C={C} rows x {C} keys, H={H} "
@@ -314,6 +335,8 @@ def profile_block(args):
     "[O|z] += W [V|1] (matmul + row sum)": mm,  # credited H columns, not H + 1
     "fwd block body, separate row sum": 2 * mm,
     "fwd block body, ones column": 2 * mm,
+    "bwd block body, rows by keys": 5 * mm,
+    "bwd block body, keys by rows": 5 * mm,
   }
   o0 = jnp.zeros((h, C, H), jnp.float32)
   for name, body in parts.items():

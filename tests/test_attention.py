@@ -16,6 +16,9 @@ from ea_jax import attention as A
 
 IMPLS = ("naive", "chunked", "linear")
 VARIANTS = (("ea", "rational"), ("ea", "square"), ("dpa", None))
+# The modules' own block sizes, before `small_blocks` patches them (the ill-conditioned cases
+# run at these: what the automatic rule and a hand-picked `linear` use).
+DEFAULT_CHUNK_ROWS, DEFAULT_LINEAR_CHUNK = A.chunked.CHUNK_ROWS, A.linear.LINEAR_CHUNK
 CASES = ("causal", "mask", "gqa", "t_ne_s", "bf16")
 
 
@@ -572,7 +575,7 @@ def test_auto_rule_is_exact_on_ill_conditioned_queries(ill_conditioned):
   q, k, v, want = ill_conditioned
   for impl in (None, "naive", "chunked"):
     with pytest.MonkeyPatch.context() as mp:
-      mp.setattr(A.chunked, "CHUNK_ROWS", 256)
+      mp.setattr(A.chunked, "CHUNK_ROWS", DEFAULT_CHUNK_ROWS)
       out = jax.jit(
         lambda q, k, v, impl=impl: A.expressive_attention(
           q, k, v, is_causal=True, kernel="square", implementation=impl
@@ -585,7 +588,7 @@ def test_linear_stays_within_its_bound(ill_conditioned):
   """linear's documented bound at f = 0.01 (linear.py: ~4e-4; float32 rounding would be ~1e-5)."""
   q, k, v, want = ill_conditioned
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(A.linear, "LINEAR_CHUNK", 64)
+    mp.setattr(A.linear, "LINEAR_CHUNK", DEFAULT_LINEAR_CHUNK)
     out = A.expressive_attention(q, k, v, is_causal=True, kernel="square", implementation="linear")
   err = normwise_error(out, want)
   assert err < 1e-3, err
