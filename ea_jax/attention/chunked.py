@@ -24,8 +24,9 @@ from ea_jax.attention import reference as ref
 
 # Query rows and keys per block, and score elements per sequential head step on CPU (2 heads of
 # 512 x 512, 2 MiB): of 256 / 512 blocks with 1-4 heads per step, the fastest on a 2-core AMD EPYC
-# (fwd+bwd at T = 2048: 627 ms against 802 ms for 256-blocks of 4 heads; at T = 8192 10.0 s
-# against 12.4 s; measured side by side, float32, B = 8, N = 4, H = 32, causal).
+# (fwd+bwd at T = 2048: 814 ms against 1,167 ms for 256-blocks of 4 heads and 1,634 ms for one
+# 512-block head per step; at T = 8192 10.0 s against 14.8 and 20.4 s; benchmarks/attention.py
+# rows ea_chunked, ea_chunked_b256, ea_chunked_b512h1: float32, B = 8, N = 4, H = 32, causal).
 CHUNK_ROWS = 512
 _STEP_SCORES_CPU = 1 << 19
 _STEP_SCORES_ACCEL = 1 << 26

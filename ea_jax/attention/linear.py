@@ -7,8 +7,9 @@ Accuracy (measured, benchmarks/attention_exactness.py, table in docs/attention/R
 state contraction phi(q) . sum_j phi(k_j) = q^T (sum_j k_j k_j^T) q has float32 rounding error
 ~ eps32 * |q|^2 * |sum_j k_j k_j^T| instead of ~ eps32 * the result, so when queries are nearly
 orthogonal to the keys (a fraction f of |q| in the keys' span) the relative error grows as
-~ eps32 / f^2: about 4e-6 at f = 0.1, 4e-4 at f = 0.01 and 4e-2 at f = 0.001 (T = 2048,
-H = 32), against ~ eps32 / f for the quadratic forms ("naive", "chunked"). The automatic rule
+~ eps32 / f^2: about 2e-6 at f = 0.1, 2e-4 at f = 0.01 and 2e-2 at f = 0.001 (T = 2048,
+H = 32, chunk 256; twice that at chunk 64, where less of the sum is exact in-chunk work), against
+~ eps32 / f for the quadratic forms ("naive", "chunked"). The automatic rule
 therefore never picks "linear"; choose it by hand where queries are not that close to orthogonal
 to every key. The recurrent decode state (decode.recurrent_step) has the same contraction and
 the same bound.
@@ -23,9 +24,9 @@ from jax.ad_checkpoint import checkpoint_name
 
 from ea_jax.attention import reference as ref
 
-# Keys per chunk: 256 ran fwd+bwd 13% faster than 64 at T = 8192 (4.2 s against 4.8 s, B = 8, N = 4,
-# H = 32, side by side on a 2-core AMD EPYC); 128 and 512 were slower than 256 (benchmarks/attention.py
-# rows ea_sq_linear_c*).
+# Keys per chunk: 256 ran fwd+bwd 10% faster than 64 at T = 8192 (3,975 ms against 4,426 ms,
+# B = 8, N = 4, H = 32, side by side on a 2-core AMD EPYC); 128 and 512 were slower than 256 in an
+# earlier run (benchmarks/attention.py rows ea_sq_linear, ea_sq_linear_c*).
 LINEAR_CHUNK = 256
 
 
