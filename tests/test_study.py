@@ -399,8 +399,9 @@ def test_workers_get_the_compilation_cache_from_the_environment(tmp_path):
 def test_workers_die_with_their_parent(tmp_path):
   pid_file = tmp_path / "pids"
   script = textwrap.dedent(f"""
-      import sys
+      import sys, tempfile
       sys.path[:0] = [{ROOT!r}, {os.path.join(ROOT, "tests")!r}]
+      tempfile.tempdir = {str(tmp_path)!r}  # the killed parent cannot remove its track dir
       import study_jobs
       from ea_jax.study import runner
       ex = runner.Executor(2, None, target=study_jobs.sleeps_long, log=print)
