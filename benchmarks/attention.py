@@ -89,46 +89,40 @@ _IMPLS = {
 }
 
 
-def _linear_with_chunk(chunk):
-  """The square-kernel linear form traced with LINEAR_CHUNK = chunk (the module constant that
-  the tests also vary), to compare chunk sizes side by side."""
+def _traced_with(module, constants, **call):
+  """An implementation traced with `module`'s constants set to `constants` (restored after
+  tracing), e.g. another block or chunk size, to compare settings side by side."""
 
   def fn(q, k, v):
-    saved = attn.linear.LINEAR_CHUNK
-    attn.linear.LINEAR_CHUNK = chunk
+    saved = {name: getattr(module, name) for name in constants}
+    for name, value in constants.items():
+      setattr(module, name, value)
     try:
-      return attn.expressive_attention(
-        q, k, v, is_causal=True, kernel="square", implementation="linear"
-      )
+      return attn.expressive_attention(q, k, v, is_causal=True, **call)
     finally:
-      attn.linear.LINEAR_CHUNK = saved
+      for name, value in saved.items():
+        setattr(module, name, value)
 
   return fn
 
 
+# The square-kernel linear form with another LINEAR_CHUNK (the constant the tests also vary).
 for _c in (32, 64, 128, 512):
-  _IMPLS[f"ea_sq_linear_c{_c}"] = ("ea", _linear_with_chunk(_c), 0.0)
-
-
-def _chunked_with_blocks(rows, step_scores):
-  """Chunked EA traced with CHUNK_ROWS = rows and _STEP_SCORES_CPU = step_scores (score elements
-  per sequential head step), to compare block sizes side by side."""
-
-  def fn(q, k, v):
-    saved = attn.chunked.CHUNK_ROWS, attn.chunked._STEP_SCORES_CPU  # pylint: disable=protected-access
-    attn.chunked.CHUNK_ROWS, attn.chunked._STEP_SCORES_CPU = rows, step_scores  # pylint: disable=protected-access
-    try:
-      return attn.expressive_attention(q, k, v, is_causal=True, implementation="chunked")
-    finally:
-      attn.chunked.CHUNK_ROWS, attn.chunked._STEP_SCORES_CPU = saved  # pylint: disable=protected-access
-
-  return fn
-
-
-# ea_chunked_b256: the block setting before 512 (256 x 256 blocks, 4 heads per step on CPU);
-# ea_chunked_b512h1: 512 x 512 blocks with one head per step.
-_IMPLS["ea_chunked_b256"] = ("ea", _chunked_with_blocks(256, 1 << 18), 0.0)
-_IMPLS["ea_chunked_b512h1"] = ("ea", _chunked_with_blocks(512, 1 << 18), 0.0)
+  _IMPLS[f"ea_sq_linear_c{_c}"] = (
+    "ea",
+    _traced_with(attn.linear, {"LINEAR_CHUNK": _c}, kernel="square", implementation="linear"),
+    0.0,
+  )
+# Chunked EA with other blocks: b256 = the setting before 512 (256 x 256 blocks, 4 heads per step
+# on CPU); b512h1 = 512 x 512 blocks with one head per step.
+for _name, _rows in (("ea_chunked_b256", 256), ("ea_chunked_b512h1", 512)):
+  _IMPLS[_name] = (
+    "ea",
+    _traced_with(
+      attn.chunked, {"CHUNK_ROWS": _rows, "_STEP_SCORES_CPU": 1 << 18}, implementation="chunked"
+    ),
+    0.0,
+  )
 _DEFAULT_IMPLS = "xla,dpa_naive,dpa_chunked,ea_naive,ea_chunked,ea_sq_chunked,ea_sq_linear,ea_auto"
 
 

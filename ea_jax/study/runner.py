@@ -180,10 +180,8 @@ def worker_environment(
     "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
     "OMP_NUM_THREADS": str(threads),
   }
-  if cache_dir:
-    env["JAX_COMPILATION_CACHE_DIR"] = cache_dir
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+  # JAX reads each config option's default from the environment variable of its name.
+  env.update({name.upper(): str(value) for name, value in _cache_settings(cache_dir).items()})
   flags = os.environ.get("XLA_FLAGS", "")
   if threads == 1 and "xla_cpu_multi_thread_eigen" not in flags:
     flags = (flags + " --xla_cpu_multi_thread_eigen=false").strip()
@@ -404,13 +402,23 @@ class Executor:
     shutil.rmtree(self.track_dir, ignore_errors=True)
 
 
+def _cache_settings(cache_dir: str | None) -> dict:
+  """JAX config options for a persistent compilation cache in `cache_dir` that keeps every
+  program ({} without a cache_dir)."""
+  if not cache_dir:
+    return {}
+  return {
+    "jax_compilation_cache_dir": cache_dir,
+    "jax_persistent_cache_min_compile_time_secs": 0.0,
+    "jax_persistent_cache_min_entry_size_bytes": 0,
+  }
+
+
 def _init_worker_in_process(cache_dir: str | None) -> None:
   import jax
 
-  if cache_dir:
-    jax.config.update("jax_compilation_cache_dir", cache_dir)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  for name, value in _cache_settings(cache_dir).items():
+    jax.config.update(name, value)
 
 
 class _StopOnSigterm:
