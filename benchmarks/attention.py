@@ -19,10 +19,10 @@ FLOP counts (useful work, written out in `useful_flops`): causal attention has
 P = T (T + 1) / 2 allowed (query, key) pairs per head ("causal halving": the materialised forms
 execute T^2 pairs and are still credited P). The quadratic forms do 2 matmuls forward (S = Q K^T,
 O = W V) and 5 backward (S recomputed, dP = dO V^T, dQ, dK, dV): 7 * 2 H FLOP per pair and head.
-The linear form (square kernel, chunk C, F = H (H + 1) / 2 features) does per token and head:
-forward 2 F H (read the state) + 2 F H (update it) + 2 F (read z) + 2 * 2 H (C + 1) / 2
-(the in-chunk quadratic part); the backward rematerialises the forward and does twice its matmul
-work: 4x the forward count in all.
+The linear form (square kernel, chunk C, F = H (H + 1) / 2 features) does per token and head six
+state matmuls of 2 F (H + 1) FLOP (forward: read the state, update it; backward: the cotangents of
+phi(q), of the state read, of phi(k) and of v; the + 1 column is the denominator's z) and the
+in-chunk quadratic part, 2 forward and 5 backward matmuls of 2 H (C + 1) / 2 (causal halving).
 Decode table: time per generated token (a jitted scan of --decode_steps one-token steps) at a given
 context length (median wall time), for the KV cache (EA and DPA) and the square-kernel EA
 recurrent state.
@@ -107,7 +107,7 @@ def _traced_with(module, constants, **call):
 
 
 # The square-kernel linear form with another LINEAR_CHUNK (the constant the tests also vary).
-for _c in (32, 64, 128, 512):
+for _c in (32, 64, 256, 512):
   _IMPLS[f"ea_sq_linear_c{_c}"] = (
     "ea",
     _traced_with(attn.linear, {"LINEAR_CHUNK": _c}, kernel="square", implementation="linear"),
@@ -132,8 +132,7 @@ def useful_flops(name, B, T, N, H):
     chunk = int(name.rsplit("_c", 1)[1]) if "_c" in name else attn.linear.LINEAR_CHUNK
     C = min(chunk, T)
     F = attn.num_square_features(H)
-    forward = B * N * T * (2 * F * H + 2 * F * H + 2 * F + 2 * 2 * H * (C + 1) / 2)
-    return 4 * forward
+    return B * N * T * (6 * 2 * F * (H + 1) + 7 * 2 * H * (C + 1) / 2)
   pairs = T * (T + 1) / 2  # causal halving
   return 7 * 2 * H * pairs * B * N
 

@@ -19,7 +19,9 @@ VARIANTS = (("ea", "rational"), ("ea", "square"), ("dpa", None))
 # The modules' own block sizes, before `small_blocks` patches them (the ill-conditioned cases
 # run at these: what the automatic rule and a hand-picked `linear` use).
 DEFAULT_CHUNK_ROWS, DEFAULT_LINEAR_CHUNK = A.chunked.CHUNK_ROWS, A.linear.LINEAR_CHUNK
-CASES = ("causal", "mask", "gqa", "t_ne_s", "bf16")
+# t_ne_s: the causal diagonal crosses the blocks (general masked path); t_ne_s_aligned: S - T is a
+# multiple of the test's 16-key block, so chunked computes its diagonal blocks as halves.
+CASES = ("causal", "mask", "gqa", "t_ne_s", "t_ne_s_aligned", "bf16")
 
 
 @pytest.fixture(autouse=True)
@@ -153,7 +155,9 @@ def valid_params(
 def test_matches_reference(impl, kind, kernel, case):
   rng = np.random.default_rng(0)
   dtype = jnp.bfloat16 if case == "bf16" else jnp.float32
-  shape = dict(gqa=dict(N=4, K=2), t_ne_s=dict(T=21, S=45)).get(case, {})
+  shape = dict(
+    gqa=dict(N=4, K=2), t_ne_s=dict(T=21, S=45), t_ne_s_aligned=dict(T=21, S=53, N=4, K=2)
+  ).get(case, {})
   q, k, v = make(rng, dtype=dtype, **shape)
   mask = None
   causal = case != "mask"
@@ -320,8 +324,8 @@ def _grads(q, k, v, mask, ct, *, impl, kind, kernel, is_causal, blocks):
   valid_params(
     ("chunked", "linear"),
     VARIANTS,
-    ("causal_gqa", "mask_t_ne_s"),
-    causal_of=lambda c: c == "causal_gqa",
+    ("causal_gqa", "causal_aligned_offset", "mask_t_ne_s"),
+    causal_of=lambda c: c != "mask_t_ne_s",
     masked_of=lambda c: c == "mask_t_ne_s",
   ),
 )
@@ -329,6 +333,9 @@ def test_gradients_match_naive(impl, kind, kernel, case):
   rng = np.random.default_rng(8)
   if case == "causal_gqa":
     q, k, v = make(rng, N=4, K=2)
+    kw = dict(is_causal=True)
+  elif case == "causal_aligned_offset":  # S - T = 32: chunked's diagonal halves, T != S
+    q, k, v = make(rng, T=21, S=53)
     kw = dict(is_causal=True)
   else:
     q, k, v = make(rng, T=21, S=45)
@@ -425,6 +432,21 @@ def test_square_features_reproduce_squared_dot_product():
   phi = A.square_features(jnp.asarray(x)), A.square_features(jnp.asarray(y))
   assert phi[0].shape == (5, 28)
   np.testing.assert_allclose(jnp.sum(phi[0] * phi[1], -1), np.sum(x * y, -1) ** 2, rtol=1e-5)
+
+
+def test_square_features_by_rows_and_their_written_out_transpose():
+  """linear.py lays features out by rows and writes the feature map's VJP by hand: the rows layout
+  is the transpose of the features-last one, and the hand VJP equals autodiff's."""
+  rng = np.random.default_rng(13)
+  x_XHR = jnp.asarray(rng.normal(size=(3, 6, 5)))
+  by_rows = A.square_features(x_XHR, axis=-2)
+  np.testing.assert_array_equal(
+    by_rows, jnp.swapaxes(A.square_features(jnp.swapaxes(x_XHR, 1, 2)), 1, 2)
+  )
+  d_XFR = jnp.asarray(rng.normal(size=by_rows.shape))
+  (want,) = jax.vjp(lambda x: A.square_features(x, axis=-2), x_XHR)[1](d_XFR)
+  got = A.linear._square_features_vjp_rows(x_XHR, d_XFR)  # pylint: disable=protected-access
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_kv_cache_full_raises_outside_jit():
@@ -629,9 +651,9 @@ def test_chunked_trace_does_not_grow_with_length():
     )
     return str(jax.make_jaxpr(jax.grad(loss))(q)).count("dot_general")
 
-  # 4 products forward (unmasked and masked loop, 2 each), 10 backward; unrolled code would
-  # have them once per block.
-  assert size(64) == size(1024) == 14
+  # Forward: 2 products in the unmasked loop, 2 x 2 in the diagonal block's two halves;
+  # backward: 5 unmasked, 2 x 5 diagonal. Unrolled code would have them once per block.
+  assert size(64) == size(1024) == 21
 
 
 _MESH_SCRIPT = r"""
