@@ -123,6 +123,12 @@ for _name, _rows in (("ea_chunked_b256", 256), ("ea_chunked_b512h1", 512)):
     ),
     0.0,
   )
+# Chunked EA with its aligned diagonal blocks computed whole (the form before the halves).
+_IMPLS["ea_chunked_whole"] = (
+  "ea",
+  _traced_with(attn.chunked, {"DIAGONAL_HALVES": False}, implementation="chunked"),
+  0.0,
+)
 _DEFAULT_IMPLS = "xla,dpa_naive,dpa_chunked,ea_naive,ea_chunked,ea_sq_chunked,ea_sq_linear,ea_auto"
 
 

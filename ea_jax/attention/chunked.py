@@ -30,6 +30,9 @@ from ea_jax.attention import reference as ref
 # 512-block head per step; at T = 8192 10.0 s against 14.8 and 20.4 s; benchmarks/attention.py
 # rows ea_chunked, ea_chunked_b256, ea_chunked_b512h1: float32, B = 8, N = 4, H = 32, causal).
 CHUNK_ROWS = 512
+# Aligned causal diagonal blocks as halves (see `_diagonal_masks`); False computes them whole, as
+# benchmarks/attention.py's row ea_chunked_whole does to measure the difference.
+DIAGONAL_HALVES = True
 _STEP_SCORES_CPU = 1 << 19
 _STEP_SCORES_ACCEL = 1 << 26
 
@@ -49,6 +52,7 @@ class ChunkCfg(NamedTuple):
   M: int  # key blocks
   heads_per_step: int
   mask_per_head: bool  # mask has a [B*K] axis mapped with the heads (else shared by all)
+  halves: bool  # DIAGONAL_HALVES when the call was traced
 
   @property
   def offset(self):
@@ -58,7 +62,7 @@ class ChunkCfg(NamedTuple):
   def diagonal_halves(self):
     """Causal, no mask, blocks aligned with the diagonal: each query block has exactly one
     masked key block, the diagonal one, computed as two halves (see `_diagonal_masks`)."""
-    return self.is_causal and self.offset % self.C == 0 and self.C % 2 == 0
+    return self.halves and self.is_causal and self.offset % self.C == 0 and self.C % 2 == 0
 
 
 def _div(a, b):
@@ -394,7 +398,9 @@ def chunked(q, k, v, mask, is_causal, kind, scale, eps, kernel):
   h = max(h, min(B * K, jax.device_count()))  # at least one head per device in each step
   while (B * K) % h:
     h -= 1
-  cfg = ChunkCfg(kind, kernel, float(eps), bool(is_causal), T, S, C, G, L, M, h, mask_per_head)
+  cfg = ChunkCfg(
+    kind, kernel, float(eps), bool(is_causal), T, S, C, G, L, M, h, mask_per_head, DIAGONAL_HALVES
+  )
   o_XLRH = _chunked_core(q_XLRH, k_XMCH, v_XMCH, mask, cfg)
   o = o_XLRH.reshape(B, K, L, C, G, H).transpose(0, 2, 3, 1, 4, 5).reshape(B, Tp, N, H)
   return o[:, :T]
