@@ -36,9 +36,9 @@ from ea_jax.attention import reference as ref
 
 # Keys per chunk (the queries of a chunk attend to its keys exactly, to earlier chunks through the
 # state). The state matmuls cost the same at any chunk; the in-chunk part grows with it. Fwd+bwd at
-# T = 8192, B = 8, N = 4, H = 32 on a 2-core AMD EPYC, side by side: chunk 128 1.84 s, 256 2.19 s,
-# the autodiff form this replaced (chunk 256) 2.29 s; in another run 128 2.31 s, 64 2.73 s
-# (benchmarks/attention.py rows ea_sq_linear, ea_sq_linear_c*).
+# T = 8192, B = 8, N = 4, H = 32 on a 2-core AMD EPYC, side by side in one run of
+# benchmarks/attention.py (rows ea_sq_linear, ea_sq_linear_c*): chunk 128 1.93 s, 256 2.12 s,
+# 64 2.49 s.
 LINEAR_CHUNK = 128
 
 
@@ -90,7 +90,7 @@ def _square_features_vjp_rows(x_XHR, d_XFR):
 
   Written out (d/dx_a of sqrt(2) x_a x_{a+j} is sqrt(2) x_{a+j}, and so on) because autodiff's
   transpose of the concatenated slices is one fused loop that evaluates all 2H - 1 padded terms at
-  every output element: 5-6x slower here than these 2H - 1 row-block adds.
+  every output element, several times slower on CPU than these 2H - 1 row-block adds.
   """
   H = x_XHR.shape[-2]
   root2 = jnp.asarray(np.sqrt(2.0), x_XHR.dtype)
