@@ -12,7 +12,8 @@ Training table: median wall time and process CPU time of jit(value_and_grad(sum(
 (q, k, v) after one warm-up call, causal, B x T x N x H inputs with K = N key/value heads; the
 implementations of one T are timed round-robin, so that load from other jobs hits them alike.
 "vs xla" is the ratio of wall times to jax.nn.dot_product_attention(implementation="xla") in the
-same round. "compile s" is lower+compile of the fwd+bwd program. "temp" is XLA's temporary buffer
+same round. The goals at the end are ratios of medians, each with its spread within the run (the
+same ratio taken round by round). "compile s" is lower+compile of the fwd+bwd program. "temp" is XLA's temporary buffer
 size from compiled.memory_analysis(). Rows whose estimated temp memory exceeds --mem_limit_gb
 are compiled but not run.
 FLOP counts (useful work, written out in `useful_flops`): causal attention has
@@ -167,7 +168,8 @@ def _timed(fn):
 def _race(fns, repeats, slow_s):
   """Warm up each fn, then time them round-robin (so that load from other jobs hits all alike).
 
-  Returns [(median wall s, median cpu s)]; fns slower than slow_s get a single timed call.
+  Returns ([(median wall s, median cpu s)], [[wall s of each round]]); fns slower than slow_s
+  get a single timed call.
   """
   counts = []
   for fn in fns:
@@ -178,11 +180,16 @@ def _race(fns, repeats, slow_s):
     for i, fn in enumerate(fns):
       if r < counts[i]:
         samples[i].append(_timed(fn))
-  return [tuple(float(np.median(x)) for x in zip(*s)) for s in samples]
+  medians = [tuple(float(np.median(x)) for x in zip(*s)) for s in samples]
+  return medians, [[wall for wall, _ in s] for s in samples]
 
 
 def bench_train(args, B, N, H, seq_lens):
-  """Prints the fwd+bwd table; returns ({(T, name): median wall s}, {T: peak FLOP/s})."""
+  """Prints the fwd+bwd table.
+
+  Returns ({(T, name): median wall s}, {T: peak FLOP/s}, {(T, name): [wall s of each round]},
+  with name "matmul peak" for the peak's rounds).
+  """
   print(
     f'\n## forward+backward, causal, float32, B={B} N=K={N} H={H}; "of peak" against the '
     f"{args.peak_n}^3 matmul timed in the same rounds"
@@ -191,7 +198,7 @@ def bench_train(args, B, N, H, seq_lens):
     f"{'T':>6} {'implementation':>17} {'wall ms':>9} {'cpu ms':>9} {'GFLOP':>7} "
     f"{'GFLOP/s':>8} {'of peak':>7} {'compile s':>9} {'temp GB':>8} {'vs xla':>7}"
   )
-  walls, peaks = {}, {}
+  walls, peaks, rounds = {}, {}, {}
   for T in seq_lens:
     q, k, v = _inputs(B, T, N, H)
     rows = []
@@ -210,7 +217,14 @@ def bench_train(args, B, N, H, seq_lens):
     # The peak matmul runs in the same rounds as the attention rows (same load).
     mm, a, b = _peak_matmul(args.peak_n)
     fns = [fn for _, fn, _, _ in rows if fn is not None]
-    timed = _race(fns + [lambda: jax.block_until_ready(mm(a, b))], args.repeats, args.slow_s)
+    timed, per_round = _race(
+      fns + [lambda: jax.block_until_ready(mm(a, b))], args.repeats, args.slow_s
+    )
+    rounds[(T, "matmul peak")] = per_round[-1]
+    rounds.update(
+      ((T, name), r)
+      for (name, fn, _, _), r in zip([x for x in rows if x[1] is not None], per_round)
+    )
     peak = 2.0 * args.peak_n**3 / timed[-1][0]
     peaks[T] = peak
     print(
@@ -241,17 +255,27 @@ def bench_train(args, B, N, H, seq_lens):
         f"{rate / 1e9:>8.1f} {rate / peak:>7.2f} {compile_s:>9.2f} {mem:>8.3f} {ratio:>7}",
         flush=True,
       )
-  return walls, peaks
+  return walls, peaks, rounds
 
 
-def print_goals(walls, peaks, B, N, H):
-  """The goals of the attention roofline, from the rows of this run."""
+def _spread(values):
+  """'min-max over n rounds' of per-round values."""
+  return f"rounds {min(values):.3f}-{max(values):.3f}, n={len(values)}"
+
+
+def print_goals(walls, peaks, rounds, B, N, H, peak_n):
+  """The goals of the attention roofline, from the rows of this run.
+
+  Each ratio is the ratio of the two rows' medians; beside it, the spread of the ratio within
+  the run: the same ratio taken round by round (the rows of one round ran back to back).
+  """
   print("\n## goals (wall-time ratios from the same rounds)")
 
   def show(label, num, den, goal):
     if num in walls and den in walls:
       r = walls[num] / walls[den]
-      print(f"{label}: {r:.3f} (goal {goal})")
+      paired = [a / b for a, b in zip(rounds[num], rounds[den])]
+      print(f"{label}: {r:.3f} (goal {goal}; {_spread(paired)})")
 
   show("ea_auto / xla at T=2048", (2048, "ea_auto"), (2048, "xla"), "<= 0.10")
   show(
@@ -261,8 +285,17 @@ def print_goals(walls, peaks, B, N, H):
     "<= 0.25",
   )
   if (2048, "ea_chunked") in walls:
-    frac = useful_flops("ea_chunked", B, 2048, N, H) / walls[(2048, "ea_chunked")] / peaks[2048]
-    print(f"ea_chunked at T=2048, fraction of the matmul peak: {frac:.2f} (goal >= 0.50)")
+    flop = useful_flops("ea_chunked", B, 2048, N, H)
+    frac = flop / walls[(2048, "ea_chunked")] / peaks[2048]
+    peak_flop = 2.0 * peak_n**3
+    paired = [
+      (flop / w) / (peak_flop / p)
+      for w, p in zip(rounds[(2048, "ea_chunked")], rounds[(2048, "matmul peak")])
+    ]
+    print(
+      f"ea_chunked at T=2048, fraction of the matmul peak: {frac:.2f} (goal >= 0.50; "
+      f"{_spread(paired)})"
+    )
 
 
 def _bwd_rows_by_keys(q, k, v, do):
@@ -392,7 +425,9 @@ def bench_decode(args):
     state = attn.init_recurrent_state(B, N, H)
     state = attn.RecurrentState(state.kv + 1.0, state.z + 1.0)  # contents do not change the cost
     fns.append(functools.partial(_run_recurrent, state, q, k, v))
-    times = _race([lambda f=f: jax.block_until_ready(f()) for f in fns], args.repeats, args.slow_s)
+    times, _ = _race(
+      [lambda f=f: jax.block_until_ready(f()) for f in fns], args.repeats, args.slow_s
+    )
     ms = [t[0] / steps * 1e3 for t in times]
     print(f"{ctx:>8} {ms[0]:>12.3f} {ms[1]:>13.3f} {ms[2]:>14.3f}", flush=True)
 
@@ -481,8 +516,8 @@ def main(argv=None):
   if args.small_seq_lens:
     bench_train(args, args.small_batch, args.heads, args.small_head_dim, args.small_seq_lens)
   if args.seq_lens:
-    walls, peaks = bench_train(args, args.batch, args.heads, args.head_dim, args.seq_lens)
-    print_goals(walls, peaks, args.batch, args.heads, args.head_dim)
+    walls, peaks, rounds = bench_train(args, args.batch, args.heads, args.head_dim, args.seq_lens)
+    print_goals(walls, peaks, rounds, args.batch, args.heads, args.head_dim, args.peak_n)
   if args.decode_contexts:
     bench_decode(args)
   print(f"# load average at end {os.getloadavg()[0]:.2f}")
