@@ -13,8 +13,8 @@ Training table: median wall time and process CPU time of jit(value_and_grad(sum(
 implementations of one T are timed round-robin, so that load from other jobs hits them alike.
 "vs xla" is the ratio of wall times to jax.nn.dot_product_attention(implementation="xla") in the
 same round. The goals at the end are ratios of medians, each with its spread within the run (the
-same ratio taken round by round). "compile s" is lower+compile of the fwd+bwd program. "temp" is XLA's temporary buffer
-size from compiled.memory_analysis(). Rows whose estimated temp memory exceeds --mem_limit_gb
+same ratio taken round by round). "compile s" is lower+compile of the fwd+bwd program. "temp" is
+XLA's temporary buffer size from compiled.memory_analysis(). Rows whose estimated temp memory exceeds --mem_limit_gb
 are compiled but not run.
 FLOP counts (useful work, written out in `useful_flops`): causal attention has
 P = T (T + 1) / 2 allowed (query, key) pairs per head ("causal halving": the materialised forms
@@ -216,15 +216,14 @@ def bench_train(args, B, N, H, seq_lens):
       rows.append((name, lambda c=compiled: jax.block_until_ready(c(q, k, v)), temp, compile_s))
     # The peak matmul runs in the same rounds as the attention rows (same load).
     mm, a, b = _peak_matmul(args.peak_n)
-    fns = [fn for _, fn, _, _ in rows if fn is not None]
+    run_rows = [row for row in rows if row[1] is not None]
     timed, per_round = _race(
-      fns + [lambda: jax.block_until_ready(mm(a, b))], args.repeats, args.slow_s
+      [fn for _, fn, _, _ in run_rows] + [lambda: jax.block_until_ready(mm(a, b))],
+      args.repeats,
+      args.slow_s,
     )
     rounds[(T, "matmul peak")] = per_round[-1]
-    rounds.update(
-      ((T, name), r)
-      for (name, fn, _, _), r in zip([x for x in rows if x[1] is not None], per_round)
-    )
+    rounds.update(((T, name), r) for (name, *_), r in zip(run_rows, per_round))
     peak = 2.0 * args.peak_n**3 / timed[-1][0]
     peaks[T] = peak
     print(
@@ -232,11 +231,9 @@ def bench_train(args, B, N, H, seq_lens):
       f"{2.0 * args.peak_n**3 / 1e9:>7.1f} {peak / 1e9:>8.1f} {1.0:>7.2f}",
       flush=True,
     )
-    timed = iter(timed[:-1])
-    results = [
-      (name, next(timed) if fn is not None else None, mem, cs) for name, fn, mem, cs in rows
-    ]
-    base = dict((name, t) for name, t, _, _ in results if t is not None).get("xla")
+    medians = dict(zip([name for name, *_ in run_rows], timed))
+    results = [(name, medians.get(name), mem, cs) for name, _, mem, cs in rows]
+    base = medians.get("xla")
     for name, t, mem, compile_s in results:
       flop = useful_flops(name, B, T, N, H)
       if t is None:

@@ -6,8 +6,9 @@ see, accumulating the numerator f(s) V (EA) or the online softmax (DPA); the cau
 applied to the key blocks that cross the diagonal (a second loop), blocks wholly in the future
 are never visited. When the blocks are aligned with the diagonal (causal, no mask, S - T a
 multiple of C) the diagonal block is computed as halves that skip its future quarter
-(`_diagonal_masks`): 3/4 of its work, 10% less in all at T = 4 C. Backward (FlashAttention-2 style): a `lax.scan` over key blocks carrying dQ,
-and for each key block a loop over the query blocks that see it, accumulating dK and dV.
+(`_diagonal_masks`): 3/4 of its work, 10% less in all at T = 4 C. Backward (FlashAttention-2
+style): a `lax.scan` over key blocks carrying dQ, and for each key block a loop over the query
+blocks that see it, accumulating dK and dV.
 EA needs no running maximum: dS = f'(s) (dP - delta) / Z with delta = rowsum(dO * O).
 Heads run sequentially in groups of h (`lax.map`), so one score block [h, C*G, C] (the backward
 lays it out keys by rows, [h, C, C*G]) stays in cache.
@@ -52,17 +53,13 @@ class ChunkCfg(NamedTuple):
   M: int  # key blocks
   heads_per_step: int
   mask_per_head: bool  # mask has a [B*K] axis mapped with the heads (else shared by all)
-  halves: bool  # DIAGONAL_HALVES when the call was traced
+  # Causal, no mask, blocks aligned with the diagonal (and DIAGONAL_HALVES when traced): each query
+  # block's one masked key block is the diagonal one, computed as halves (`_diagonal_masks`).
+  diagonal_halves: bool
 
   @property
   def offset(self):
     return self.S - self.T  # query row t sits at key position t + offset
-
-  @property
-  def diagonal_halves(self):
-    """Causal, no mask, blocks aligned with the diagonal: each query block has exactly one
-    masked key block, the diagonal one, computed as two halves (see `_diagonal_masks`)."""
-    return self.halves and self.is_causal and self.offset % self.C == 0 and self.C % 2 == 0
 
 
 def _div(a, b):
@@ -176,7 +173,7 @@ def _fwd_update(carry, q_hRH, k_hCH, v_hCH, allowed, cfg):
 def _rows_fwd(q_hLRH, k_hMCH, v_hMCH, m, cfg):
   """Forward for h heads: out [h, L, R, H] and the row statistic [h, L, R]."""
   h, L, R, H = q_hLRH.shape
-  halves = m is None and cfg.diagonal_halves
+  halves = cfg.diagonal_halves
   if halves:
     top_RC, bottom_RC, _, _ = _diagonal_masks(cfg)
 
@@ -254,7 +251,7 @@ def _rows_bwd(q_hLRH, k_hMCH, v_hMCH, m, o_hLRH, stat_hLR, do_hLRH, cfg):
   """Backward for h heads: (dq [h,L,R,H], dk [h,M,C,H], dv [h,M,C,H])."""
   delta_hLR = jnp.sum(do_hLRH * o_hLRH, axis=-1)
   R = q_hLRH.shape[2]
-  halves = m is None and cfg.diagonal_halves
+  halves = cfg.diagonal_halves
   if halves:
     _, _, first_CR, last_CR = _diagonal_masks(cfg)
 
@@ -398,8 +395,9 @@ def chunked(q, k, v, mask, is_causal, kind, scale, eps, kernel):
   h = max(h, min(B * K, jax.device_count()))  # at least one head per device in each step
   while (B * K) % h:
     h -= 1
+  halves = DIAGONAL_HALVES and is_causal and mask is None and (S - T) % C == 0 and C % 2 == 0
   cfg = ChunkCfg(
-    kind, kernel, float(eps), bool(is_causal), T, S, C, G, L, M, h, mask_per_head, DIAGONAL_HALVES
+    kind, kernel, float(eps), bool(is_causal), T, S, C, G, L, M, h, mask_per_head, halves
   )
   o_XLRH = _chunked_core(q_XLRH, k_XMCH, v_XMCH, mask, cfg)
   o = o_XLRH.reshape(B, K, L, C, G, H).transpose(0, 2, 3, 1, 4, 5).reshape(B, Tp, N, H)

@@ -6,10 +6,12 @@ Forward: a `lax.scan` over chunks carrying S; each chunk reads S (num and den in
 adds its own masked (q.k)^2 part and updates S. Backward: a custom VJP, a reverse `lax.scan`
 carrying dU (the cotangent of the state the later chunks read), which gives each chunk's keys
 their share; the chunk's queries take theirs from the state it read (saved by the forward).
-Features are laid out by rows ([F, C]: every product is of two contiguous rows) so that every
-state matmul is a plain one, and the feature map's transpose is written out
-(`_square_features_vjp_rows`). Memory: the per-chunk states kept for the backward pass,
-(T/C) * K * F * (H+1) floats per batch row.
+Features are laid out by rows ([F, C]: every product is of two contiguous rows), so that the
+state update and the backward's cotangents of phi(q), phi(k) and S contract no operand along its
+leading axis; the state read and dV do (both operands' feature axis: a layout with the state
+transposed, which avoids that, was slower in an exploration). The feature map's transpose is
+written out (`_square_features_vjp_rows`). Memory: the per-chunk states kept for the backward
+pass, (T/C) * K * F * (H+1) floats per batch row.
 
 Accuracy (measured, benchmarks/attention_exactness.py, table in docs/attention/README.md): the
 state contraction phi(q) . sum_j phi(k_j) = q^T (sum_j k_j k_j^T) q has float32 rounding error
@@ -122,31 +124,33 @@ def _with_ones(v_XCH):
   return jnp.concatenate([v_XCH, jnp.ones(v_XCH.shape[:-1] + (1,), v_XCH.dtype)], axis=-1)
 
 
-def _rows(x_XRH):
-  return jnp.swapaxes(x_XRH, -1, -2)
+def _transposed(x):
+  """x with its last two axes swapped (e.g. [X, R, H] -> [X, H, R])."""
+  return jnp.swapaxes(x, -1, -2)
 
 
 def _forward(q_LXRH, k_LXCH, v_LXCH, cfg):
   """o [L,X,R,H], den [L,X,R], pos [L,X,R] (state part of den > 0), states S [L,X,F,H+1].
 
   S[l] = sum over the keys of chunks before l of phi(k) [v | 1]^T (the running state, a `lax.scan`
-  carry). Every matmul is a plain one (no operand contracted along its leading axis): the state
-  is read as S^T phi(q)^T with the features by rows.
+  carry), read as S^T phi(q) with the features by rows.
   """
   H = q_LXRH.shape[-1]
   causal_RC = _causal_RC(cfg)
 
   def step(S_XFh, chunk):
     q_XRH, k_XCH, v_XCH = chunk
-    nd_XhR = jnp.einsum("xfh,xfr->xhr", S_XFh, square_features(_rows(q_XRH), axis=-2))
-    nd_XRh = _rows(nd_XhR)
+    nd_XhR = jnp.einsum("xfh,xfr->xhr", S_XFh, square_features(_transposed(q_XRH), axis=-2))
+    nd_XRh = _transposed(nd_XhR)
     s_XRC = jnp.einsum("xrd,xcd->xrc", q_XRH, k_XCH)
     a_XRC = jnp.where(causal_RC, s_XRC * s_XRC, 0.0)
     num_XRH = nd_XRh[..., :H] + jnp.einsum("xrc,xcd->xrd", a_XRC, v_XCH)
     inter_XR = nd_XRh[..., H]
     den_XR = cfg.eps + jnp.maximum(inter_XR, 0.0) + jnp.sum(a_XRC, axis=-1)
     o_XRH = ref.safe_div(num_XRH, den_XR[..., None])
-    update = jnp.einsum("xfc,xch->xfh", square_features(_rows(k_XCH), axis=-2), _with_ones(v_XCH))
+    update = jnp.einsum(
+      "xfc,xch->xfh", square_features(_transposed(k_XCH), axis=-2), _with_ones(v_XCH)
+    )
     return S_XFh + update, (o_XRH, den_XR, inter_XR > 0, S_XFh)
 
   X, F = q_LXRH.shape[1], num_square_features(H)
@@ -182,16 +186,16 @@ def _linear_core_bwd(cfg, res, do_LXRH):
     dden_XR = -jnp.sum(do_XRH * o_XRH, axis=-1) * inv_XR
     dnd_XRh = jnp.concatenate([dnum_XRH, jnp.where(pos_XR, dden_XR, 0.0)[..., None]], axis=-1)
     # Through the state read: d phi(q) = S dnd^T, dS = phi(q) dnd (features by rows).
-    qT_XHR = _rows(q_XRH)
+    qT_XHR = _transposed(q_XRH)
     dphi_XFR = jnp.einsum("xfh,xrh->xfr", S_XFh, dnd_XRh)
-    dq_XRH = _rows(_square_features_vjp_rows(qT_XHR, dphi_XFR))
+    dq_XRH = _transposed(_square_features_vjp_rows(qT_XHR, dphi_XFR))
     dS_XFh = jnp.einsum("xfr,xrh->xfh", square_features(qT_XHR, axis=-2), dnd_XRh)
     # Through the state update (this chunk's keys are read by every later chunk: dU).
-    kT_XHC = _rows(k_XCH)
+    kT_XHC = _transposed(k_XCH)
     dphik_XFC = jnp.einsum("xfh,xch->xfc", dU_XFh, _with_ones(v_XCH))
-    dk_XCH = _rows(_square_features_vjp_rows(kT_XHC, dphik_XFC))
-    dv_XhC = jnp.einsum("xhf,xfc->xhc", _rows(dU_XFh), square_features(kT_XHC, axis=-2))
-    dv_XCH = _rows(dv_XhC[:, :H])
+    dk_XCH = _transposed(_square_features_vjp_rows(kT_XHC, dphik_XFC))
+    dv_XhC = jnp.einsum("xhf,xfc->xhc", _transposed(dU_XFh), square_features(kT_XHC, axis=-2))
+    dv_XCH = _transposed(dv_XhC[:, :H])
     # In-chunk quadratic part, laid out keys by rows (dK, dV plain matmuls; see chunked.py).
     s_XCR = jnp.einsum("xcd,xrd->xcr", k_XCH, q_XRH)
     a_XCR = jnp.where(causal_CR, s_XCR * s_XCR, 0.0)
@@ -199,7 +203,7 @@ def _linear_core_bwd(cfg, res, do_LXRH):
     ds_XCR = jnp.where(causal_CR, 2.0 * s_XCR * da_XCR, 0.0)
     dv_XCH = dv_XCH + jnp.einsum("xcr,xrd->xcd", a_XCR, dnum_XRH)
     dk_XCH = dk_XCH + jnp.einsum("xcr,xrd->xcd", ds_XCR, q_XRH)
-    dq_XRH = dq_XRH + jnp.einsum("xrc,xcd->xrd", _rows(ds_XCR), k_XCH)
+    dq_XRH = dq_XRH + jnp.einsum("xrc,xcd->xrd", _transposed(ds_XCR), k_XCH)
     return dU_XFh + dS_XFh, (dq_XRH, dk_XCH, dv_XCH)
 
   X, F = q_L.shape[1], num_square_features(H)
