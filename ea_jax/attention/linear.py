@@ -69,21 +69,31 @@ def num_square_features(head_dim):
   return head_dim * (head_dim + 1) // 2
 
 
+def _feature_blocks(H):
+  """The feature order both `square_features` and its transpose read: one (j, start, stop) per
+  diagonal offset j = 0..H-1; features [start, stop) are the H - j products x_a x_{a+j}."""
+  blocks, start = [], 0
+  for j in range(H):
+    blocks.append((j, start, start + H - j))
+    start += H - j
+  return blocks
+
+
 def square_features(x, axis=-1):
   """phi(x) with phi(x) . phi(y) = (x . y)^2, F = H(H+1)/2 features along `axis` (H there).
 
-  The distinct products x_a x_b (a <= b), grouped by diagonal offset j = b - a: first x_a^2, then
-  sqrt(2) x_a x_{a+j} for j = 1..H-1. Slices only (no gathers), so one fused elementwise loop.
-  linear_causal lays its chunks out features by rows (axis=-2: every product is of two
-  contiguous rows), the decode state features last (axis=-1).
+  The distinct products x_a x_b (a <= b), grouped by diagonal offset j = b - a
+  (`_feature_blocks`): first x_a^2, then sqrt(2) x_a x_{a+j} for j = 1..H-1. Slices only (no
+  gathers), so one fused elementwise loop. linear_causal lays its chunks out features by rows
+  (axis=-2: every product is of two contiguous rows), the decode state features last (axis=-1).
   """
   axis = axis % x.ndim
   H = x.shape[axis]
   root2 = jnp.asarray(np.sqrt(2.0), x.dtype)
   take = lambda start, stop: jax.lax.slice_in_dim(x, start, stop, axis=axis)
-  parts = [x * x]
-  for j in range(1, H):
-    parts.append((take(0, H - j) * root2) * take(j, H))
+  parts = []
+  for j, _, _ in _feature_blocks(H):
+    parts.append(x * x if j == 0 else (take(0, H - j) * root2) * take(j, H))
   return jnp.concatenate(parts, axis=axis)
 
 
@@ -96,11 +106,12 @@ def _square_features_vjp_rows(x_XHR, d_XFR):
   """
   H = x_XHR.shape[-2]
   root2 = jnp.asarray(np.sqrt(2.0), x_XHR.dtype)
-  dx = 2.0 * x_XHR * d_XFR[:, :H]
-  start = H
-  for j in range(1, H):
-    d_j = d_XFR[:, start : start + H - j] * root2
-    start += H - j
+  dx = None
+  for j, start, stop in _feature_blocks(H):
+    if j == 0:
+      dx = 2.0 * x_XHR * d_XFR[:, start:stop]
+      continue
+    d_j = d_XFR[:, start:stop] * root2
     dx = dx.at[:, : H - j].add(d_j * x_XHR[:, j:])
     dx = dx.at[:, j:].add(d_j * x_XHR[:, : H - j])
   return dx
