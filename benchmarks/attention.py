@@ -502,8 +502,12 @@ def main(argv=None):
   kept = args.malloc != "glibc_defaults" and runtime.keep_freed_memory(
     one_arena=args.malloc == "one_arena"
   )
+  # The CPUs this process may run on (`taskset -c 0 python ...` gives one: XLA sizes its thread
+  # pools by this set), and any process-wide XLA flags: both change every row.
+  usable = len(os.sched_getaffinity(0))
   print(
-    f"# jax {jax.__version__}, backend {jax.default_backend()}, {os.cpu_count()} CPUs, "
+    f"# jax {jax.__version__}, backend {jax.default_backend()}, {os.cpu_count()} CPUs "
+    f"({usable} usable), XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
     f"load average at start {os.getloadavg()[0]:.2f}, malloc: {args.malloc} (applied: {kept})"
   )
   if args.profile:
