@@ -700,6 +700,84 @@ def test_chunked_with_several_blocks_under_an_8_device_mesh():
   assert "MESH_OK" in proc.stdout
 
 
+_EXPLICIT_MESH_SCRIPT = r"""
+import os
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+os.environ["JAX_PLATFORMS"] = "cpu"
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from ea_jax import attention as A
+A.chunked.CHUNK_ROWS = 16
+A.linear.LINEAR_CHUNK = 16
+rng = np.random.default_rng(1)
+B, T, N, K, H = 4, 40, 4, 2, 8            # 3 blocks of 16 (the last padded), 2 query heads per kv head
+q = jnp.asarray(rng.normal(size=(B, T, N, H)), jnp.float32)
+k = jnp.asarray(rng.normal(size=(B, T, K, H)), jnp.float32)
+v = jnp.asarray(rng.normal(size=(B, T, K, H)), jnp.float32)
+mask = jnp.asarray(rng.random((B, 1, T, T)) < 0.8)
+mesh = jax.make_mesh((4, 2), ("data", "tensor"))   # jax.make_mesh's default: Explicit axes
+assert mesh.axis_types == (AxisType.Explicit, AxisType.Explicit), mesh.axis_types
+spec = P("data", None, "tensor", None)             # batch over data, heads over tensor
+put = lambda x, s=spec: jax.device_put(x, NamedSharding(mesh, s))
+
+def close(got, want, what, rtol=2e-5):
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    if not jnp.issubdtype(b.dtype, jnp.floating):   # a cache's length and overflow flag
+      assert np.array_equal(a, b), (what, a, b)
+      continue
+    err = float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+    assert err < rtol, (what, err)
+
+cases = (
+  ("ea", "rational", None, "naive"), ("ea", "rational", None, "chunked"),
+  ("ea", "square", None, "linear"), ("dpa", "rational", mask, "chunked"),
+  ("ea", "rational", mask, "naive"),
+)
+for kind, kernel, m, impl in cases:
+  def loss(q, k, v, m=m, kind=kind, kernel=kernel, impl=impl):
+    if kind == "ea":
+      o = A.expressive_attention(q, k, v, mask=m, is_causal=True, kernel=kernel,
+                                 implementation=impl)
+    else:
+      o = A.dot_product_attention(q, k, v, mask=m, is_causal=True, implementation=impl)
+    return jnp.sum(o * jnp.cos(o)), o
+  want = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+  with jax.set_mesh(mesh):
+    got = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(put(q), put(k), put(v))
+    (_, out), (dq, dk, dv) = got
+    assert jax.typeof(out).sharding.spec == spec, (impl, jax.typeof(out))
+    assert jax.typeof(dq).sharding.spec == spec, (impl, jax.typeof(dq))
+    eager = A.expressive_attention(put(q), put(k), put(v), is_causal=True, implementation="chunked")
+  close((out, got[1]), (want[0][1], want[1]), (kind, impl))  # the output and the gradients
+  close(eager, A.expressive_attention(q, k, v, is_causal=True, implementation="chunked"), "eager")
+
+# Decode: a cache / state built unsharded, sharded tokens; outputs as the query, new cache as given.
+cache0, state0 = A.init_kv_cache(B, 8, K, H), A.init_recurrent_state(B, K, H)
+tok = lambda x: x[:, :1]
+kv = lambda c, q, k, v: A.kv_cache_step(c, q, k, v, kind="ea")
+rec = lambda s, q, k, v: A.recurrent_step(s, q, k, v)
+for name, fn, s0 in (("kv_cache_step", kv, cache0), ("recurrent_step", rec, state0)):
+  want = fn(s0, tok(q), tok(k), tok(v))
+  with jax.set_mesh(mesh):
+    got = jax.jit(fn)(s0, put(tok(q)), put(tok(k)), put(tok(v)))
+    assert jax.typeof(got[0]).sharding.spec == spec, (name, jax.typeof(got[0]))
+  close(got, want, name)
+print("EXPLICIT_OK")
+"""
+
+
+def test_every_implementation_under_an_explicit_mesh():
+  """jax.make_mesh's default mesh has Explicit axes, under which a reshape of a sharded axis
+  must name its result's sharding: the blockwise forms fold batch and heads together, the decode
+  steps write sharded tokens into unsharded buffers. Each public function matches its unsharded
+  value and gradients, and returns the query's sharding (batch over data, heads over tensor)."""
+  import train_helpers  # pylint: disable=g-import-not-at-top
+
+  proc = train_helpers.run_script(_EXPLICIT_MESH_SCRIPT)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "EXPLICIT_OK" in proc.stdout
+
+
 def test_pallas_dispatch_passes_keyword_arguments(monkeypatch):
   calls = []
 

@@ -22,6 +22,11 @@ lazily):
   linear     causal square-kernel feature form (documents its accuracy bound)
   decode     KV cache and the constant-size recurrent state
 
+Sharding: inputs may be sharded over a mesh (batch, heads). Under a mesh with Explicit axes
+(`jax.make_mesh`'s default) each implementation runs with those axes treated as Auto
+(`reference.auto_where_explicit`: its reshapes fold sharded batch and head axes together), and
+returns the query's sharding; a decode step's new cache or state keeps the given one's.
+
 Public API (see DESIGN.md, "Contracts: Attention"):
   dot_product_attention, expressive_attention, attention_weights, choose_implementation,
   KVCache, init_kv_cache, kv_cache_step,
@@ -131,15 +136,20 @@ def _attention(kind, query, key, value, mask, is_causal, scale, eps, kernel, imp
     )
 
   ct = reference.compute_dtype(query.dtype)
-  q, k, v = query.astype(ct), key.astype(ct), value.astype(ct)
-  if implementation == "naive":
-    allowed = reference.allowed_BKGTS(mask, is_causal, T, S, K)
-    out = reference.naive(q, k, v, allowed, kind, scale, eps, kernel)
-  elif implementation == "chunked":
-    out = chunked.chunked(q, k, v, mask, is_causal, kind, scale, eps, kernel)
-  else:
-    out = linear.linear_causal(q, k, v, scale, eps)
-  return out.astype(query.dtype)
+
+  def run(query, key, value, mask):
+    q, k, v = query.astype(ct), key.astype(ct), value.astype(ct)
+    if implementation == "naive":
+      allowed = reference.allowed_BKGTS(mask, is_causal, T, S, K)
+      out = reference.naive(q, k, v, allowed, kind, scale, eps, kernel)
+    elif implementation == "chunked":
+      out = chunked.chunked(q, k, v, mask, is_causal, kind, scale, eps, kernel)
+    else:
+      out = linear.linear_causal(q, k, v, scale, eps)
+    return out.astype(query.dtype)
+
+  # The output has the query's sharding, under an Explicit mesh too.
+  return reference.auto_where_explicit(run, query)(query, key, value, mask)
 
 
 def dot_product_attention(

@@ -61,32 +61,41 @@ def kv_cache_step(
     )
   if not isinstance(cache.length, jax.core.Tracer) and int(cache.length) >= S:
     raise ValueError(f"KVCache is full: length {int(cache.length)} >= max_len {S}")
-  full = cache.length >= S
-  pos = jnp.minimum(cache.length, S - 1)
-  zero = jnp.zeros((), jnp.int32)
-
-  def write(buf, x):
-    x = jnp.where(
-      full, jax.lax.dynamic_slice(buf, (zero, pos, zero, zero), x.shape), x.astype(buf.dtype)
-    )
-    return jax.lax.dynamic_update_slice(buf, x, (zero, pos, zero, zero))
-
-  new_k, new_v = write(cache.key, key_B1KH), write(cache.value, value_B1KH)
-  ct = ref.compute_dtype(query_B1NH.dtype)
-  allowed = (jnp.arange(S) <= pos)[None, None, None, None, :]
-  out = ref.naive(
-    query_B1NH.astype(ct),
-    new_k.astype(ct),
-    new_v.astype(ct),
-    allowed,
-    kind,
-    ref.default_scale(scale, H),
-    eps if kind == "ea" else 0.0,
-    kernel,
+  cache = cache._replace(
+    length=jnp.asarray(cache.length, jnp.int32), overflowed=jnp.asarray(cache.overflowed, jnp.bool_)
   )
-  new_length = jnp.where(full, cache.length, cache.length + 1).astype(jnp.int32)
-  overflowed = jnp.logical_or(jnp.asarray(cache.overflowed, jnp.bool_), full)
-  return out.astype(query_B1NH.dtype), KVCache(new_k, new_v, new_length, overflowed)
+
+  def step(cache, query_B1NH, key_B1KH, value_B1KH):
+    full = cache.length >= S
+    pos = jnp.minimum(cache.length, S - 1)
+    zero = jnp.zeros((), jnp.int32)
+
+    def write(buf, x):
+      x = jnp.where(
+        full, jax.lax.dynamic_slice(buf, (zero, pos, zero, zero), x.shape), x.astype(buf.dtype)
+      )
+      return jax.lax.dynamic_update_slice(buf, x, (zero, pos, zero, zero))
+
+    new_k, new_v = write(cache.key, key_B1KH), write(cache.value, value_B1KH)
+    ct = ref.compute_dtype(query_B1NH.dtype)
+    allowed = (jnp.arange(S) <= pos)[None, None, None, None, :]
+    out = ref.naive(
+      query_B1NH.astype(ct),
+      new_k.astype(ct),
+      new_v.astype(ct),
+      allowed,
+      kind,
+      ref.default_scale(scale, H),
+      eps if kind == "ea" else 0.0,
+      kernel,
+    )
+    new_length = jnp.where(full, cache.length, cache.length + 1).astype(jnp.int32)
+    overflowed = jnp.logical_or(cache.overflowed, full)
+    return out.astype(query_B1NH.dtype), KVCache(new_k, new_v, new_length, overflowed)
+
+  # Under an Explicit mesh: the output takes the query's sharding, the new cache the given one's.
+  step = ref.auto_where_explicit(step, (query_B1NH, cache))
+  return step(cache, query_B1NH, key_B1KH, value_B1KH)
 
 
 class RecurrentState(NamedTuple):
@@ -134,12 +143,18 @@ def recurrent_step(state, query_B1NH, key_B1KH, value_B1KH, *, scale=None, eps=1
     )
   ct = state.kv.dtype
   scale = ref.default_scale(scale, H)
-  phi_k_BKF = linear.square_features(key_B1KH[:, 0].astype(ct))
-  kv = state.kv + phi_k_BKF[..., None] * value_B1KH[:, 0].astype(ct)[:, :, None, :]
-  z = state.z + phi_k_BKF
-  q_BKGH = query_B1NH[:, 0].astype(ct).reshape(B, K, N // K, H) * scale
-  phi_q_BKGF = linear.square_features(q_BKGH)
-  num_BKGH = jnp.einsum("bkgf,bkfh->bkgh", phi_q_BKGF, kv)
-  den_BKG = eps + jnp.maximum(jnp.einsum("bkgf,bkf->bkg", phi_q_BKGF, z), 0.0)
-  out = ref.safe_div(num_BKGH, den_BKG[..., None]).reshape(B, 1, N, H)
-  return out.astype(query_B1NH.dtype), RecurrentState(kv, z)
+
+  def step(state, query_B1NH, key_B1KH, value_B1KH):
+    phi_k_BKF = linear.square_features(key_B1KH[:, 0].astype(ct))
+    kv = state.kv + phi_k_BKF[..., None] * value_B1KH[:, 0].astype(ct)[:, :, None, :]
+    z = state.z + phi_k_BKF
+    q_BKGH = query_B1NH[:, 0].astype(ct).reshape(B, K, N // K, H) * scale
+    phi_q_BKGF = linear.square_features(q_BKGH)
+    num_BKGH = jnp.einsum("bkgf,bkfh->bkgh", phi_q_BKGF, kv)
+    den_BKG = eps + jnp.maximum(jnp.einsum("bkgf,bkf->bkg", phi_q_BKGF, z), 0.0)
+    out = ref.safe_div(num_BKGH, den_BKG[..., None]).reshape(B, 1, N, H)
+    return out.astype(query_B1NH.dtype), RecurrentState(kv, z)
+
+  # Under an Explicit mesh: the output takes the query's sharding, the new state the given one's.
+  step = ref.auto_where_explicit(step, (query_B1NH, state))
+  return step(state, query_B1NH, key_B1KH, value_B1KH)

@@ -17,6 +17,30 @@ KINDS = ("ea", "dpa")
 # ----------------------------------------------------------------------------------------------
 
 
+def auto_where_explicit(fn, out_like):
+  """fn, run with the current mesh's Explicit axes treated as Auto when it has any.
+
+  Under a mesh with Explicit axes (`jax.make_mesh`'s default) every reshape that merges or splits
+  a sharded axis must spell out its result's sharding. The blockwise implementations fold batch
+  and heads into one axis and back, and the decode steps write a sharded token into their
+  buffers; inside `jax.sharding.auto_axes` the compiler propagates shardings as under an Auto
+  mesh instead. The results take the shardings of `out_like`, a pytree shaped like fn's result
+  (the query for an output, the given cache or state for the new one). Without Explicit axes
+  (no mesh, or an Auto one) fn is returned unchanged.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  explicit = tuple(
+    name
+    for name, axis_type in zip(mesh.axis_names, mesh.axis_types)
+    if axis_type == jax.sharding.AxisType.Explicit
+  )
+  if not explicit:
+    return fn
+  # Specs, not shardings: an array made without a mesh (a fresh cache's length) has none.
+  specs = jax.tree.map(lambda x: jax.typeof(x).sharding.spec, out_like)
+  return jax.sharding.auto_axes(fn, axes=explicit, out_sharding=specs)
+
+
 def check_choice(name, value, allowed):
   if value not in allowed:
     raise ValueError(f"{name}={value!r} is not supported; allowed: {allowed}")
