@@ -747,9 +747,14 @@ for kind, kernel, m, impl in cases:
     (_, out), (dq, dk, dv) = got
     assert jax.typeof(out).sharding.spec == spec, (impl, jax.typeof(out))
     assert jax.typeof(dq).sharding.spec == spec, (impl, jax.typeof(dq))
-    eager = A.expressive_attention(put(q), put(k), put(v), is_causal=True, implementation="chunked")
   close((out, got[1]), (want[0][1], want[1]), (kind, impl))  # the output and the gradients
-  close(eager, A.expressive_attention(q, k, v, is_causal=True, implementation="chunked"), "eager")
+
+# Outside jit too (op by op), and the materialised weights.
+with jax.set_mesh(mesh):
+  eager = A.expressive_attention(put(q), put(k), put(v), is_causal=True, implementation="chunked")
+  weights = A.attention_weights(put(q), put(k), kind="ea", is_causal=True)
+close(eager, A.expressive_attention(q, k, v, is_causal=True, implementation="chunked"), "eager")
+close(weights, A.attention_weights(q, k, kind="ea", is_causal=True), "weights")
 
 # Decode: a cache / state built unsharded, sharded tokens; outputs as the query, new cache as given.
 cache0, state0 = A.init_kv_cache(B, 8, K, H), A.init_recurrent_state(B, K, H)
