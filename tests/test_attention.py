@@ -783,6 +783,17 @@ def test_every_implementation_under_an_explicit_mesh():
   assert "EXPLICIT_OK" in proc.stdout
 
 
+def test_explicit_axes_wrapper_leaves_functions_alone_without_them():
+  """No mesh, or a mesh of Auto axes: the attention functions trace exactly as they would
+  without the Explicit-mesh wrapper (it hands back the function itself)."""
+  fn = lambda x: x
+  assert A.reference.auto_where_explicit(fn, jnp.ones(2)) is fn
+  with jax.set_mesh(jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))):
+    assert A.reference.auto_where_explicit(fn, jnp.ones(2)) is fn
+  with jax.set_mesh(jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))):
+    assert A.reference.auto_where_explicit(fn, jnp.ones(2)) is not fn
+
+
 def test_pallas_dispatch_passes_keyword_arguments(monkeypatch):
   calls = []
 

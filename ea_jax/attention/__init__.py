@@ -23,9 +23,10 @@ lazily):
   decode     KV cache and the constant-size recurrent state
 
 Sharding: inputs may be sharded over a mesh (batch, heads). Under a mesh with Explicit axes
-(`jax.make_mesh`'s default) each implementation runs with those axes treated as Auto
-(`reference.auto_where_explicit`: its reshapes fold sharded batch and head axes together), and
-returns the query's sharding; a decode step's new cache or state keeps the given one's.
+(`jax.make_mesh`'s default) "naive", "chunked", "linear" and the decode steps run with those
+axes treated as Auto (`reference.auto_where_explicit`: their reshapes fold sharded batch and
+head axes together) and return the query's sharding; a decode step's new cache or state keeps
+the given one's. The "pallas" path is called as it is (untested under Explicit axes).
 
 Public API (see DESIGN.md, "Contracts: Attention"):
   dot_product_attention, expressive_attention, attention_weights, choose_implementation,

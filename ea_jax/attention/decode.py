@@ -61,9 +61,6 @@ def kv_cache_step(
     )
   if not isinstance(cache.length, jax.core.Tracer) and int(cache.length) >= S:
     raise ValueError(f"KVCache is full: length {int(cache.length)} >= max_len {S}")
-  cache = cache._replace(
-    length=jnp.asarray(cache.length, jnp.int32), overflowed=jnp.asarray(cache.overflowed, jnp.bool_)
-  )
 
   def step(cache, query_B1NH, key_B1KH, value_B1KH):
     full = cache.length >= S
@@ -90,7 +87,7 @@ def kv_cache_step(
       kernel,
     )
     new_length = jnp.where(full, cache.length, cache.length + 1).astype(jnp.int32)
-    overflowed = jnp.logical_or(cache.overflowed, full)
+    overflowed = jnp.logical_or(jnp.asarray(cache.overflowed, jnp.bool_), full)
     return out.astype(query_B1NH.dtype), KVCache(new_k, new_v, new_length, overflowed)
 
   # Under an Explicit mesh: the output takes the query's sharding, the new cache the given one's.
